@@ -1,0 +1,165 @@
+"""Configuration of an OCD hypernetwork attached to one ``nn.Linear`` of a backbone."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PretrainedConfig
+
+DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
+    # The official OCD code: 1000 training steps, betas linspace(1e-6, 1e-2), epsilon prediction,
+    # DDIM with 10 steps at sampling time. ``clip_sample`` must stay off: deltas are not images.
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-6,
+    "beta_end": 1e-2,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    # "trailing" starts sampling from t=999 whatever the step count ("leading" with 1 step samples at t=0).
+    "timestep_spacing": "trailing",
+}
+
+DEFAULT_DENOISER_CONFIG: dict[str, Any] = {
+    # A CPU-sized UNet2DModel. The paper used 128 channels and 6 levels (see ``PAPER_DENOISER_CONFIG``).
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "add_attention": False,
+}
+
+PAPER_DENOISER_CONFIG: dict[str, Any] = {
+    "block_out_channels": [128, 128, 128, 128, 128, 128],
+    "down_block_types": ["DownBlock2D"] * 6,
+    "up_block_types": ["UpBlock2D"] * 6,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "add_attention": False,
+}
+
+DELTA_NORMALIZATIONS = ("rms", "std")
+CONDITION_COMPONENTS = ("input", "activation", "output")
+TASKS = ("classification", "regression")
+
+
+def padded_size(size: int, levels: int) -> int:
+    """Smallest multiple of ``2 ** (levels - 1)`` that holds ``size`` (the UNet's down-sampling factor)."""
+    factor = 2 ** (levels - 1)
+    return int(math.ceil(size / factor) * factor)
+
+
+class OCDConfig(PretrainedConfig):
+    """Configuration of an :class:`~ocd_hf.OCDWrapper`.
+
+    Holds which backbone and which of its ``nn.Linear`` layers the hypernetwork generates weight
+    deltas for, the shapes of that layer and of the conditioning ``I(x)``, the denoiser and
+    scheduler settings, and the statistics of the harvested deltas. Use
+    :meth:`from_backbone` to fill the shapes from a model instead of typing them.
+
+    Args:
+        base_model_name_or_path: Hub id or local path of the backbone.
+        base_model_revision: revision of the backbone on the Hub.
+        base_model_class: name of the ``transformers`` class that loads the backbone.
+        target_module: full dotted name of the target ``nn.Linear`` in the backbone.
+        in_features / out_features: shape of the target weight is ``(out_features, in_features)``.
+        output_dim: size of the backbone's output used as conditioning (e.g. number of labels).
+        per_token: whether the target layer is applied to every token of a sequence.
+        task: ``"classification"`` (ensembles average probabilities) or ``"regression"``.
+        base_layer_fingerprint: hash of the target layer's base weights; loading onto a backbone
+            whose layer differs is refused.
+        denoiser_config: keyword arguments of ``diffusers.UNet2DModel`` (sample size and
+            conditioning are filled in by the wrapper).
+        scheduler_config: keyword arguments of ``diffusers.DDIMScheduler``.
+        num_inference_steps: DDIM steps at sampling time.
+        condition_hidden_dim: hidden size of the condition encoders ``E_i, E_a, E_o``.
+        condition_components: which of ``"input"``, ``"activation"``, ``"output"`` condition the
+            generator (all three in the paper; fewer for ablations).
+        delta_normalization: ``"rms"`` or ``"std"``; a delta is stored as ``Δ / ρ`` with ``ρ`` that
+            statistic of the delta, and generated deltas are brought back to unit ``ρ`` before scaling.
+        log_rho_mean / log_rho_std: statistics of ``log ρ`` over the harvested deltas; the scale
+            net predicts the standardised ``log ρ``.
+        harvest_config: the settings the deltas were harvested with (optimizer, lr, steps, ...).
+    """
+
+    model_type = "ocd"
+
+    def __init__(
+        self,
+        base_model_name_or_path: str | None = None,
+        base_model_revision: str | None = None,
+        base_model_class: str | None = None,
+        target_module: str | None = None,
+        in_features: int = 1,
+        out_features: int = 1,
+        output_dim: int = 1,
+        per_token: bool = False,
+        task: str = "classification",
+        base_layer_fingerprint: str | None = None,
+        denoiser_config: dict[str, Any] | None = None,
+        scheduler_config: dict[str, Any] | None = None,
+        num_inference_steps: int = 10,
+        condition_hidden_dim: int = 256,
+        condition_components: list[str] | tuple[str, ...] = CONDITION_COMPONENTS,
+        delta_normalization: str = "rms",
+        log_rho_mean: float = 0.0,
+        log_rho_std: float = 1.0,
+        harvest_config: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+        if delta_normalization not in DELTA_NORMALIZATIONS:
+            raise ValueError(
+                f"delta_normalization must be one of {DELTA_NORMALIZATIONS}, got {delta_normalization!r}."
+            )
+        unknown = sorted(set(condition_components) - set(CONDITION_COMPONENTS))
+        if unknown or not condition_components:
+            raise ValueError(
+                f"condition_components must be a non-empty subset of {CONDITION_COMPONENTS}, got {list(condition_components)}."
+            )
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        self.base_model_name_or_path = base_model_name_or_path
+        self.base_model_revision = base_model_revision
+        self.base_model_class = base_model_class
+        self.target_module = target_module
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.output_dim = int(output_dim)
+        self.per_token = bool(per_token)
+        self.task = task
+        self.base_layer_fingerprint = base_layer_fingerprint
+        self.denoiser_config = {**DEFAULT_DENOISER_CONFIG, **(denoiser_config or {})}
+        self.scheduler_config = {**DEFAULT_SCHEDULER_CONFIG, **(scheduler_config or {})}
+        self.num_inference_steps = int(num_inference_steps)
+        self.condition_hidden_dim = int(condition_hidden_dim)
+        self.condition_components = [c for c in CONDITION_COMPONENTS if c in condition_components]
+        self.delta_normalization = delta_normalization
+        self.log_rho_mean = float(log_rho_mean)
+        self.log_rho_std = float(log_rho_std)
+        self.harvest_config = dict(harvest_config or {})
+        super().__init__(**kwargs)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape ``(out_features, in_features)`` of the target weight."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def sample_size(self) -> tuple[int, int]:
+        """Zero-padded ``(height, width)`` of the weight matrix as seen by the UNet."""
+        levels = len(self.denoiser_config["block_out_channels"])
+        return (padded_size(self.out_features, levels), padded_size(self.in_features, levels))
+
+    @classmethod
+    def from_backbone(cls, backbone: Any, target_module: str, example_inputs: dict | None = None, **kwargs: Any) -> "OCDConfig":
+        """Build a config for ``backbone`` and the Linear matched by ``target_module``.
+
+        Shapes are read from the layer; ``output_dim``, ``task`` and ``per_token`` are read from
+        the backbone's config, or measured with one forward pass on ``example_inputs`` if given.
+        """
+        from .target import describe_backbone
+
+        return cls(**{**describe_backbone(backbone, target_module, example_inputs), **kwargs})

@@ -1,0 +1,301 @@
+"""``OCDWrapper``: a backbone plus the OCD hypernetwork that generates, for each input, the weight
+shift of one of its Linear layers, applied per sample in a single batched forward pass."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+import transformers
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_ocd import OCDConfig
+from .hypernetwork import OCDHypernetwork
+from .target import Conditioning, capture_conditioning, find_target_linear, inject_deltas, layer_fingerprint, model_output_tensor
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def check_backbone(config: OCDConfig, backbone: nn.Module, strict_fingerprint: bool = True) -> tuple[str, nn.Linear]:
+    """Check that ``backbone`` has the target layer ``config`` was made for; return its name and module.
+
+    Raises ``ValueError`` naming the problem if the layer is missing, has another shape, or (with
+    ``strict_fingerprint``) holds other weights than the layer the hypernetwork was trained on.
+    """
+    if not config.target_module:
+        raise ValueError("OCDConfig.target_module is not set; build the config with OCDConfig.from_backbone(...).")
+    name, layer = find_target_linear(backbone, config.target_module)
+    if (layer.out_features, layer.in_features) != config.weight_shape:
+        raise ValueError(
+            f"Target layer {name!r} of {type(backbone).__name__} has weight shape "
+            f"({layer.out_features}, {layer.in_features}) but this hypernetwork was made for {config.weight_shape}. "
+            "Load it onto the backbone it was trained for (config.base_model_name_or_path)."
+        )
+    if config.base_layer_fingerprint and layer_fingerprint(layer) != config.base_layer_fingerprint:
+        message = (
+            f"Target layer {name!r} holds other weights (fingerprint {layer_fingerprint(layer)}) than the layer this "
+            f"hypernetwork was trained on ({config.base_layer_fingerprint}): its deltas would not apply. Load the "
+            f"backbone {config.base_model_name_or_path!r} (revision {config.base_model_revision!r}), or pass "
+            "strict_fingerprint=False to proceed anyway."
+        )
+        if strict_fingerprint:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)
+    return name, layer
+
+
+def repeat_batch(inputs: Mapping[str, Any], repeats: int, batch_size: int) -> dict[str, Any]:
+    """Repeat every tensor input whose first dimension is the batch ``repeats`` times, row by row."""
+    if repeats == 1:
+        return dict(inputs)
+    return {
+        key: value.repeat_interleave(repeats, dim=0)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size
+        else value
+        for key, value in inputs.items()
+    }
+
+
+def batch_size_of(inputs: Mapping[str, Any]) -> int:
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("No tensor input found: pass the backbone's inputs as keyword arguments (e.g. **tokenizer(...)).")
+
+
+class OCDWrapper(PreTrainedModel):
+    """A backbone with an OCD hypernetwork on one of its ``nn.Linear`` layers.
+
+    Build it with :meth:`attach` (a new, untrained hypernetwork) or :meth:`from_pretrained`.
+    :meth:`save_pretrained` writes ``config.json`` and the hypernetwork's ``model.safetensors``
+    only; the backbone is referenced by ``config.base_model_name_or_path``.
+    """
+
+    config_class = OCDConfig
+    base_model_prefix = "ocd"
+
+    def __init__(self, config: OCDConfig, backbone: nn.Module | None = None, strict_fingerprint: bool = True) -> None:
+        super().__init__(config)
+        if backbone is None:
+            raise ValueError(
+                "OCDWrapper needs its backbone: OCDWrapper(config, backbone), OCDWrapper.attach(backbone, target_module=...) "
+                "or OCDWrapper.from_pretrained(path) (which loads config.base_model_name_or_path)."
+            )
+        self.target_name, self.target_layer = check_backbone(config, backbone, strict_fingerprint)
+        self.backbone = backbone
+        self.hypernetwork = OCDHypernetwork(config)
+        device = next(backbone.parameters()).device
+        self.hypernetwork.to(device)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The backbone arrives initialised and diffusers initialises the denoiser: nothing to do."""
+
+    @classmethod
+    def attach(
+        cls, backbone: nn.Module, target_module: str, example_inputs: Mapping[str, Any] | None = None, **config_kwargs: Any
+    ) -> "OCDWrapper":
+        """Attach a new (untrained) hypernetwork to the Linear of ``backbone`` matched by ``target_module``."""
+        config = OCDConfig.from_backbone(backbone, target_module, example_inputs=example_inputs, **config_kwargs)
+        return cls(config, backbone)
+
+    # ----- the three stages of a forward pass -------------------------------------------------
+
+    @torch.no_grad()
+    def conditioning(self, **inputs: Any) -> Conditioning:
+        """``I(x)`` from one unmodified forward pass of the backbone (no gradients)."""
+        return capture_conditioning(self.backbone, self.target_layer, inputs)
+
+    @torch.no_grad()
+    def generate_deltas(
+        self,
+        cond: Conditioning,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        rho: float | None = None,
+    ) -> torch.Tensor:
+        """Sample ``num_samples`` scaled deltas ``ρ̂·Δ̂`` per input: ``(batch, num_samples, out, in)``.
+
+        ``rho`` replaces the scale net's ``ρ̂`` by a constant (the *no scale* ablation).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        with self.hypernetwork_eval():
+            embedding = self.hypernetwork.embed_condition(self.hypernetwork.condition_values(cond))
+            scale = self.hypernetwork.predict_rho(embedding) if rho is None else torch.full_like(embedding[:, 0], rho)
+            embedding = embedding.repeat_interleave(num_samples, dim=0)
+            scale = scale.repeat_interleave(num_samples, dim=0)
+            deltas = self.hypernetwork.sample(embedding, generator=generator, num_inference_steps=num_inference_steps)
+        deltas = deltas * scale.view(-1, 1, 1)
+        return deltas.view(-1, num_samples, *self.config.weight_shape)
+
+    def forward_with_deltas(self, deltas: torch.Tensor, **inputs: Any) -> Any:
+        """Run the backbone with ``θ + Δ_b`` at the target layer for sample ``b``; ``deltas`` is ``(batch, out, in)``."""
+        with inject_deltas(self.target_layer, deltas):
+            return self.backbone(**inputs)
+
+    @contextlib.contextmanager
+    def hypernetwork_eval(self) -> Iterator[None]:
+        """Sample with dropout/normalisation in eval mode (the official code forgot), then restore the mode."""
+        was_training = self.hypernetwork.training
+        self.hypernetwork.eval()
+        try:
+            yield
+        finally:
+            self.hypernetwork.train(was_training)
+
+    def forward(
+        self,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
+        return_draws: bool = False,
+        return_mean_network: bool = False,
+        num_inference_steps: int | None = None,
+        **inputs: Any,
+    ) -> Any:
+        """Predict with a per-sample generated weight shift at the target layer.
+
+        One base pass captures ``I(x)``; ``num_samples`` deltas per input are sampled in one batch;
+        one more backbone pass over ``batch × num_samples`` rows applies them. Returns the
+        backbone's own output type whose ``logits`` are the ensemble (log of the mean
+        probabilities for classification, mean prediction for regression). With
+        ``return_draws`` it also holds ``draw_logits`` ``(batch, num_samples, ...)``; with
+        ``return_mean_network`` ``mean_network_logits``, the prediction of the mean delta.
+        """
+        batch = batch_size_of(inputs)
+        cond = self.conditioning(**inputs)
+        deltas = self.generate_deltas(cond, num_samples, generator, num_inference_steps)
+        outputs = self.forward_with_deltas(deltas.flatten(0, 1), **repeat_batch(inputs, num_samples, batch))
+        draws = model_output_tensor(outputs).reshape(batch, num_samples, -1)
+        if self.config.task == "classification":
+            logits = torch.logsumexp(torch.log_softmax(draws, -1), dim=1) - torch.log(torch.tensor(float(num_samples)))
+        else:
+            logits = draws.mean(1)
+        result = type(outputs)(logits=logits) if hasattr(outputs, "logits") else outputs.__class__()
+        if not hasattr(outputs, "logits"):
+            result["logits"] = logits
+        if labels is not None:
+            result["loss"] = self.loss(logits, labels)
+        if return_draws:
+            result["draw_logits"] = draws
+        if return_mean_network:
+            mean_outputs = self.forward_with_deltas(deltas.mean(1), **inputs)
+            result["mean_network_logits"] = model_output_tensor(mean_outputs).reshape(batch, -1)
+        return result
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of (log-)ensemble logits for classification, MSE for regression."""
+        if self.config.task == "classification":
+            return nn.functional.cross_entropy(logits, labels.view(-1).long())
+        return nn.functional.mse_loss(logits.view(-1), labels.view(-1).to(logits.dtype))
+
+    # ----- saving and loading -----------------------------------------------------------------
+
+    def hypernetwork_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that are saved: the hypernetwork's only, contiguous, on CPU."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.hypernetwork.state_dict().items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (the hypernetwork only, never the backbone).
+
+        Extra keyword arguments of ``PreTrainedModel.save_pretrained`` (used by ``push_to_hub``) are
+        accepted and ignored, except ``is_main_process``.
+        """
+        if not kwargs.get("is_main_process", True):
+            return
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        save_file(self.hypernetwork_state_dict(), os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        backbone: nn.Module | None = None,
+        config: OCDConfig | None = None,
+        revision: str | None = None,
+        strict_fingerprint: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        **backbone_kwargs: Any,
+    ) -> "OCDWrapper":
+        """Load a saved hypernetwork from a local directory or a Hub repo and attach it to ``backbone``.
+
+        Without ``backbone`` the backbone named in the config (``base_model_class`` from
+        ``base_model_name_or_path`` at ``base_model_revision``) is loaded with ``backbone_kwargs``.
+        A backbone whose target layer is missing, of another shape, or holds other weights is
+        refused (``strict_fingerprint=False`` downgrades the last check to a warning).
+        """
+        if model_args:
+            raise TypeError("OCDWrapper.from_pretrained takes no positional arguments besides the path.")
+        hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+        config_file = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
+        weights_file = resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub_kwargs)
+        if config is None:
+            config = OCDConfig.from_json_file(config_file)
+        if backbone is None:
+            backbone = load_backbone(config, **backbone_kwargs)
+        model = cls(config, backbone, strict_fingerprint=strict_fingerprint)
+        model.load_hypernetwork_weights(weights_file)
+        model.eval()
+        return model
+
+    def load_hypernetwork_weights(self, weights_file: str | os.PathLike) -> None:
+        """Load ``model.safetensors`` into the hypernetwork, refusing missing, unexpected or misshapen tensors."""
+        try:
+            state = load_file(str(weights_file))
+        except Exception as error:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"Cannot read hypernetwork weights {weights_file}: {error}. The file is corrupt or truncated.") from error
+        expected = self.hypernetwork.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        misshapen = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or misshapen:
+            raise ValueError(
+                f"Hypernetwork weights in {weights_file} do not match the config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, wrong shape {misshapen[:5]}. Were config.json and model.safetensors "
+                "saved together?"
+            )
+        self.hypernetwork.load_state_dict(state)
+
+
+def resolve_file(
+    path_or_repo: str | os.PathLike, filename: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None, local_files_only: bool = False,
+) -> str:
+    """A local directory's file, else the Hub file (from the cache first when ``HF_HUB_OFFLINE`` is set)."""
+    local = Path(path_or_repo)
+    if local.is_dir():
+        if not (local / filename).is_file():
+            raise FileNotFoundError(f"{local} has no {filename}; is it a directory written by OCDWrapper.save_pretrained?")
+        return str(local / filename)
+    return hf_hub_download(
+        str(path_or_repo), filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
+
+
+def load_backbone(config: OCDConfig, **kwargs: Any) -> nn.Module:
+    """Load the backbone named in ``config`` with its ``transformers`` class."""
+    if not config.base_model_name_or_path:
+        raise ValueError("The config names no base model (base_model_name_or_path is empty): pass backbone=... explicitly.")
+    model_class = getattr(transformers, config.base_model_class or "", None)
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        raise ValueError(
+            f"Cannot load backbone class {config.base_model_class!r}: it is not a transformers class. "
+            "Load the backbone yourself and pass backbone=..."
+        )
+    kwargs.setdefault("revision", config.base_model_revision)
+    return model_class.from_pretrained(config.base_model_name_or_path, **kwargs)

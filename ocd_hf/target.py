@@ -1,0 +1,231 @@
+"""Find the target ``nn.Linear`` of a backbone, capture the conditioning ``I(x)`` with hooks, and
+apply per-sample weight deltas to it in one batched forward pass."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """All ``nn.Linear`` submodules of ``model`` by full dotted name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+def _candidates_message(model: nn.Module) -> str:
+    lines = [f"  {name}: Linear({m.in_features} -> {m.out_features})" for name, m in linear_layers(model).items()]
+    return "Candidate nn.Linear layers:\n" + ("\n".join(lines) if lines else "  (none)")
+
+
+def find_target_linear(model: nn.Module, target_module: str) -> tuple[str, nn.Linear]:
+    """Resolve ``target_module`` to exactly one ``nn.Linear`` of ``model``.
+
+    Matching follows peft's ``target_modules``: an exact full name, then a dotted suffix
+    (``"output.dense"`` matches ``"encoder.layer.5.output.dense"``), then a regex that must match
+    the full name. Raises ``ValueError`` listing the candidate Linear layers if nothing or more
+    than one layer matches, or if the match is not an ``nn.Linear``.
+    """
+    if not isinstance(target_module, str) or not target_module:
+        raise ValueError(f"target_module must be a non-empty string, got {target_module!r}.\n{_candidates_message(model)}")
+    modules = dict(model.named_modules())
+    if target_module in modules:
+        matches = [target_module]
+    else:
+        matches = [name for name in modules if name.endswith("." + target_module)]
+        if not matches:
+            try:
+                pattern = re.compile(target_module)
+            except re.error:
+                pattern = None
+            matches = [name for name in modules if name and pattern is not None and pattern.fullmatch(name)]
+    if not matches:
+        raise ValueError(
+            f"target_module {target_module!r} matches no module of {type(model).__name__} "
+            f"(tried exact name, dotted suffix and full-match regex).\n{_candidates_message(model)}"
+        )
+    if len(matches) > 1:
+        raise ValueError(
+            f"target_module {target_module!r} is ambiguous: it matches {matches}. Pass a full name.\n"
+            f"{_candidates_message(model)}"
+        )
+    name = matches[0]
+    module = modules[name]
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"target_module {target_module!r} resolves to {name!r}, a {type(module).__name__}, not an nn.Linear.\n"
+            f"{_candidates_message(model)}"
+        )
+    return name, module
+
+
+def layer_fingerprint(layer: nn.Linear) -> str:
+    """A short SHA-256 of the layer's weight (and bias) values, to refuse the wrong backbone on load."""
+    digest = hashlib.sha256()
+    for tensor in (layer.weight, layer.bias):
+        if tensor is not None:
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def pool_tokens(tensor: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Reduce ``(batch, tokens, dim)`` to ``(batch, dim)`` by a mean over valid tokens.
+
+    Tensors that already are ``(batch, dim)`` are returned as they are. The attention mask is used
+    when its token count matches; otherwise every token counts.
+    """
+    if tensor.dim() == 2:
+        return tensor
+    flat = tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == flat.shape[1]:
+        weights = attention_mask.to(flat.dtype).unsqueeze(-1)
+        return (flat * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    return flat.mean(1)
+
+
+def model_output_tensor(outputs: Any) -> torch.Tensor:
+    """The tensor of a backbone's output used as conditioning: ``logits`` if present, else the first tensor."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values = outputs.values() if isinstance(outputs, Mapping) else outputs
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ValueError(f"Cannot find an output tensor in the backbone's output of type {type(outputs).__name__}.")
+
+
+@dataclass
+class Conditioning:
+    """``I(x)``: the target layer's input and output and the model's output, pooled per sample.
+
+    ``raw_input`` keeps the unpooled layer input, which per-sample weights act on.
+    """
+
+    layer_input: torch.Tensor
+    layer_output: torch.Tensor
+    model_output: torch.Tensor
+    raw_input: torch.Tensor
+    outputs: Any
+
+    @property
+    def per_token(self) -> bool:
+        return self.raw_input.dim() > 2
+
+
+@contextlib.contextmanager
+def record_layer_io(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input and output of ``layer`` during the forward passes run inside the block."""
+    record: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        record["input"] = args[0]
+        record["output"] = output
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def capture_conditioning(backbone: nn.Module, layer: nn.Module, inputs: Mapping[str, Any]) -> Conditioning:
+    """Run one unmodified forward pass of ``backbone`` and return ``I(x)`` for the target ``layer``."""
+    with record_layer_io(layer) as record:
+        outputs = backbone(**inputs)
+    if "input" not in record:
+        raise ValueError(
+            "The target layer was not called during the backbone's forward pass; pick a layer that "
+            "contributes to the output (see ocd_hf.linear_layers(backbone))."
+        )
+    mask = inputs.get("attention_mask")
+    model_out = model_output_tensor(outputs)
+    return Conditioning(
+        layer_input=pool_tokens(record["input"], mask),
+        layer_output=pool_tokens(record["output"], mask),
+        model_output=pool_tokens(model_out, mask),
+        raw_input=record["input"],
+        outputs=outputs,
+    )
+
+
+@contextlib.contextmanager
+def inject_deltas(layer: nn.Linear, deltas: torch.Tensor) -> Iterator[None]:
+    """Make ``layer`` compute ``x (W + Δ_b)ᵀ + b`` for sample ``b`` of the batch, without a loop.
+
+    ``deltas`` has shape ``(batch, out_features, in_features)``; the layer's own output is kept and
+    ``x Δ_bᵀ`` added to it, so the backbone's forward runs unchanged.
+    """
+    expected = (layer.out_features, layer.in_features)
+    if deltas.dim() != 3 or tuple(deltas.shape[1:]) != expected:
+        raise ValueError(f"deltas must have shape (batch, {expected[0]}, {expected[1]}), got {tuple(deltas.shape)}.")
+
+    def hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if x.shape[0] != deltas.shape[0]:
+            raise ValueError(f"Got {deltas.shape[0]} deltas for a batch of {x.shape[0]} inputs at the target layer.")
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        shift = torch.bmm(flat, deltas.to(flat.dtype).transpose(1, 2))
+        return output + shift.reshape(output.shape)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def backbone_task(backbone: nn.Module) -> str:
+    """``"regression"`` for a backbone configured for regression (one label), else ``"classification"``."""
+    config = getattr(backbone, "config", None)
+    if getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1:
+        return "regression"
+    return "classification"
+
+
+def dummy_inputs_for(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """A small batch of valid inputs for common ``transformers`` backbones (text and vision)."""
+    config = getattr(backbone, "config", None)
+    device = next(backbone.parameters()).device
+    if config is not None and hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        size = config.image_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        return {"pixel_values": torch.zeros(2, config.num_channels, *size, device=device)}
+    if config is not None and hasattr(config, "vocab_size"):
+        return {
+            "input_ids": torch.ones(2, 4, dtype=torch.long, device=device),
+            "attention_mask": torch.ones(2, 4, dtype=torch.long, device=device),
+        }
+    raise ValueError(
+        f"Cannot build example inputs for {type(backbone).__name__}; pass example_inputs= (a dict of model inputs)."
+    )
+
+
+def describe_backbone(backbone: nn.Module, target_module: str, example_inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything :class:`~ocd_hf.OCDConfig` needs to know about ``backbone`` and its target layer."""
+    name, layer = find_target_linear(backbone, target_module)
+    inputs = dict(example_inputs) if example_inputs is not None else dummy_inputs_for(backbone)
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        cond = capture_conditioning(backbone, layer, inputs)
+    backbone.train(was_training)
+    config = getattr(backbone, "config", None)
+    return {
+        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+        "base_model_class": type(backbone).__name__,
+        "target_module": name,
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "output_dim": cond.model_output.shape[-1],
+        "per_token": cond.per_token,
+        "task": backbone_task(backbone),
+        "base_layer_fingerprint": layer_fingerprint(layer),
+    }
