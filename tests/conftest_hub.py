@@ -7,10 +7,14 @@ The fixture is function-scoped: every test gets an empty Hub on a new port, a ne
 download cache), and the settings below, all undone at teardown. ``huggingface_hub`` and ``datasets`` read
 their environment variables once, at import, so besides setting the variables (for subprocesses) the fixture
 patches the module-level copies that the clients consult at call time.
+
+While it runs, resolving or connecting to any host but the loopback one is refused (the client sees a
+connection error) and fails the test at teardown, even if the client swallowed the error.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from huggingface_hub import HfFileSystem, constants, hf_api
 from hub_server import LoopbackHub
 
 TOKEN = "hf_loopback_dummy_token"
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 
 
 @dataclass
@@ -50,9 +55,32 @@ def _forget_transformers_client() -> None:
         sys.modules["transformers.utils.hub"]._hf_api = None
 
 
+def _refuse_non_loopback(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Refuse name lookups of and connections to other hosts; returns the list of refused attempts."""
+    refused: list[object] = []
+    getaddrinfo, connect = socket.getaddrinfo, socket.socket.connect
+
+    def guarded_getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host not in LOOPBACK_HOSTS:
+            refused.append(host)
+            raise socket.gaierror(f"loopback_hub: {host!r} is not reachable from tests")
+        return getaddrinfo(host, *args, **kwargs)
+
+    def guarded_connect(sock: socket.socket, address):  # type: ignore[no-untyped-def]
+        if sock.family != socket.AF_UNIX and address[0] not in LOOPBACK_HOSTS:
+            refused.append(address)
+            raise ConnectionRefusedError(f"loopback_hub: {address!r} is not reachable from tests")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    return refused
+
+
 @pytest.fixture
 def loopback_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubEnv]:
     """Start a loopback Hub and point ``huggingface_hub``, ``datasets`` and ``transformers`` at it."""
+    refused = _refuse_non_loopback(monkeypatch)
     base = tmp_path_factory.mktemp("loopback_hub")
     hf_home = base / "hf_home"
     cache_dir = hf_home / "hub"
@@ -111,3 +139,4 @@ def loopback_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     server.stop()
     _forget_transformers_client()
     HfFileSystem.clear_instance_cache()  # cached instances hold listings of this (now gone) hub
+    assert not refused, f"the test tried to reach hosts other than 127.0.0.1: {refused}"
