@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .factorised import FACTOR_RULES
+
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     # The official OCD code: 1000 training steps, betas linspace(1e-6, 1e-2), epsilon prediction,
     # DDIM with 10 steps at sampling time. ``clip_sample`` must stay off: deltas are not images.
@@ -39,6 +41,14 @@ PAPER_DENOISER_CONFIG: dict[str, Any] = {
     "add_attention": False,
 }
 
+FACTOR_DENOISER_CONFIG: dict[str, Any] = {
+    # The denoiser over the left factor ``u`` of rank-1 deltas (``delta_mode="factorised"``).
+    "hidden_dim": 256,
+    "num_layers": 3,
+    "embed_dim": 128,
+}
+
+DELTA_MODES = ("full", "factorised")
 DELTA_NORMALIZATIONS = ("rms", "std")
 CONDITION_COMPONENTS = ("input", "activation", "output")
 TASKS = ("classification", "regression")
@@ -69,8 +79,13 @@ class OCDConfig(PretrainedConfig):
         task: ``"classification"`` (ensembles average probabilities) or ``"regression"``.
         base_layer_fingerprint: hash of the target layer's base weights; loading onto a backbone
             whose layer differs is refused.
-        denoiser_config: keyword arguments of ``diffusers.UNet2DModel`` (sample size and
-            conditioning are filled in by the wrapper).
+        delta_mode: ``"full"`` generates the whole (padded) weight delta with a 2-D UNet, as in the
+            paper; ``"factorised"`` generates the left factor ``u`` of a rank-1 delta ``u vᵀ`` whose
+            right factor ``v`` follows ``factor_rule`` from the layer input (``"sign"`` for Adam
+            deltas, ``"input"`` for SGD) — exact for layers that see one vector per sample.
+        factor_rule: ``"sign"`` or ``"input"`` (see ``delta_mode``).
+        denoiser_config: keyword arguments of ``diffusers.UNet2DModel`` in full mode (sample size
+            and conditioning are filled in by the wrapper), of the MLP denoiser in factorised mode.
         scheduler_config: keyword arguments of ``diffusers.DDIMScheduler``.
         num_inference_steps: DDIM steps at sampling time.
         condition_hidden_dim: hidden size of the condition encoders ``E_i, E_a, E_o``.
@@ -97,6 +112,8 @@ class OCDConfig(PretrainedConfig):
         per_token: bool = False,
         task: str = "classification",
         base_layer_fingerprint: str | None = None,
+        delta_mode: str = "full",
+        factor_rule: str = "sign",
         denoiser_config: dict[str, Any] | None = None,
         scheduler_config: dict[str, Any] | None = None,
         num_inference_steps: int = 10,
@@ -110,6 +127,15 @@ class OCDConfig(PretrainedConfig):
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+        if delta_mode not in DELTA_MODES:
+            raise ValueError(f"delta_mode must be one of {DELTA_MODES}, got {delta_mode!r}.")
+        if delta_mode == "factorised" and per_token:
+            raise ValueError(
+                "delta_mode='factorised' needs a layer that sees one vector per sample (a head or MLP layer); "
+                f"{target_module!r} is applied to every token, so its deltas are not rank-1. Use delta_mode='full'."
+            )
+        if factor_rule not in FACTOR_RULES:
+            raise ValueError(f"factor_rule must be one of {FACTOR_RULES}, got {factor_rule!r}.")
         if delta_normalization not in DELTA_NORMALIZATIONS:
             raise ValueError(
                 f"delta_normalization must be one of {DELTA_NORMALIZATIONS}, got {delta_normalization!r}."
@@ -131,7 +157,10 @@ class OCDConfig(PretrainedConfig):
         self.per_token = bool(per_token)
         self.task = task
         self.base_layer_fingerprint = base_layer_fingerprint
-        self.denoiser_config = {**DEFAULT_DENOISER_CONFIG, **(denoiser_config or {})}
+        self.delta_mode = delta_mode
+        self.factor_rule = factor_rule
+        default_denoiser = FACTOR_DENOISER_CONFIG if delta_mode == "factorised" else DEFAULT_DENOISER_CONFIG
+        self.denoiser_config = {**default_denoiser, **(denoiser_config or {})}
         self.scheduler_config = {**DEFAULT_SCHEDULER_CONFIG, **(scheduler_config or {})}
         self.num_inference_steps = int(num_inference_steps)
         self.condition_hidden_dim = int(condition_hidden_dim)
@@ -148,8 +177,15 @@ class OCDConfig(PretrainedConfig):
         return (self.out_features, self.in_features)
 
     @property
+    def embed_dim(self) -> int:
+        """Size of the condition embedding (the denoiser's time-embedding size)."""
+        if self.delta_mode == "factorised":
+            return int(self.denoiser_config["embed_dim"])
+        return int(self.denoiser_config["block_out_channels"][0]) * 4
+
+    @property
     def sample_size(self) -> tuple[int, int]:
-        """Zero-padded ``(height, width)`` of the weight matrix as seen by the UNet."""
+        """Zero-padded ``(height, width)`` of the weight matrix as seen by the UNet (full mode)."""
         levels = len(self.denoiser_config["block_out_channels"])
         return (padded_size(self.out_features, levels), padded_size(self.in_features, levels))
 

@@ -1,10 +1,12 @@
-"""The OCD hypernetwork: condition encoders, a diffusers UNet denoiser over the (padded) weight
-delta, a scale net, and DDIM sampling."""
+"""The OCD hypernetwork: condition encoders, a denoiser over the weight delta (a diffusers UNet
+over the padded matrix, or an MLP over the left factor of a rank-1 delta), a scale net, and DDIM
+sampling."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn import functional as F
@@ -40,33 +42,67 @@ class ConditionEncoder(nn.Module):
         self.std.copy_(values.std(0, unbiased=False) if values.shape[0] > 1 else torch.ones_like(self.std))
 
 
+class FactorDenoiser(nn.Module):
+    """``ε(u_t, e, t)`` for the left factor ``u`` of rank-1 deltas: a residual MLP whose every block
+    receives the time embedding plus the condition embedding (diffusers' sinusoidal ``Timesteps`` +
+    ``TimestepEmbedding``, as the UNet does)."""
+
+    def __init__(self, size: int, hidden_dim: int, num_layers: int, embed_dim: int) -> None:
+        super().__init__()
+        self.time_proj = Timesteps(embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(embed_dim, embed_dim)
+        self.input = nn.Linear(size, hidden_dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"norm": nn.LayerNorm(hidden_dim), "emb": nn.Linear(embed_dim, hidden_dim), "mlp": nn.Linear(hidden_dim, hidden_dim)})
+            for _ in range(num_layers)
+        )
+        self.output = nn.Linear(hidden_dim, size)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        emb = F.silu(self.time_embedding(self.time_proj(timesteps).to(sample.dtype)) + embedding)
+        hidden = self.input(sample)
+        for block in self.blocks:
+            hidden = hidden + block["mlp"](F.silu(block["norm"](hidden) + block["emb"](emb)))
+        return self.output(hidden)
+
+
 class OCDHypernetwork(nn.Module):
     """``ε(Ω_t, I(x), t)`` and ``ρ(I(x))`` of the OCD paper.
 
-    The condition ``e = E_i(input) + E_a(activation) + E_o(output)`` is added to the UNet's time
-    embedding (``class_embed_type="identity"``), as in the paper. The denoiser sees the normalised
-    weight delta zero-padded to ``config.sample_size``.
+    The condition ``e = E_i(input) + E_a(activation) + E_o(output)`` is added to the denoiser's
+    time embedding (``class_embed_type="identity"`` of ``UNet2DModel``), as in the paper. In full
+    mode the denoiser sees the normalised weight delta zero-padded to ``config.sample_size``; in
+    factorised mode it sees the normalised left factor ``u`` ``(batch, out_features)``.
     """
 
     def __init__(self, config: OCDConfig) -> None:
         super().__init__()
         self.config = config
-        embed_dim = config.denoiser_config["block_out_channels"][0] * 4
+        embed_dim = config.embed_dim
         dims = {"input": config.in_features, "activation": config.out_features, "output": config.output_dim}
         self.encoders = nn.ModuleDict(
             {name: ConditionEncoder(dims[name], config.condition_hidden_dim, embed_dim) for name in config.condition_components}
         )
-        self.denoiser = UNet2DModel(
-            sample_size=config.sample_size,
-            in_channels=1,
-            out_channels=1,
-            class_embed_type="identity",
-            num_train_timesteps=config.scheduler_config["num_train_timesteps"],
-            **config.denoiser_config,
-        )
+        if config.delta_mode == "factorised":
+            self.denoiser = FactorDenoiser(config.out_features, **config.denoiser_config)
+        else:
+            self.denoiser = UNet2DModel(
+                sample_size=config.sample_size,
+                in_channels=1,
+                out_channels=1,
+                class_embed_type="identity",
+                num_train_timesteps=config.scheduler_config["num_train_timesteps"],
+                **config.denoiser_config,
+            )
         self.scale_net = nn.Sequential(
             nn.Linear(embed_dim, config.condition_hidden_dim), nn.SiLU(), nn.Linear(config.condition_hidden_dim, 1)
         )
+
+    @property
+    def factorised(self) -> bool:
+        return self.config.delta_mode == "factorised"
 
     @staticmethod
     def condition_values(cond: Conditioning) -> dict[str, torch.Tensor]:
@@ -78,23 +114,33 @@ class OCDHypernetwork(nn.Module):
         return sum(encoder(values[name]) for name, encoder in self.encoders.items())
 
     def predict_rho(self, embedding: torch.Tensor) -> torch.Tensor:
-        """The scale ``ρ̂`` of each sample's delta, ``(batch,)``."""
+        """The scale ``ρ̂`` of each sample's delta (of its factor ``u`` in factorised mode), ``(batch,)``."""
         standardised = self.scale_net(embedding).squeeze(-1)
         return torch.exp(self.config.log_rho_mean + self.config.log_rho_std * standardised)
 
-    def pad(self, deltas: torch.Tensor) -> torch.Tensor:
-        """``(batch, out, in)`` -> ``(batch, 1, H, W)`` zero-padded for the UNet."""
+    def to_denoiser_space(self, deltas: torch.Tensor) -> torch.Tensor:
+        """Normalised deltas ``(batch, out, in)`` (or factors ``(batch, out)``) as the denoiser sees them."""
+        if self.factorised:
+            return deltas
         height, width = self.config.sample_size
         out_f, in_f = deltas.shape[-2:]
         return F.pad(deltas, (0, width - in_f, 0, height - out_f)).unsqueeze(1)
 
-    def crop(self, samples: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`pad`."""
+    def from_denoiser_space(self, samples: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_denoiser_space` (crops the zero padding)."""
+        if self.factorised:
+            return samples
         out_f, in_f = self.config.weight_shape
         return samples[:, 0, :out_f, :in_f]
 
+    def denoiser_sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample in denoiser space."""
+        return (self.config.out_features,) if self.factorised else (1, *self.config.sample_size)
+
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """Predicted noise for padded noisy deltas ``(batch, 1, H, W)``."""
+        """Predicted noise for noisy samples in denoiser space."""
+        if self.factorised:
+            return self.denoiser(noisy, timesteps, embedding)
         return self.denoiser(noisy, timesteps, class_labels=embedding).sample
 
     def make_scheduler(self) -> DDIMScheduler:
@@ -107,19 +153,19 @@ class OCDHypernetwork(nn.Module):
         generator: torch.Generator | None = None,
         num_inference_steps: int | None = None,
     ) -> torch.Tensor:
-        """Sample one normalised delta per row of ``embedding`` with DDIM (eta 0).
+        """Sample one normalised delta (or factor) per row of ``embedding`` with DDIM (eta 0).
 
-        Returns ``(batch, out, in)`` deltas rescaled to unit ``ρ`` (the training normalisation).
+        Returns ``(batch, out, in)`` deltas, or ``(batch, out)`` factors, rescaled to unit ``ρ``
+        (the training normalisation).
         """
         scheduler = self.make_scheduler()
         scheduler.set_timesteps(num_inference_steps or self.config.num_inference_steps, device=embedding.device)
-        height, width = self.config.sample_size
         sample = randn_tensor(
-            (embedding.shape[0], 1, height, width), generator=generator, device=embedding.device, dtype=embedding.dtype
+            (embedding.shape[0], *self.denoiser_sample_shape()), generator=generator, device=embedding.device, dtype=embedding.dtype
         )
         for t in scheduler.timesteps:
             noise_pred = self.denoise(sample, t.expand(sample.shape[0]), embedding)
             sample = scheduler.step(noise_pred, t, sample, eta=0.0).prev_sample
-        deltas = self.crop(sample)
+        deltas = self.from_denoiser_space(sample)
         scale = delta_scale(deltas, self.config.delta_normalization).clamp_min(1e-12)
-        return deltas / scale.view(-1, 1, 1).to(deltas.dtype)
+        return deltas / scale.view(-1, *([1] * (deltas.dim() - 1))).to(deltas.dtype)

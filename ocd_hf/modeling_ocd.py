@@ -4,7 +4,9 @@ shift of one of its Linear layers, applied per sample in a single batched forwar
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from dataclasses import dataclass
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -15,10 +17,20 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 
 from .configuration_ocd import OCDConfig
+from .factorised import expand_factors
 from .hypernetwork import OCDHypernetwork
-from .target import Conditioning, capture_conditioning, find_target_linear, inject_deltas, layer_fingerprint, model_output_tensor
+from .target import (
+    Conditioning,
+    capture_conditioning,
+    delta_shift,
+    find_target_linear,
+    inject_deltas,
+    layer_fingerprint,
+    model_output_tensor,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -69,6 +81,16 @@ def batch_size_of(inputs: Mapping[str, Any]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     raise ValueError("No tensor input found: pass the backbone's inputs as keyword arguments (e.g. **tokenizer(...)).")
+
+
+@dataclass
+class OCDOutput(ModelOutput):
+    """Output of an :class:`OCDWrapper` whose backbone's output has no ``logits`` field."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    draw_logits: torch.Tensor | None = None
+    mean_network_logits: torch.Tensor | None = None
 
 
 class OCDWrapper(PreTrainedModel):
@@ -122,9 +144,11 @@ class OCDWrapper(PreTrainedModel):
         num_inference_steps: int | None = None,
         rho: float | None = None,
     ) -> torch.Tensor:
-        """Sample ``num_samples`` scaled deltas ``ρ̂·Δ̂`` per input: ``(batch, num_samples, out, in)``.
+        """Sample ``num_samples`` scaled deltas ``ρ̂·Δ̂`` per input.
 
-        ``rho`` replaces the scale net's ``ρ̂`` by a constant (the *no scale* ablation).
+        Returns ``(batch, num_samples, out, in)``, or in factorised mode the left factors
+        ``(batch, num_samples, out)`` (see :meth:`materialise_deltas`). ``rho`` replaces the scale
+        net's ``ρ̂`` by a constant (the *no scale* ablation).
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -134,13 +158,38 @@ class OCDWrapper(PreTrainedModel):
             embedding = embedding.repeat_interleave(num_samples, dim=0)
             scale = scale.repeat_interleave(num_samples, dim=0)
             deltas = self.hypernetwork.sample(embedding, generator=generator, num_inference_steps=num_inference_steps)
-        deltas = deltas * scale.view(-1, 1, 1)
-        return deltas.view(-1, num_samples, *self.config.weight_shape)
+        deltas = deltas * scale.view(-1, *([1] * (deltas.dim() - 1)))
+        return deltas.view(-1, num_samples, *deltas.shape[1:])
+
+    def materialise_deltas(self, deltas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Full ``(batch, k, out, in)`` deltas from :meth:`generate_deltas`' output (a no-op in full mode)."""
+        if deltas.dim() == 4:
+            return deltas
+        return expand_factors(deltas, cond.raw_input, self.config.factor_rule)
 
     def forward_with_deltas(self, deltas: torch.Tensor, **inputs: Any) -> Any:
-        """Run the backbone with ``θ + Δ_b`` at the target layer for sample ``b``; ``deltas`` is ``(batch, out, in)``."""
-        with inject_deltas(self.target_layer, deltas):
+        """Run the backbone with ``θ + Δ_b`` at the target layer for sample ``b``.
+
+        ``deltas`` is ``(batch, out, in)``, or ``(batch, out)`` factors in factorised mode.
+        """
+        with inject_deltas(self.target_layer, deltas, self.config.factor_rule):
             return self.backbone(**inputs)
+
+    def predict_with_deltas(self, cond: Conditioning, deltas: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Model outputs ``(batch, k, -1)`` for ``k`` deltas per input (``(batch, k, ...)`` from :meth:`generate_deltas`).
+
+        When the target layer's output is the model output (a head) this is the base output plus
+        ``x Δᵀ``, with no second backbone pass; otherwise the backbone runs once over
+        ``batch × k`` rows with the deltas injected.
+        """
+        batch, k = deltas.shape[:2]
+        if cond.target_is_output:
+            base = model_output_tensor(cond.outputs)
+            raw = cond.raw_input.repeat_interleave(k, dim=0)
+            shift = delta_shift(raw, deltas.flatten(0, 1), self.config.factor_rule)
+            return (base.repeat_interleave(k, dim=0) + shift.to(base.dtype)).reshape(batch, k, -1)
+        outputs = self.forward_with_deltas(deltas.flatten(0, 1), **repeat_batch(inputs, k, batch))
+        return model_output_tensor(outputs).reshape(batch, k, -1)
 
     @contextlib.contextmanager
     def hypernetwork_eval(self) -> Iterator[None]:
@@ -152,6 +201,12 @@ class OCDWrapper(PreTrainedModel):
         finally:
             self.hypernetwork.train(was_training)
 
+    def ensemble(self, draws: torch.Tensor) -> torch.Tensor:
+        """Combine ``(batch, k, ...)`` draws: log of the mean probability, or the mean prediction."""
+        if self.config.task == "classification":
+            return torch.logsumexp(torch.log_softmax(draws, -1), dim=1) - math.log(draws.shape[1])
+        return draws.mean(1)
+
     def forward(
         self,
         num_samples: int = 1,
@@ -161,35 +216,30 @@ class OCDWrapper(PreTrainedModel):
         return_mean_network: bool = False,
         num_inference_steps: int | None = None,
         **inputs: Any,
-    ) -> Any:
+    ) -> ModelOutput:
         """Predict with a per-sample generated weight shift at the target layer.
 
-        One base pass captures ``I(x)``; ``num_samples`` deltas per input are sampled in one batch;
-        one more backbone pass over ``batch × num_samples`` rows applies them. Returns the
-        backbone's own output type whose ``logits`` are the ensemble (log of the mean
-        probabilities for classification, mean prediction for regression). With
-        ``return_draws`` it also holds ``draw_logits`` ``(batch, num_samples, ...)``; with
-        ``return_mean_network`` ``mean_network_logits``, the prediction of the mean delta.
+        One base pass captures ``I(x)``; ``num_samples`` deltas per input are sampled in one batch
+        and applied in one more batched pass (none for head layers). Returns the backbone's own
+        output type when it has ``logits`` (else :class:`OCDOutput`) whose ``logits`` are the
+        ensemble (log of the mean probabilities for classification, mean prediction for
+        regression). With ``return_draws`` it also holds ``draw_logits`` ``(batch, k, ...)``; with
+        ``return_mean_network``, ``mean_network_logits``: the prediction of the mean delta.
         """
-        batch = batch_size_of(inputs)
+        batch_size_of(inputs)
         cond = self.conditioning(**inputs)
         deltas = self.generate_deltas(cond, num_samples, generator, num_inference_steps)
-        outputs = self.forward_with_deltas(deltas.flatten(0, 1), **repeat_batch(inputs, num_samples, batch))
-        draws = model_output_tensor(outputs).reshape(batch, num_samples, -1)
-        if self.config.task == "classification":
-            logits = torch.logsumexp(torch.log_softmax(draws, -1), dim=1) - torch.log(torch.tensor(float(num_samples)))
-        else:
-            logits = draws.mean(1)
-        result = type(outputs)(logits=logits) if hasattr(outputs, "logits") else outputs.__class__()
-        if not hasattr(outputs, "logits"):
-            result["logits"] = logits
+        draws = self.predict_with_deltas(cond, deltas, inputs)
+        logits = self.ensemble(draws)
+        output_class = type(cond.outputs) if hasattr(cond.outputs, "logits") else OCDOutput
+        result = output_class(logits=logits)
         if labels is not None:
             result["loss"] = self.loss(logits, labels)
         if return_draws:
             result["draw_logits"] = draws
         if return_mean_network:
-            mean_outputs = self.forward_with_deltas(deltas.mean(1), **inputs)
-            result["mean_network_logits"] = model_output_tensor(mean_outputs).reshape(batch, -1)
+            mean = self.predict_with_deltas(cond, deltas.mean(1, keepdim=True), inputs)
+            result["mean_network_logits"] = mean[:, 0]
         return result
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

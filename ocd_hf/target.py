@@ -12,6 +12,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from .factorised import factor_shift
+
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """All ``nn.Linear`` submodules of ``model`` by full dotted name."""
@@ -106,7 +108,9 @@ def model_output_tensor(outputs: Any) -> torch.Tensor:
 class Conditioning:
     """``I(x)``: the target layer's input and output and the model's output, pooled per sample.
 
-    ``raw_input`` keeps the unpooled layer input, which per-sample weights act on.
+    ``raw_input`` keeps the unpooled layer input, which per-sample weights act on;
+    ``target_is_output`` says that the layer's output *is* the model output (a head), so a weight
+    shift changes the output by exactly ``x Δᵀ`` and no second backbone pass is needed.
     """
 
     layer_input: torch.Tensor
@@ -114,6 +118,7 @@ class Conditioning:
     model_output: torch.Tensor
     raw_input: torch.Tensor
     outputs: Any
+    target_is_output: bool = False
 
     @property
     def per_token(self) -> bool:
@@ -153,27 +158,47 @@ def capture_conditioning(backbone: nn.Module, layer: nn.Module, inputs: Mapping[
         model_output=pool_tokens(model_out, mask),
         raw_input=record["input"],
         outputs=outputs,
+        target_is_output=record["output"] is model_out,
     )
 
 
+def delta_shift(layer_input: torch.Tensor, deltas: torch.Tensor, factor_rule: str | None = None) -> torch.Tensor:
+    """``x Δ_bᵀ`` for every sample ``b``: the change of the layer's output under per-sample deltas.
+
+    ``deltas`` is ``(batch, out, in)``, or ``(batch, out)`` left factors of rank-1 deltas whose right
+    factor follows ``factor_rule`` (then ``x`` must be one vector per sample).
+    """
+    if layer_input.shape[0] != deltas.shape[0]:
+        raise ValueError(f"Got {deltas.shape[0]} deltas for a batch of {layer_input.shape[0]} inputs at the target layer.")
+    if deltas.dim() == 2:
+        if layer_input.dim() != 2 or factor_rule is None:
+            raise ValueError(
+                "Factorised (rank-1) deltas need a layer that sees one vector per sample and a factor_rule; "
+                f"got a layer input of shape {tuple(layer_input.shape)}. Use full deltas for per-token layers."
+            )
+        return factor_shift(deltas, layer_input, factor_rule)
+    flat = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
+    shift = torch.bmm(flat, deltas.to(flat.dtype).transpose(1, 2))
+    return shift.reshape(*layer_input.shape[:-1], deltas.shape[1])
+
+
 @contextlib.contextmanager
-def inject_deltas(layer: nn.Linear, deltas: torch.Tensor) -> Iterator[None]:
+def inject_deltas(layer: nn.Linear, deltas: torch.Tensor, factor_rule: str | None = None) -> Iterator[None]:
     """Make ``layer`` compute ``x (W + Δ_b)ᵀ + b`` for sample ``b`` of the batch, without a loop.
 
-    ``deltas`` has shape ``(batch, out_features, in_features)``; the layer's own output is kept and
-    ``x Δ_bᵀ`` added to it, so the backbone's forward runs unchanged.
+    ``deltas`` has shape ``(batch, out_features, in_features)``, or ``(batch, out_features)`` for
+    factorised deltas (see :func:`delta_shift`); the layer's own output is kept and ``x Δ_bᵀ``
+    added to it, so the backbone's forward runs unchanged.
     """
     expected = (layer.out_features, layer.in_features)
-    if deltas.dim() != 3 or tuple(deltas.shape[1:]) != expected:
-        raise ValueError(f"deltas must have shape (batch, {expected[0]}, {expected[1]}), got {tuple(deltas.shape)}.")
+    if deltas.dim() not in (2, 3) or tuple(deltas.shape[1:]) != expected[: deltas.dim() - 1]:
+        raise ValueError(
+            f"deltas must have shape (batch, {expected[0]}, {expected[1]}) or, factorised, (batch, {expected[0]}); "
+            f"got {tuple(deltas.shape)}."
+        )
 
     def hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        if x.shape[0] != deltas.shape[0]:
-            raise ValueError(f"Got {deltas.shape[0]} deltas for a batch of {x.shape[0]} inputs at the target layer.")
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        shift = torch.bmm(flat, deltas.to(flat.dtype).transpose(1, 2))
-        return output + shift.reshape(output.shape)
+        return output + delta_shift(args[0], deltas, factor_rule).to(output.dtype)
 
     handle = layer.register_forward_hook(hook)
     try:
