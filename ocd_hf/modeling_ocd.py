@@ -4,16 +4,16 @@ shift of one of its Linear layers, applied per sample in a single batched forwar
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from dataclasses import dataclass
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 import transformers
-from huggingface_hub import hf_hub_download
+from huggingface_hub import CommitInfo, ModelCard
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -21,7 +21,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_ocd import OCDConfig
 from .factorised import expand_factors
+from .hub import CONFIG_NAME, WEIGHTS_NAME, push_hypernetwork_to_hub, resolve_file
 from .hypernetwork import OCDHypernetwork
+from .model_card import OCDModelCardData, render_model_card, write_model_card
 from .target import (
     Conditioning,
     capture_conditioning,
@@ -31,10 +33,6 @@ from .target import (
     layer_fingerprint,
     model_output_tensor,
 )
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
 
 def check_backbone(config: OCDConfig, backbone: nn.Module, strict_fingerprint: bool = True) -> tuple[str, nn.Linear]:
     """Check that ``backbone`` has the target layer ``config`` was made for; return its name and module.
@@ -112,7 +110,7 @@ class OCDWrapper(PreTrainedModel):
                 "or OCDWrapper.from_pretrained(path) (which loads config.base_model_name_or_path)."
             )
         self.target_name, self.target_layer = check_backbone(config, backbone, strict_fingerprint)
-        self.backbone = backbone
+        self.backbone = backbone.eval()
         self.hypernetwork = OCDHypernetwork(config)
         device = next(backbone.parameters()).device
         self.hypernetwork.to(device)
@@ -126,7 +124,13 @@ class OCDWrapper(PreTrainedModel):
     ) -> "OCDWrapper":
         """Attach a new (untrained) hypernetwork to the Linear of ``backbone`` matched by ``target_module``."""
         config = OCDConfig.from_backbone(backbone, target_module, example_inputs=example_inputs, **config_kwargs)
-        return cls(config, backbone)
+        return cls(config, backbone).eval()
+
+    def train(self, mode: bool = True) -> "OCDWrapper":
+        """Set the hypernetwork's mode; the frozen backbone always stays in eval mode (no dropout in ``I(x)``)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
 
     # ----- the three stages of a forward pass -------------------------------------------------
 
@@ -254,19 +258,61 @@ class OCDWrapper(PreTrainedModel):
         """The tensors that are saved: the hypernetwork's only, contiguous, on CPU."""
         return {k: v.detach().cpu().contiguous() for k, v in self.hypernetwork.state_dict().items()}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (the hypernetwork only, never the backbone).
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, model_card_kwargs: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Write ``config.json``, ``model.safetensors`` (the hypernetwork only, never the backbone) and ``README.md``.
 
-        Extra keyword arguments of ``PreTrainedModel.save_pretrained`` (used by ``push_to_hub``) are
-        accepted and ignored, except ``is_main_process``.
+        The model card is created, or updated when the directory already has one (sections written
+        outside its generated block are kept). ``model_card_kwargs`` are fields of
+        :class:`~ocd_hf.model_card.OCDModelCardData` (``model_id``, ``eval_results``,
+        ``results_table``, ``training_config``, ``datasets``, ``license``, ...). Extra keyword
+        arguments of ``PreTrainedModel.save_pretrained`` are accepted and ignored, except
+        ``is_main_process``.
         """
         if not kwargs.get("is_main_process", True):
             return
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
+        card_data = OCDModelCardData.from_kwargs(model_card_kwargs)
         os.makedirs(save_directory, exist_ok=True)
         self.config.save_pretrained(save_directory)
         save_file(self.hypernetwork_state_dict(), os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        write_model_card(self, save_directory, card_data)
+
+    def model_card(self, **model_card_kwargs: Any) -> ModelCard:
+        """The model card of this hypernetwork; keyword arguments are fields of :class:`~ocd_hf.model_card.OCDModelCardData`."""
+        return render_model_card(self, OCDModelCardData.from_kwargs(model_card_kwargs))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        model_card_kwargs: Mapping[str, Any] | None = None,
+        eval_results: list[Any] | None = None,
+        results_table: str | None = None,
+    ) -> CommitInfo:
+        """Upload ``config.json``, ``model.safetensors`` and ``README.md`` to ``repo_id`` in one commit.
+
+        Creates the repo (and branch ``revision``) if missing; an existing card keeps its
+        user-written sections. ``eval_results`` (``huggingface_hub.EvalResult`` list, the card's
+        ``model-index``) and ``results_table`` (markdown) describe measured results; other card
+        fields go in ``model_card_kwargs``. Returns the commit's ``CommitInfo``.
+        """
+        card_kwargs = dict(model_card_kwargs or {})
+        if eval_results is not None:
+            card_kwargs["eval_results"] = eval_results
+        if results_table is not None:
+            card_kwargs["results_table"] = results_table
+        return push_hypernetwork_to_hub(
+            self, repo_id, revision=revision, private=private, token=token, commit_message=commit_message,
+            create_pr=create_pr, model_card_kwargs=card_kwargs,
+        )
 
     @classmethod
     def from_pretrained(
@@ -280,71 +326,100 @@ class OCDWrapper(PreTrainedModel):
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
         **backbone_kwargs: Any,
     ) -> "OCDWrapper":
         """Load a saved hypernetwork from a local directory or a Hub repo and attach it to ``backbone``.
 
-        Without ``backbone`` the backbone named in the config (``base_model_class`` from
-        ``base_model_name_or_path`` at ``base_model_revision``) is loaded with ``backbone_kwargs``.
-        A backbone whose target layer is missing, of another shape, or holds other weights is
-        refused (``strict_fingerprint=False`` downgrades the last check to a warning).
+        Files come from the directory, else from the Hub cache or the Hub (the cache only when
+        ``HF_HUB_OFFLINE=1`` or ``local_files_only``); missing repos, revisions and files raise the
+        ``huggingface_hub`` error with a message saying what is missing. The weights are read and
+        checked before anything is built: a corrupt or truncated file raises ``ValueError`` and no
+        model is returned. Without ``backbone`` the backbone named in the config
+        (``base_model_class`` from ``base_model_name_or_path`` at ``base_model_revision``) is
+        loaded with ``backbone_kwargs``. A backbone whose target layer is missing, of another
+        shape, or holds other weights is refused (``strict_fingerprint=False`` downgrades the last
+        check to a warning).
         """
         if model_args:
             raise TypeError("OCDWrapper.from_pretrained takes no positional arguments besides the path.")
-        hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+        hub_kwargs = {
+            "revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only,
+            "force_download": force_download,
+        }
         config_file = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
         weights_file = resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub_kwargs)
         if config is None:
-            config = OCDConfig.from_json_file(config_file)
+            config = read_config(config_file)
+        state = read_hypernetwork_weights(weights_file)
         if backbone is None:
             backbone = load_backbone(config, **backbone_kwargs)
         model = cls(config, backbone, strict_fingerprint=strict_fingerprint)
-        model.load_hypernetwork_weights(weights_file)
+        model.load_hypernetwork_state(state, source=weights_file)
         model.eval()
         return model
 
     def load_hypernetwork_weights(self, weights_file: str | os.PathLike) -> None:
         """Load ``model.safetensors`` into the hypernetwork, refusing missing, unexpected or misshapen tensors."""
-        try:
-            state = load_file(str(weights_file))
-        except Exception as error:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"Cannot read hypernetwork weights {weights_file}: {error}. The file is corrupt or truncated.") from error
+        self.load_hypernetwork_state(read_hypernetwork_weights(weights_file), source=weights_file)
+
+    def load_hypernetwork_state(self, state: Mapping[str, torch.Tensor], source: str | os.PathLike = "the state dict") -> None:
+        """Load a hypernetwork state dict, refusing missing, unexpected or misshapen tensors (nothing is loaded then)."""
         expected = self.hypernetwork.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         misshapen = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
         if missing or unexpected or misshapen:
             raise ValueError(
-                f"Hypernetwork weights in {weights_file} do not match the config: missing {missing[:5]}, "
+                f"Hypernetwork weights in {source} do not match the config: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}, wrong shape {misshapen[:5]}. Were config.json and model.safetensors "
                 "saved together?"
             )
         self.hypernetwork.load_state_dict(state)
 
 
-def resolve_file(
-    path_or_repo: str | os.PathLike, filename: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None, local_files_only: bool = False,
-) -> str:
-    """A local directory's file, else the Hub file (from the cache first when ``HF_HUB_OFFLINE`` is set)."""
-    local = Path(path_or_repo)
-    if local.is_dir():
-        if not (local / filename).is_file():
-            raise FileNotFoundError(f"{local} has no {filename}; is it a directory written by OCDWrapper.save_pretrained?")
-        return str(local / filename)
-    return hf_hub_download(
-        str(path_or_repo), filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-    )
+def read_config(config_file: str | os.PathLike) -> OCDConfig:
+    """The ``OCDConfig`` in ``config_file``; ``ValueError`` naming the file if it is not valid JSON."""
+    try:
+        return OCDConfig.from_json_file(config_file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"Cannot read the OCD config {config_file}: {error}. The file is corrupt or truncated; save or push "
+            "the hypernetwork again (or pass force_download=True if it came from the Hub cache)."
+        ) from error
+
+
+def read_hypernetwork_weights(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a hypernetwork ``model.safetensors``; ``ValueError`` if it is corrupt, truncated or not finite."""
+    advice = "save or push the hypernetwork again (or pass force_download=True if it came from the Hub cache)"
+    try:
+        state = load_file(str(weights_file))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(
+            f"Cannot read hypernetwork weights {weights_file}: {error}. The file is corrupt or truncated; {advice}."
+        ) from error
+    not_finite = sorted(name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all())
+    if not_finite:
+        raise ValueError(
+            f"Hypernetwork weights {weights_file} hold non-finite values in {not_finite[:5]}: the file is corrupt or "
+            f"the training diverged; {advice}."
+        )
+    return state
 
 
 def load_backbone(config: OCDConfig, **kwargs: Any) -> nn.Module:
-    """Load the backbone named in ``config`` with its ``transformers`` class."""
+    """Load the backbone named in ``config`` with its class from ``transformers`` or :mod:`ocd_hf.backbones`."""
     if not config.base_model_name_or_path:
         raise ValueError("The config names no base model (base_model_name_or_path is empty): pass backbone=... explicitly.")
-    model_class = getattr(transformers, config.base_model_class or "", None)
+    name = config.base_model_class or ""
+    model_class = getattr(transformers, name, None)
+    if model_class is None and name:
+        from . import backbones  # imported only when needed: it registers its classes with transformers
+
+        model_class = getattr(backbones, name, None)
     if model_class is None or not hasattr(model_class, "from_pretrained"):
         raise ValueError(
-            f"Cannot load backbone class {config.base_model_class!r}: it is not a transformers class. "
+            f"Cannot load backbone class {name!r}: it is neither a transformers class nor one of ocd_hf.backbones. "
             "Load the backbone yourself and pass backbone=..."
         )
     kwargs.setdefault("revision", config.base_model_revision)

@@ -145,7 +145,7 @@ def test_save_load_round_trip_saves_only_the_hypernetwork(tmp_path):
     backbone, inputs = tiny_bert(), text_batch()
     ocd = attach(backbone, "intermediate.dense", inputs)
     ocd.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "config.json", "model.safetensors"]
     saved = load_file(tmp_path / "model.safetensors")
     assert set(saved) == set(ocd.hypernetwork.state_dict())
     assert not any(key.startswith(("bert", "backbone", "classifier")) for key in saved)
