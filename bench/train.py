@@ -41,7 +41,7 @@ RESULTS = Path(__file__).parent / "results" / "train.json"
 DENOISERS: dict[str, dict[str, Any]] = {
     "small": {},
     "paper": {"denoiser_config": PAPER_DENOISER_CONFIG},
-    "factorised": {"delta_mode": "factorised", "denoiser_config": FACTOR_DENOISER_CONFIG},
+    "factorised": {"delta_mode": "factorised", "factor_denoiser_config": FACTOR_DENOISER_CONFIG},
 }
 
 

@@ -84,8 +84,10 @@ class OCDConfig(PretrainedConfig):
             right factor ``v`` follows ``factor_rule`` from the layer input (``"sign"`` for Adam
             deltas, ``"input"`` for SGD) — exact for layers that see one vector per sample.
         factor_rule: ``"sign"`` or ``"input"`` (see ``delta_mode``).
-        denoiser_config: keyword arguments of ``diffusers.UNet2DModel`` in full mode (sample size
-            and conditioning are filled in by the wrapper), of the MLP denoiser in factorised mode.
+        denoiser_config: keyword arguments of ``diffusers.UNet2DModel`` for full mode (sample size
+            and conditioning are filled in by the wrapper).
+        factor_denoiser_config: ``hidden_dim``, ``num_layers``, ``embed_dim`` of the MLP denoiser
+            for factorised mode.
         scheduler_config: keyword arguments of ``diffusers.DDIMScheduler``.
         num_inference_steps: DDIM steps at sampling time.
         condition_hidden_dim: hidden size of the condition encoders ``E_i, E_a, E_o``.
@@ -115,6 +117,7 @@ class OCDConfig(PretrainedConfig):
         delta_mode: str = "full",
         factor_rule: str = "sign",
         denoiser_config: dict[str, Any] | None = None,
+        factor_denoiser_config: dict[str, Any] | None = None,
         scheduler_config: dict[str, Any] | None = None,
         num_inference_steps: int = 10,
         condition_hidden_dim: int = 256,
@@ -159,8 +162,8 @@ class OCDConfig(PretrainedConfig):
         self.base_layer_fingerprint = base_layer_fingerprint
         self.delta_mode = delta_mode
         self.factor_rule = factor_rule
-        default_denoiser = FACTOR_DENOISER_CONFIG if delta_mode == "factorised" else DEFAULT_DENOISER_CONFIG
-        self.denoiser_config = {**default_denoiser, **(denoiser_config or {})}
+        self.denoiser_config = {**DEFAULT_DENOISER_CONFIG, **(denoiser_config or {})}
+        self.factor_denoiser_config = {**FACTOR_DENOISER_CONFIG, **(factor_denoiser_config or {})}
         self.scheduler_config = {**DEFAULT_SCHEDULER_CONFIG, **(scheduler_config or {})}
         self.num_inference_steps = int(num_inference_steps)
         self.condition_hidden_dim = int(condition_hidden_dim)
@@ -180,7 +183,7 @@ class OCDConfig(PretrainedConfig):
     def embed_dim(self) -> int:
         """Size of the condition embedding (the denoiser's time-embedding size)."""
         if self.delta_mode == "factorised":
-            return int(self.denoiser_config["embed_dim"])
+            return int(self.factor_denoiser_config["embed_dim"])
         return int(self.denoiser_config["block_out_channels"][0]) * 4
 
     @property

@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
 )
 
 from .cards import render_dataset_card
-from .deltas import HARVEST_METADATA_NAME, SPLIT, _bfloat16_transform, load_deltas, load_harvest_metadata
+from .deltas import HARVEST_METADATA_NAME, SPLIT, format_deltas, load_deltas, load_harvest_metadata
 from .model_card import MODEL_CARD_NAME
 
 if TYPE_CHECKING:
@@ -263,6 +263,4 @@ def load_deltas_from_hub(
             f"{metadata['num_samples']}: the rows and the metadata come from different pushes. Push them again "
             "together with push_deltas_to_hub."
         )
-    if metadata.get("harvest_config", {}).get("dtype") == "bfloat16":
-        return dataset.with_transform(_bfloat16_transform(dataset.features)), metadata
-    return dataset.with_format("torch"), metadata
+    return format_deltas(dataset, metadata.get("harvest_config", {}).get("dtype", "float32")), metadata

@@ -86,7 +86,7 @@ class OCDHypernetwork(nn.Module):
             {name: ConditionEncoder(dims[name], config.condition_hidden_dim, embed_dim) for name in config.condition_components}
         )
         if config.delta_mode == "factorised":
-            self.denoiser = FactorDenoiser(config.out_features, **config.denoiser_config)
+            self.denoiser = FactorDenoiser(config.out_features, **config.factor_denoiser_config)
         else:
             self.denoiser = UNet2DModel(
                 sample_size=config.sample_size,

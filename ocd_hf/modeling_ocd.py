@@ -16,7 +16,7 @@ import transformers
 from huggingface_hub import CommitInfo, ModelCard
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_ocd import OCDConfig
@@ -407,20 +407,28 @@ def read_hypernetwork_weights(weights_file: str | os.PathLike) -> dict[str, torc
     return state
 
 
-def load_backbone(config: OCDConfig, **kwargs: Any) -> nn.Module:
-    """Load the backbone named in ``config`` with its class from ``transformers`` or :mod:`ocd_hf.backbones`."""
-    if not config.base_model_name_or_path:
-        raise ValueError("The config names no base model (base_model_name_or_path is empty): pass backbone=... explicitly.")
-    name = config.base_model_class or ""
-    model_class = getattr(transformers, name, None)
-    if model_class is None and name:
+def load_pretrained_backbone(name_or_path: str, class_name: str | None = None, **kwargs: Any) -> nn.Module:
+    """Load a backbone with the class named ``class_name`` from ``transformers`` or :mod:`ocd_hf.backbones`
+    (default: the first of its config's ``architectures``, else ``AutoModelForSequenceClassification``)."""
+    if class_name is None:
+        architectures = AutoConfig.from_pretrained(name_or_path, revision=kwargs.get("revision")).architectures or []
+        class_name = architectures[0] if architectures else "AutoModelForSequenceClassification"
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None and class_name:
         from . import backbones  # imported only when needed: it registers its classes with transformers
 
-        model_class = getattr(backbones, name, None)
+        model_class = getattr(backbones, class_name, None)
     if model_class is None or not hasattr(model_class, "from_pretrained"):
         raise ValueError(
-            f"Cannot load backbone class {name!r}: it is neither a transformers class nor one of ocd_hf.backbones. "
+            f"Cannot load backbone class {class_name!r}: it is neither a transformers class nor one of ocd_hf.backbones. "
             "Load the backbone yourself and pass backbone=..."
         )
+    return model_class.from_pretrained(name_or_path, **kwargs)
+
+
+def load_backbone(config: OCDConfig, **kwargs: Any) -> nn.Module:
+    """Load the backbone named in ``config`` (``base_model_name_or_path`` at ``base_model_revision``)."""
+    if not config.base_model_name_or_path:
+        raise ValueError("The config names no base model (base_model_name_or_path is empty): pass backbone=... explicitly.")
     kwargs.setdefault("revision", config.base_model_revision)
-    return model_class.from_pretrained(config.base_model_name_or_path, **kwargs)
+    return load_pretrained_backbone(config.base_model_name_or_path, config.base_model_class or "", **kwargs)

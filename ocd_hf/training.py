@@ -60,6 +60,7 @@ TRAINABLE_CONFIG_FIELDS = (
     "delta_mode",
     "factor_rule",
     "denoiser_config",
+    "factor_denoiser_config",
     "scheduler_config",
     "num_inference_steps",
     "condition_hidden_dim",
@@ -96,8 +97,25 @@ def resolve_deltas(deltas: str | os.PathLike | tuple[Dataset, Mapping[str, Any]]
     )
 
 
-def build_config(metadata: Mapping[str, Any], config_overrides: Mapping[str, Any] | None = None) -> OCDConfig:
-    """The :class:`OCDConfig` of a hypernetwork for deltas harvested as ``metadata`` describes, plus ``config_overrides``."""
+def choose_delta_mode(metadata: Mapping[str, Any], dataset: Dataset, max_samples: int = 256) -> str:
+    """``"factorised"`` where the harvested deltas are rank-1 with the right factor their optimizer
+    implies (measured on up to ``max_samples`` deltas, never assumed), else ``"full"``."""
+    optimizer = str((metadata.get("harvest_config") or {}).get("optimizer", "")).lower()
+    if metadata.get("per_token") or optimizer not in RULE_FOR_OPTIMIZER or len(dataset) == 0:
+        return "full"
+    rows = dataset.select(range(min(max_samples, len(dataset)))).with_format("torch")[:]
+    _, residual = factorise_deltas(rows["delta"].float(), rows["layer_input"].float(), RULE_FOR_OPTIMIZER[optimizer])
+    return "factorised" if float(residual.mean()) <= MAX_FACTOR_RESIDUAL else "full"
+
+
+def build_config(
+    metadata: Mapping[str, Any], config_overrides: Mapping[str, Any] | None = None, dataset: Dataset | None = None
+) -> OCDConfig:
+    """The :class:`OCDConfig` of a hypernetwork for deltas harvested as ``metadata`` describes, plus ``config_overrides``.
+
+    ``delta_mode`` ``"auto"`` (the default) picks factorised deltas where they are exact
+    (:func:`choose_delta_mode` on ``dataset``) and full deltas otherwise.
+    """
     missing = [key for key in REQUIRED_BACKBONE_FIELDS if metadata.get(key) is None]
     if missing:
         raise ValueError(
@@ -105,6 +123,8 @@ def build_config(metadata: Mapping[str, Any], config_overrides: Mapping[str, Any
             "harvested from (write it with ocd_hf.deltas, or build it with OCDConfig.from_backbone(...).to_dict())."
         )
     overrides = dict(config_overrides or {})
+    if overrides.get("delta_mode", "auto") == "auto":
+        overrides["delta_mode"] = choose_delta_mode(metadata, dataset) if dataset is not None else "full"
     refused = sorted(set(overrides) - set(TRAINABLE_CONFIG_FIELDS))
     if refused:
         raise ValueError(
@@ -673,7 +693,7 @@ def train_hypernetwork(
         checkpoints_total_limit=checkpoints_total_limit, seed=seed, progress=progress,
     )
     dataset, metadata = resolve_deltas(deltas)
-    config = build_config(metadata, config_overrides)
+    config = build_config(metadata, config_overrides, dataset)
     check_deltas(dataset, config, backbone)
     dataset = select_training_columns(dataset, training_columns(config))
     created_accelerator = accelerator is None
@@ -700,7 +720,7 @@ def train_hypernetwork(
     num_validation = 0 if validation_set is None else len(validation_set)
     logger.info(
         f"Training on {len(train_set)} deltas ({num_validation} held out) for {trainer.total_steps} steps of "
-        f"{batch_size * accelerator.num_processes * trainer.accumulation} deltas",
+        f"{batch_size * accelerator.num_processes * trainer.accumulation} deltas, delta_mode {config.delta_mode!r}",
         main_process_only=True,
     )
     trainer.train(resume_from_checkpoint)

@@ -17,7 +17,7 @@ FACTOR_DENOISER = {"hidden_dim": 16, "num_layers": 1, "embed_dim": 8}
 @pytest.mark.parametrize("optimizer, rule", [("adam", "sign"), ("sgd", "input")])
 def test_head_deltas_are_rank_one_with_the_rule_of_their_optimizer(optimizer, rule):
     backbone, inputs = tiny_bert(), text_batch(batch=6)
-    cond_input = OCDWrapper.attach(backbone, "classifier", denoiser_config=FACTOR_DENOISER, delta_mode="factorised").conditioning(**inputs).raw_input
+    cond_input = OCDWrapper.attach(backbone, "classifier", factor_denoiser_config=FACTOR_DENOISER, delta_mode="factorised").conditioning(**inputs).raw_input
     result = overfit_deltas(backbone, backbone.classifier, inputs, torch.tensor([0, 1, 2, 0, 1, 2]), optimizer=optimizer, lr=1e-2)
     factors, residual = factorise_deltas(result.deltas, cond_input, rule)
     assert residual.max() < 1e-3
@@ -45,7 +45,7 @@ def test_factorised_mode_is_refused_on_per_token_layers():
 ])
 def test_factorised_application_equals_the_materialised_delta(backbone_factory, target, inputs):
     backbone = backbone_factory()
-    ocd = OCDWrapper.attach(backbone, target, example_inputs=inputs, denoiser_config=FACTOR_DENOISER, delta_mode="factorised")
+    ocd = OCDWrapper.attach(backbone, target, example_inputs=inputs, factor_denoiser_config=FACTOR_DENOISER, delta_mode="factorised")
     cond = ocd.conditioning(**inputs)
     factors = torch.randn(4, 2, ocd.config.out_features, generator=torch.Generator().manual_seed(0))
     full = ocd.materialise_deltas(factors, cond)
@@ -60,7 +60,7 @@ def test_factorised_application_equals_the_materialised_delta(backbone_factory, 
 
 def test_head_fast_path_equals_a_second_backbone_pass():
     backbone, inputs = tiny_bert(), text_batch()
-    ocd = OCDWrapper.attach(backbone, "classifier", denoiser_config=FACTOR_DENOISER, delta_mode="factorised")
+    ocd = OCDWrapper.attach(backbone, "classifier", factor_denoiser_config=FACTOR_DENOISER, delta_mode="factorised")
     cond = ocd.conditioning(**inputs)
     assert cond.target_is_output
     deltas = torch.randn(4, 3, 3, 16, generator=torch.Generator().manual_seed(0))

@@ -19,9 +19,9 @@ from datasets import List as ListFeature
 from ocd_hf.modeling_ocd import OCDWrapper
 from ocd_hf.overfit import overfit_deltas
 from ocd_hf.target import capture_conditioning, describe_backbone, find_target_linear
-from ocd_hf.training import CHECKPOINTS_DIR, HISTORY_NAME, TRAINING_STATE_NAME, list_checkpoints, train_hypernetwork
+from ocd_hf.training import CHECKPOINTS_DIR, HISTORY_NAME, TRAINING_STATE_NAME, build_config, list_checkpoints, train_hypernetwork
 
-TINY_OVERRIDES = {"denoiser_config": TINY_DENOISER, "condition_hidden_dim": 16}
+TINY_OVERRIDES = {"delta_mode": "full", "denoiser_config": TINY_DENOISER, "condition_hidden_dim": 16}
 QUIET = {"progress": False, "learning_rate": 2e-3}
 
 
@@ -182,7 +182,7 @@ def test_db_scale_loss_and_num_epochs(backbone, deltas, tmp_path):
 
 
 def test_factorised_mode_trains_on_left_factors(backbone, deltas, tmp_path):
-    overrides = {"delta_mode": "factorised", "denoiser_config": {"hidden_dim": 32, "num_layers": 2, "embed_dim": 16},
+    overrides = {"delta_mode": "factorised", "factor_denoiser_config": {"hidden_dim": 32, "num_layers": 2, "embed_dim": 16},
                  "condition_hidden_dim": 16, "num_inference_steps": 2}
     model = train_hypernetwork(deltas, backbone, tmp_path, config_overrides=overrides, num_steps=40, batch_size=16,
                                logging_steps=1, validation_fraction=0.0, **QUIET)
@@ -280,3 +280,14 @@ def test_invalid_arguments_are_refused(backbone, deltas, tmp_path):
                            resume_from_checkpoint=tmp_path / "nowhere", **QUIET)
     with pytest.raises(TypeError, match="deltas must be"):
         train_hypernetwork(deltas[0], backbone, tmp_path, num_steps=1, **QUIET)
+
+
+def test_auto_delta_mode_factorises_exact_head_deltas_and_keeps_per_token_layers_full(backbone, deltas):
+    dataset, metadata = deltas
+    assert build_config(metadata, {}, dataset).delta_mode == "factorised"
+    assert build_config(metadata, {}, dataset).factor_rule == "sign"
+    per_token = harvest_tiny(backbone, num_samples=8, target="intermediate.dense")
+    assert build_config(per_token[1], {}, per_token[0]).delta_mode == "full"
+    sgd_metadata = {**metadata, "harvest_config": {**metadata["harvest_config"], "optimizer": "sgd"}}
+    assert build_config(sgd_metadata, {}, dataset).delta_mode == "full"  # Adam deltas are not u xᵀ
+    assert build_config(metadata, {"delta_mode": "full"}, dataset).delta_mode == "full"

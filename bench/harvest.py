@@ -1,0 +1,250 @@
+"""Harvest throughput: the official per-sample loop vs the vectorised harvest, on four kinds of layer.
+
+    python bench/harvest.py [--samples 512] [--loop-samples 48] [--batch-size 64] [--threads 1]
+
+Cases: (a) LeNet-5 fc2 (120 -> 84, not the head: every step re-runs the network), (b) a SetFit-like
+head (384 -> 2 on sentence embeddings), (c) a DeiT classification head, (d) a per-token layer
+(intermediate dense of a small Bert). All backbones are small, randomly initialised models built
+from configs; throughput does not depend on the weights.
+
+"loop" is the official OCD procedure: for each sample, Adam on the target weight only (everything
+else frozen), batch size 1, conditioning captured first. "vectorised" is ``harvest_batch`` (the
+same numbers for a whole batch at once). "end-to-end" is ``harvest_deltas`` writing the delta
+dataset to disk. Prints a markdown table and writes ``bench/results/harvest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from datasets import Dataset
+from torch import nn
+from torch.nn import functional as F
+from transformers import BertConfig, BertForSequenceClassification, DeiTConfig, DeiTForImageClassification, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from ocd_hf.deltas import load_harvest_metadata
+from ocd_hf.harvest import harvest_batch, harvest_deltas
+from ocd_hf.target import capture_conditioning, find_target_linear
+
+
+class LeNetConfig(PretrainedConfig):
+    model_type = "bench-lenet5"
+
+    def __init__(self, num_labels: int = 10, **kwargs: Any) -> None:
+        super().__init__(num_labels=num_labels, **kwargs)
+
+
+class LeNet5(PreTrainedModel):
+    """LeNet-5 on 28x28 grey images: conv(6) -> pool -> conv(16) -> pool -> fc1 120 -> fc2 84 -> fc3."""
+
+    config_class = LeNetConfig
+
+    def __init__(self, config: LeNetConfig) -> None:
+        super().__init__(config)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, config.num_labels)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor) -> SequenceClassifierOutput:
+        hidden = F.relu(self.fc1(self.features(pixel_values).flatten(1)))
+        return SequenceClassifierOutput(logits=self.fc3(F.relu(self.fc2(hidden))))
+
+
+class EmbeddingHeadConfig(PretrainedConfig):
+    model_type = "bench-embedding-head"
+
+    def __init__(self, embedding_dim: int = 384, num_labels: int = 2, **kwargs: Any) -> None:
+        self.embedding_dim = embedding_dim
+        super().__init__(num_labels=num_labels, **kwargs)
+
+
+class EmbeddingHead(PreTrainedModel):
+    """A SetFit differentiable head: one Linear on fixed sentence embeddings."""
+
+    config_class = EmbeddingHeadConfig
+
+    def __init__(self, config: EmbeddingHeadConfig) -> None:
+        super().__init__(config)
+        self.linear = nn.Linear(config.embedding_dim, config.num_labels)
+        self.post_init()
+
+    def forward(self, embeddings: torch.Tensor) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(logits=self.linear(embeddings))
+
+
+@dataclass
+class Case:
+    name: str
+    target: str
+    build: Callable[[], PreTrainedModel]
+    data: Callable[[int, torch.Generator], dict[str, torch.Tensor]]
+    num_labels: int
+
+
+def _bert() -> PreTrainedModel:
+    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def _deit() -> PreTrainedModel:
+    config = DeiTConfig(
+        image_size=28, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=10,
+    )
+    return DeiTForImageClassification(config)
+
+
+CASES = [
+    Case("(a) LeNet-5 fc2", "fc2", lambda: LeNet5(LeNetConfig()), lambda n, g: {"pixel_values": torch.randn(n, 1, 28, 28, generator=g)}, 10),
+    Case("(b) SetFit-like head", "linear", lambda: EmbeddingHead(EmbeddingHeadConfig()), lambda n, g: {"embeddings": F.normalize(torch.randn(n, 384, generator=g), dim=-1)}, 2),
+    Case("(c) DeiT head", "classifier", _deit, lambda n, g: {"pixel_values": torch.randn(n, 1, 28, 28, generator=g)}, 10),
+    Case(
+        "(d) Bert per-token intermediate.dense",
+        "bert.encoder.layer.1.intermediate.dense",
+        _bert,
+        lambda n, g: {"input_ids": torch.randint(1, 1000, (n, 32), generator=g), "attention_mask": torch.ones(n, 32, dtype=torch.long)},
+        2,
+    ),
+]
+
+
+def per_sample_loop(backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], labels: torch.Tensor, lr: float, steps: int) -> torch.Tensor:
+    """The official procedure, one sample at a time; returns the deltas ``(n, out, in)``."""
+    _, layer = find_target_linear(backbone, target)
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    layer.weight.requires_grad_(True)
+    base = layer.weight.detach().clone()
+    deltas = []
+    for index in range(labels.shape[0]):
+        sample = {name: value[index : index + 1] for name, value in inputs.items()}
+        with torch.no_grad():
+            capture_conditioning(backbone, layer, sample)
+        optimizer = torch.optim.Adam([layer.weight], lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(backbone(**sample).logits, labels[index : index + 1]).backward()
+            optimizer.step()
+        deltas.append(layer.weight.detach() - base)
+        with torch.no_grad():
+            layer.weight.copy_(base)
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(True)
+    return torch.stack(deltas)
+
+
+def vectorised(backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int, lr: float, steps: int) -> torch.Tensor:
+    _, layer = find_target_linear(backbone, target)
+    deltas = []
+    for start in range(0, labels.shape[0], batch_size):
+        end = min(start + batch_size, labels.shape[0])
+        batch = {name: value[start:end] for name, value in inputs.items()}
+        columns, _ = harvest_batch(backbone, layer, batch, labels[start:end], torch.arange(start, end), task="classification", lr=lr, steps=steps)
+        deltas.append(columns["delta"])
+    return torch.cat(deltas)
+
+
+def timed(function: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    backbone = case.build().eval()
+    inputs = case.data(args.samples, generator)
+    labels = torch.randint(0, case.num_labels, (args.samples,), generator=generator)
+    _, layer = find_target_linear(backbone, case.target)
+    loop_inputs = {name: value[: args.loop_samples] for name, value in inputs.items()}
+
+    per_sample_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
+    loop_deltas, loop_seconds = timed(lambda: per_sample_loop(backbone, case.target, loop_inputs, labels[: args.loop_samples], args.lr, args.steps))
+    vectorised(backbone, case.target, {k: v[: args.batch_size] for k, v in inputs.items()}, labels[: args.batch_size], args.batch_size, args.lr, args.steps)  # warm-up
+    vector_deltas, vector_seconds = timed(lambda: vectorised(backbone, case.target, inputs, labels, args.batch_size, args.lr, args.steps))
+    scale = loop_deltas.abs().amax().clamp_min(1e-12)
+    max_relative_difference = ((vector_deltas[: args.loop_samples] - loop_deltas).abs().amax() / scale).item()
+
+    dataset = Dataset.from_dict({**{name: value.numpy() for name, value in inputs.items()}, "label": labels.numpy()})
+    with tempfile.TemporaryDirectory() as directory:
+        _, end_to_end_seconds = timed(
+            lambda: harvest_deltas(backbone, dataset, case.target, directory, batch_size=args.batch_size, progress=False)
+        )
+        bytes_per_sample = load_harvest_metadata(directory)["bytes_per_sample"]
+    loop_rate, vector_rate = args.loop_samples / loop_seconds, args.samples / vector_seconds
+    return {
+        "case": case.name,
+        "target": case.target,
+        "shape": [layer.out_features, layer.in_features],
+        "loop_samples": args.loop_samples,
+        "samples": args.samples,
+        "loop_samples_per_s": loop_rate,
+        "vectorised_samples_per_s": vector_rate,
+        "speedup": vector_rate / loop_rate,
+        "end_to_end_samples_per_s": args.samples / end_to_end_seconds,
+        "bytes_per_sample": bytes_per_sample,
+        "max_relative_difference": max_relative_difference,
+    }
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| case | layer (out x in) | loop samples/s | vectorised samples/s | speed-up | harvest_deltas samples/s (with disk) | bytes/sample | max rel. diff |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['case']} | `{r['target']}` {r['shape'][0]}x{r['shape'][1]} | {r['loop_samples_per_s']:.0f} | "
+            f"{r['vectorised_samples_per_s']:.0f} | {r['speedup']:.1f}x | {r['end_to_end_samples_per_s']:.0f} | "
+            f"{r['bytes_per_sample']:,.0f} | {r['max_relative_difference']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=512, help="samples for the vectorised and end-to-end runs")
+    parser.add_argument("--loop-samples", type=int, default=48, help="samples for the per-sample loop")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "harvest.json")
+    args = parser.parse_args()
+    if args.loop_samples > args.samples:
+        parser.error("--loop-samples must not exceed --samples")
+    torch.set_num_threads(args.threads)
+
+    results = []
+    for case in CASES:
+        results.append(run_case(case, args))
+        print(f"done: {case.name}", flush=True)
+    table = markdown_table(results)
+    print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {key: value for key, value in vars(args).items() if key != "output"}
+    report = {
+        "settings": settings,
+        "torch": torch.__version__,
+        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "results": results,
+        "table": table,
+    }
+    args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

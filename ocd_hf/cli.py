@@ -1,0 +1,232 @@
+"""``ocd-hf``: the OCD pipeline from the command line.
+
+    ocd-hf select-layer --model M --dataset D --output-dir O
+    ocd-hf harvest      --model M --dataset D --target-module T --output-dir deltas/
+    ocd-hf train        --model M --deltas deltas/ --output-dir ocd/
+    ocd-hf evaluate     ocd/ TEST_DATASET eval/ --deltas deltas/
+    ocd-hf aggregate    eval-*/results.json --output-dir eval/
+    ocd-hf push         ocd/ me/ocd-model --results eval/results.json
+    ocd-hf push-deltas  deltas/ me/ocd-deltas
+
+Datasets are a Hub id or a local directory. ``harvest`` tokenizes ``--text-column`` or preprocesses
+``--image-column`` itself; the other commands read a ``Dataset.save_to_disk`` directory whose columns
+are already the backbone's inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) plus a label.
+Harvest and train run on Accelerate: ``accelerate launch $(which ocd-hf) harvest ...`` shards them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+def load_split(name_or_path: str, split: str) -> Dataset:
+    """A dataset split from a ``save_to_disk`` directory or the Hub."""
+    if Path(name_or_path).is_dir():
+        loaded = load_from_disk(name_or_path)
+        if isinstance(loaded, DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{name_or_path} has splits {sorted(loaded)}, not {split!r}: pass --split.")
+            return loaded[split]
+        return loaded
+    return load_dataset(name_or_path, split=split)
+
+
+def load_model(args: argparse.Namespace):
+    from .modeling_ocd import load_pretrained_backbone
+
+    return load_pretrained_backbone(args.model, args.model_class, revision=args.revision).eval()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="backbone: a Hub id or a local directory")
+    parser.add_argument("--model-class", default=None,
+                        help="transformers (or ocd_hf.backbones) class that loads it (default: from its config)")
+    parser.add_argument("--revision", default=None, help="backbone revision on the Hub")
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+    parser.add_argument("--dataset", required=True, help="a Hub id or a save_to_disk directory of model inputs + labels")
+    parser.add_argument("--split", default=split)
+    parser.add_argument("--label-column", default="label")
+
+
+def run_select_layer(args: argparse.Namespace) -> None:
+    from .layer_selection import select_layer
+
+    dataset = load_split(args.dataset, args.split).with_format("torch")
+    rows = dataset[: args.num_samples]
+    labels = rows.pop(args.label_column)
+    ranking = select_layer(
+        load_model(args), rows, labels, candidates=args.candidates, num_draws=args.num_draws,
+        num_samples=args.num_samples, perturbation=args.perturbation, seed=args.seed, output_dir=args.output_dir,
+    )
+    print(ranking.to_markdown())
+
+
+def run_harvest(args: argparse.Namespace) -> None:
+    from .deltas import load_harvest_metadata
+    from .harvest import harvest_from_pretrained
+
+    harvest_from_pretrained(
+        args.model, args.dataset, args.target_module, args.output_dir, model_revision=args.revision,
+        model_class=args.model_class, split=args.split, text_column=args.text_column, image_column=args.image_column,
+        label_column=args.label_column, max_samples=args.max_samples, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, steps=args.steps, dtype=args.dtype, shard_size=args.shard_size,
+        store_trajectory=args.store_trajectory,
+    )
+    metadata = load_harvest_metadata(args.output_dir)
+    print(f"{metadata['num_samples']} deltas in {args.output_dir} ({metadata.get('bytes_per_sample')} bytes per sample)")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from . import configuration_ocd
+    from .training import train_hypernetwork
+
+    overrides: dict = {"num_inference_steps": args.num_inference_steps}
+    if args.delta_mode != "auto":
+        overrides["delta_mode"] = args.delta_mode
+    if args.denoiser == "paper":
+        overrides["denoiser_config"] = configuration_ocd.PAPER_DENOISER_CONFIG
+    train_hypernetwork(
+        args.deltas, load_model(args), args.output_dir, config_overrides=overrides, num_steps=args.num_steps,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, checkpointing_steps=args.checkpointing_steps,
+        resume_from_checkpoint=args.resume_from_checkpoint, seed=args.seed,
+    )
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate_from_paths
+
+    table = evaluate_from_paths(
+        args.model_dir, args.eval_dataset, args.output_dir, split=args.split, delta_dataset_path=args.deltas,
+        alternative_model_path=args.alternative_model, label_column=args.label_column, batch_size=args.batch_size,
+        seeds=args.seeds, num_samples=args.num_samples, max_examples=args.max_examples,
+    )
+    print(table.to_markdown())
+
+
+def run_aggregate(args: argparse.Namespace) -> None:
+    from .evaluation import aggregate_from_paths
+
+    print(aggregate_from_paths(args.results, args.output_dir).to_markdown())
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from .hub import push_hypernetwork_from_directory
+
+    commit = push_hypernetwork_from_directory(
+        args.model_dir, args.repo_id, revision=args.hub_revision, private=args.private or None,
+        commit_message=args.commit_message, create_pr=args.create_pr, results_path=args.results,
+        dataset_id=args.dataset_id,
+    )
+    print(commit.commit_url)
+
+
+def run_push_deltas(args: argparse.Namespace) -> None:
+    from .hub import push_deltas_to_hub
+
+    commit = push_deltas_to_hub(args.deltas_dir, args.repo_id, revision=args.hub_revision, private=args.private or None)
+    print(commit.commit_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ocd-hf", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    select = commands.add_parser("select-layer", help="rank Linear layers by loss entropy under perturbation")
+    add_model_arguments(select)
+    add_dataset_arguments(select, "train")
+    select.add_argument("--candidates", nargs="*", default=None, help="layer names (default: every Linear used)")
+    select.add_argument("--num-draws", type=int, default=64)
+    select.add_argument("--num-samples", type=int, default=64)
+    select.add_argument("--perturbation", choices=["gaussian", "reinit"], default="gaussian")
+    select.add_argument("--seed", type=int, default=0)
+    select.add_argument("--output-dir", default=None)
+    select.set_defaults(run=run_select_layer)
+
+    harvest = commands.add_parser("harvest", help="overfit the target layer on each sample; write the delta dataset")
+    add_model_arguments(harvest)
+    add_dataset_arguments(harvest, "train")
+    harvest.add_argument("--target-module", required=True, help="exact name, dotted suffix or regex of an nn.Linear")
+    harvest.add_argument("--output-dir", required=True)
+    harvest.add_argument("--batch-size", type=int, default=32)
+    harvest.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    harvest.add_argument("--lr", type=float, default=5e-4)
+    harvest.add_argument("--steps", type=int, default=3)
+    harvest.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    harvest.add_argument("--shard-size", type=int, default=1024)
+    harvest.add_argument("--store-trajectory", action="store_true")
+    harvest.add_argument("--text-column", default=None, help="tokenize this column with the model's tokenizer")
+    harvest.add_argument("--image-column", default=None, help="preprocess this column with the model's image processor")
+    harvest.add_argument("--max-samples", type=int, default=None)
+    harvest.set_defaults(run=run_harvest)
+
+    train = commands.add_parser("train", help="train the diffusion hypernetwork on a delta dataset")
+    add_model_arguments(train)
+    train.add_argument("--deltas", required=True, help="a directory written by `ocd-hf harvest`")
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--delta-mode", choices=["auto", "full", "factorised"], default="auto",
+                       help="auto: factorised where the harvested deltas are rank-1, else full")
+    train.add_argument("--denoiser", choices=["small", "paper"], default="small", help="UNet size in full mode")
+    train.add_argument("--num-steps", type=int, default=2000)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--learning-rate", type=float, default=1e-4)
+    train.add_argument("--num-inference-steps", type=int, default=10)
+    train.add_argument("--checkpointing-steps", type=int, default=None)
+    train.add_argument("--resume-from-checkpoint", default=None, help='"latest" or a checkpoint directory')
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=run_train)
+
+    evaluate = commands.add_parser("evaluate", help="base vs OCD vs ablations and bounds on a held-out split")
+    evaluate.add_argument("model_dir")
+    evaluate.add_argument("eval_dataset", help="a save_to_disk directory of model inputs + labels")
+    evaluate.add_argument("output_dir")
+    evaluate.add_argument("--split", default=None)
+    evaluate.add_argument("--deltas", default=None, help="delta dataset for the nearest-neighbour ablation")
+    evaluate.add_argument("--alternative-model", default=None, help="a hypernetwork on another layer")
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    evaluate.add_argument("--num-samples", type=int, default=5)
+    evaluate.add_argument("--max-examples", type=int, default=None)
+    evaluate.set_defaults(run=run_evaluate)
+
+    aggregate = commands.add_parser("aggregate", help="mean ± sd over results of independently trained models")
+    aggregate.add_argument("results", nargs="+", help="results.json files written by `evaluate`")
+    aggregate.add_argument("--output-dir", default=None)
+    aggregate.set_defaults(run=run_aggregate)
+
+    push = commands.add_parser("push", help="push a saved hypernetwork and its model card to the Hub")
+    push.add_argument("model_dir")
+    push.add_argument("repo_id")
+    push.add_argument("--results", default=None, help="results.json from `evaluate`, shown in the card")
+    push.add_argument("--dataset-id", default=None, help="Hub id of the evaluation dataset, for the card")
+    push.add_argument("--commit-message", default=None)
+    push.add_argument("--create-pr", action="store_true")
+    push.set_defaults(run=run_push)
+
+    push_deltas = commands.add_parser("push-deltas", help="push a delta dataset and its card to the Hub")
+    push_deltas.add_argument("deltas_dir")
+    push_deltas.add_argument("repo_id")
+    push_deltas.set_defaults(run=run_push_deltas)
+    for sub in (push, push_deltas):
+        sub.add_argument("--hub-revision", default=None, help="branch to push to (created if missing)")
+        sub.add_argument("--private", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ocd-hf {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()
