@@ -1,0 +1,76 @@
+"""The ``ocd-hf`` command line end to end on a tiny local backbone: select-layer, harvest, train,
+evaluate, push."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_DENOISER, text_batch, tiny_bert
+from datasets import Dataset
+
+from ocd_hf import OCDWrapper, load_deltas
+from ocd_hf.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    backbone = tiny_bert()
+    backbone.save_pretrained(tmp_path / "backbone")
+    batch = text_batch(batch=24, seed=3)
+    rows = {key: value.tolist() for key, value in batch.items()}
+    labels = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(4)).tolist()
+    Dataset.from_dict({**rows, "label": labels}).save_to_disk(str(tmp_path / "data"))
+    return tmp_path
+
+
+def test_pipeline_from_the_command_line(workspace, capsys, monkeypatch, loopback_hub):
+    model, data = str(workspace / "backbone"), str(workspace / "data")
+    main(["select-layer", "--model", model, "--dataset", data, "--num-draws", "4", "--num-samples", "8",
+          "--candidates", "classifier", "intermediate.dense", "--output-dir", str(workspace / "selection")])
+    ranking = json.loads((workspace / "selection" / "ranking.json").read_text())
+    assert {row["name"] for row in ranking["rows"]} == {"classifier", "bert.encoder.layer.0.intermediate.dense"}
+
+    main(["harvest", "--model", model, "--dataset", data, "--target-module", "classifier",
+          "--output-dir", str(workspace / "deltas"), "--batch-size", "8", "--shard-size", "16"])
+    assert "24 deltas" in capsys.readouterr().out
+    assert len(load_deltas(workspace / "deltas")) == 24
+
+    monkeypatch.setattr("ocd_hf.configuration_ocd.DEFAULT_DENOISER_CONFIG", TINY_DENOISER)
+    main(["train", "--model", model, "--deltas", str(workspace / "deltas"), "--output-dir", str(workspace / "ocd"),
+          "--num-steps", "3", "--batch-size", "8", "--delta-mode", "full", "--num-inference-steps", "2"])
+    ocd = OCDWrapper.from_pretrained(workspace / "ocd")
+    assert ocd.config.delta_mode == "full" and ocd.config.num_inference_steps == 2
+    assert ocd.config.base_model_name_or_path == model
+
+    main(["evaluate", str(workspace / "ocd"), data, str(workspace / "eval"), "--deltas", str(workspace / "deltas"),
+          "--seeds", "0", "--num-samples", "2", "--batch-size", "12"])
+    table = capsys.readouterr().out
+    for row in ("base", "ocd_1", "nearest_neighbour", "oracle"):
+        assert row in table
+    assert (workspace / "eval" / "results.json").is_file()
+
+    main(["push", str(workspace / "ocd"), f"{loopback_hub.user}/ocd-cli", "--results", str(workspace / "eval" / "results.json")])
+    assert "/commit/" in capsys.readouterr().out
+    main(["push-deltas", str(workspace / "deltas"), f"{loopback_hub.user}/ocd-cli-deltas"])
+    pulled = OCDWrapper.from_pretrained(f"{loopback_hub.user}/ocd-cli")
+    for name, tensor in ocd.hypernetwork.state_dict().items():
+        assert torch.equal(tensor, pulled.hypernetwork.state_dict()[name]), name
+
+
+def test_cli_errors_are_reported_without_a_traceback(workspace, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["harvest", "--model", str(workspace / "backbone"), "--dataset", str(workspace / "data"),
+              "--target-module", "no.such.layer", "--output-dir", str(workspace / "deltas")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "ocd-hf harvest: error:" in error and "matches no module" in error and "classifier" in error
