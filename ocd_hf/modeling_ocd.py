@@ -359,10 +359,6 @@ class OCDWrapper(PreTrainedModel):
         model.eval()
         return model
 
-    def load_hypernetwork_weights(self, weights_file: str | os.PathLike) -> None:
-        """Load ``model.safetensors`` into the hypernetwork, refusing missing, unexpected or misshapen tensors."""
-        self.load_hypernetwork_state(read_hypernetwork_weights(weights_file), source=weights_file)
-
     def load_hypernetwork_state(self, state: Mapping[str, torch.Tensor], source: str | os.PathLike = "the state dict") -> None:
         """Load a hypernetwork state dict, refusing missing, unexpected or misshapen tensors (nothing is loaded then)."""
         expected = self.hypernetwork.state_dict()
