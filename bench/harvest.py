@@ -10,7 +10,10 @@ from configs; throughput does not depend on the weights.
 "loop" is the official OCD procedure: for each sample, Adam on the target weight only (everything
 else frozen), batch size 1, conditioning captured first. "vectorised" is ``harvest_batch`` (the
 same numbers for a whole batch at once). "end-to-end" is ``harvest_deltas`` writing the delta
-dataset to disk. Prints a markdown table and writes ``bench/results/harvest.json``.
+dataset to disk, with full storage and, for the layers that see one vector per sample (heads and
+fc2), with factorised storage (``u`` of ``Δ = u sign(x)ᵀ``); "max residual" is the largest
+``‖Δ − u sign(x)ᵀ‖/‖Δ‖`` over the vectorised deltas (factorised storage refuses any above its
+tolerance, 0.05). Prints a markdown table and writes ``bench/results/harvest.json``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from transformers import BertConfig, BertForSequenceClassification, DeiTConfig, 
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ocd_hf.deltas import load_harvest_metadata
-from ocd_hf.harvest import harvest_batch, harvest_deltas
-from ocd_hf.target import capture_conditioning, find_target_linear
+from ocd_hf.factorised import factorise_deltas
+from ocd_hf.harvest import DEFAULT_FACTOR_TOLERANCE, harvest_batch, harvest_deltas
+from ocd_hf.target import capture_conditioning, describe_backbone, find_target_linear
 
 
 class LeNetConfig(PretrainedConfig):
@@ -144,15 +148,29 @@ def per_sample_loop(backbone: nn.Module, target: str, inputs: dict[str, torch.Te
     return torch.stack(deltas)
 
 
-def vectorised(backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int, lr: float, steps: int) -> torch.Tensor:
+def vectorised(
+    backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int, lr: float, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-storage deltas ``(n, out, in)`` of ``harvest_batch`` and the (pooled) layer inputs ``(n, in)``."""
     _, layer = find_target_linear(backbone, target)
-    deltas = []
+    deltas, layer_inputs = [], []
     for start in range(0, labels.shape[0], batch_size):
         end = min(start + batch_size, labels.shape[0])
         batch = {name: value[start:end] for name, value in inputs.items()}
         columns, _ = harvest_batch(backbone, layer, batch, labels[start:end], torch.arange(start, end), task="classification", lr=lr, steps=steps)
         deltas.append(columns["delta"])
-    return torch.cat(deltas)
+        layer_inputs.append(columns["layer_input"])
+    return torch.cat(deltas), torch.cat(layer_inputs)
+
+
+def end_to_end(backbone: nn.Module, case: Case, dataset: Dataset, batch_size: int, storage: str) -> dict[str, float]:
+    """``harvest_deltas`` to a temporary directory: samples/s and bytes per sample on disk."""
+    with tempfile.TemporaryDirectory() as directory:
+        _, seconds = timed(
+            lambda: harvest_deltas(backbone, dataset, case.target, directory, batch_size=batch_size, delta_storage=storage, progress=False)
+        )
+        metadata = load_harvest_metadata(directory)
+    return {"samples_per_s": len(dataset) / seconds, "bytes_per_sample": metadata["bytes_per_sample"]}
 
 
 def timed(function: Callable[[], Any]) -> tuple[Any, float]:
@@ -173,16 +191,17 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     per_sample_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
     loop_deltas, loop_seconds = timed(lambda: per_sample_loop(backbone, case.target, loop_inputs, labels[: args.loop_samples], args.lr, args.steps))
     vectorised(backbone, case.target, {k: v[: args.batch_size] for k, v in inputs.items()}, labels[: args.batch_size], args.batch_size, args.lr, args.steps)  # warm-up
-    vector_deltas, vector_seconds = timed(lambda: vectorised(backbone, case.target, inputs, labels, args.batch_size, args.lr, args.steps))
+    (vector_deltas, layer_inputs), vector_seconds = timed(lambda: vectorised(backbone, case.target, inputs, labels, args.batch_size, args.lr, args.steps))
     scale = loop_deltas.abs().amax().clamp_min(1e-12)
     max_relative_difference = ((vector_deltas[: args.loop_samples] - loop_deltas).abs().amax() / scale).item()
+    per_token = describe_backbone(backbone, case.target, {k: v[:2] for k, v in inputs.items()})["per_token"]
+    max_residual = None if per_token else factorise_deltas(vector_deltas, layer_inputs, "sign")[1].max().item()
 
     dataset = Dataset.from_dict({**{name: value.numpy() for name, value in inputs.items()}, "label": labels.numpy()})
-    with tempfile.TemporaryDirectory() as directory:
-        _, end_to_end_seconds = timed(
-            lambda: harvest_deltas(backbone, dataset, case.target, directory, batch_size=args.batch_size, progress=False)
-        )
-        bytes_per_sample = load_harvest_metadata(directory)["bytes_per_sample"]
+    full = end_to_end(backbone, case, dataset, args.batch_size, "full")
+    factorised = None
+    if max_residual is not None and max_residual <= DEFAULT_FACTOR_TOLERANCE:
+        factorised = end_to_end(backbone, case, dataset, args.batch_size, "factorised")
     loop_rate, vector_rate = args.loop_samples / loop_seconds, args.samples / vector_seconds
     return {
         "case": case.name,
@@ -193,22 +212,32 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         "loop_samples_per_s": loop_rate,
         "vectorised_samples_per_s": vector_rate,
         "speedup": vector_rate / loop_rate,
-        "end_to_end_samples_per_s": args.samples / end_to_end_seconds,
-        "bytes_per_sample": bytes_per_sample,
+        "end_to_end_samples_per_s": full["samples_per_s"],
+        "bytes_per_sample": full["bytes_per_sample"],
+        "factorised_end_to_end_samples_per_s": factorised and factorised["samples_per_s"],
+        "factorised_bytes_per_sample": factorised and factorised["bytes_per_sample"],
+        "max_factor_residual": max_residual,
         "max_relative_difference": max_relative_difference,
     }
 
 
+def _cell(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| case | layer (out x in) | loop samples/s | vectorised samples/s | speed-up | harvest_deltas samples/s (with disk) | bytes/sample | max rel. diff |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | layer (out x in) | loop samples/s | vectorised samples/s | speed-up | harvest_deltas samples/s full / factorised "
+        "| bytes/sample full / factorised | max residual ‖Δ−u sign(x)ᵀ‖/‖Δ‖ | max rel. diff vs loop |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['case']} | `{r['target']}` {r['shape'][0]}x{r['shape'][1]} | {r['loop_samples_per_s']:.0f} | "
-            f"{r['vectorised_samples_per_s']:.0f} | {r['speedup']:.1f}x | {r['end_to_end_samples_per_s']:.0f} | "
-            f"{r['bytes_per_sample']:,.0f} | {r['max_relative_difference']:.1e} |"
+            f"{r['vectorised_samples_per_s']:.0f} | {r['speedup']:.1f}x | {r['end_to_end_samples_per_s']:.0f} / "
+            f"{_cell(r['factorised_end_to_end_samples_per_s'], '{:.0f}')} | {r['bytes_per_sample']:,.0f} / "
+            f"{_cell(r['factorised_bytes_per_sample'], '{:,.0f}')} | {_cell(r['max_factor_residual'], '{:.1e}')} | "
+            f"{r['max_relative_difference']:.1e} |"
         )
     return "\n".join(lines)
 

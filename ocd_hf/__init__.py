@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_ocd import OCDConfig
-from .deltas import load_deltas, load_harvest_metadata
+from .deltas import load_deltas, load_harvest_metadata, materialise_deltas
 from .evaluation import ResultRow, ResultsTable, aggregate_results, evaluate_ocd
 from .harvest import harvest_deltas, harvest_from_pretrained
 from .hub import load_deltas_from_hub, push_deltas_to_hub
@@ -40,6 +40,7 @@ __all__ = [
     "load_deltas",
     "load_deltas_from_hub",
     "load_harvest_metadata",
+    "materialise_deltas",
     "overfit_deltas",
     "push_deltas_to_hub",
     "select_layer",

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from .deltas import DATA_FILES_PATTERN, SPLIT
+from .deltas import DATA_FILES_PATTERN, SPLIT, delta_storage
 from .model_card import template_path as find_template
 
 DELTA_DATASET_CARD_TEMPLATE = "delta_dataset_card.md"
@@ -41,6 +41,7 @@ def render_dataset_card(metadata: Mapping[str, Any], template_path: str | os.Pat
     """
     template_path = Path(template_path) if template_path else find_template(DELTA_DATASET_CARD_TEMPLATE)
     base_model = metadata.get("base_model_name_or_path") or metadata["base_model_class"]
+    factorised = delta_storage(metadata) == "factorised"
     card_data = DatasetCardData(
         pretty_name=f"OCD deltas: {metadata['target_module']} of {base_model}",
         size_categories=size_category(metadata["num_samples"]),
@@ -55,6 +56,9 @@ def render_dataset_card(metadata: Mapping[str, Any], template_path: str | os.Pat
             "base_model": base_model,
             "bytes_per_sample_text": _bytes_text(metadata.get("bytes_per_sample")),
             "delta_bytes_text": _bytes_text(metadata.get("delta_bytes_per_sample")),
+            "full_delta_bytes_text": _bytes_text(metadata.get("full_delta_bytes_per_sample")),
+            "factorised": factorised,
+            "delta_column": "delta_factor" if factorised else "delta",
         },
     )
 

@@ -76,10 +76,13 @@ def run_harvest(args: argparse.Namespace) -> None:
         model_class=args.model_class, split=args.split, text_column=args.text_column, image_column=args.image_column,
         label_column=args.label_column, max_samples=args.max_samples, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, steps=args.steps, dtype=args.dtype, shard_size=args.shard_size,
-        store_trajectory=args.store_trajectory,
+        store_trajectory=args.store_trajectory, delta_storage=args.delta_storage, factor_tolerance=args.factor_tolerance,
     )
     metadata = load_harvest_metadata(args.output_dir)
-    print(f"{metadata['num_samples']} deltas in {args.output_dir} ({metadata.get('bytes_per_sample')} bytes per sample)")
+    print(
+        f"{metadata['num_samples']} deltas in {args.output_dir} ({metadata['harvest_config']['delta_storage']} storage, "
+        f"{metadata.get('bytes_per_sample')} bytes per sample)"
+    )
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -163,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     harvest.add_argument("--text-column", default=None, help="tokenize this column with the model's tokenizer")
     harvest.add_argument("--image-column", default=None, help="preprocess this column with the model's image processor")
     harvest.add_argument("--max-samples", type=int, default=None)
+    harvest.add_argument("--delta-storage", choices=["auto", "full", "factorised"], default="auto",
+                         help="auto: the rank-1 factor u where measured exact, else full matrices")
+    harvest.add_argument("--factor-tolerance", type=float, default=0.05,
+                         help="largest relative residual ‖Δ − u vᵀ‖/‖Δ‖ accepted for factorised storage")
     harvest.set_defaults(run=run_harvest)
 
     train = commands.add_parser("train", help="train the diffusion hypernetwork on a delta dataset")

@@ -27,6 +27,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .deltas import materialise_deltas, resolve_deltas
+from .factorised import expand_factors
 from .modeling_ocd import OCDWrapper, repeat_batch
 from .overfit import overfit_deltas
 from .target import Conditioning, model_output_tensor
@@ -338,12 +340,22 @@ class NearestNeighbourDeltas:
     divided by the square root of its width, so the input, activation and output components
     weigh equally. Distances are computed for a query batch against ``chunk_size`` training rows
     at a time, so memory stays bounded by ``batch × chunk_size``.
+
+    Deltas stored as left factors (``delta_factor``, see :mod:`ocd_hf.deltas`) are expanded to
+    ``u_n v_nᵀ`` (``v_n`` from the neighbour's own ``layer_input`` by ``metadata``'s factor rule)
+    for the selected neighbours only.
     """
 
     def __init__(
-        self, deltas: Dataset, components: Sequence[str] = ("input", "activation", "output"), chunk_size: int = 4096, progress: bool = False
+        self,
+        deltas: Dataset,
+        components: Sequence[str] = ("input", "activation", "output"),
+        chunk_size: int = 4096,
+        progress: bool = False,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        missing = [c for c in ["delta", *(CONDITION_COLUMNS[c] for c in components)] if c not in deltas.column_names]
+        self.delta_columns = ["delta_factor", "layer_input"] if "delta_factor" in deltas.column_names else ["delta"]
+        missing = [c for c in [*self.delta_columns, *(CONDITION_COLUMNS[c] for c in components)] if c not in deltas.column_names]
         if missing:
             raise ValueError(
                 f"The delta dataset lacks the columns {missing}; pass a dataset in the delta-dataset format "
@@ -352,6 +364,7 @@ class NearestNeighbourDeltas:
         if len(deltas) == 0:
             raise ValueError("The delta dataset is empty; the nearest-neighbour ablation needs harvested training deltas.")
         self.dataset = deltas
+        self.metadata = dict(metadata or {})
         self.components = list(components)
         self.chunk_size = chunk_size
         starts = tqdm(range(0, len(deltas), chunk_size), desc="nearest-neighbour index", disable=not progress)
@@ -360,7 +373,11 @@ class NearestNeighbourDeltas:
         self.mean = {c: f.mean(0) for c, f in self.features.items()}
         self.std = {c: f.std(0, unbiased=False).clamp_min(1e-6) for c, f in self.features.items()}
         self.features = torch.cat([self.standardise(c, f) for c, f in self.features.items()], dim=1)
-        self.delta_shape = tuple(deltas.features["delta"].shape)
+        self.delta_shape = tuple(self.deltas([0]).shape[1:])
+
+    def deltas(self, rows: list[int]) -> torch.Tensor:
+        """Full deltas ``(len(rows), out, in)`` of some training rows, whatever the storage."""
+        return materialise_deltas({c: column_tensor(self.dataset, rows, c) for c in self.delta_columns}, self.metadata)
 
     def standardise(self, component: str, values: torch.Tensor) -> torch.Tensor:
         return (values.float().cpu() - self.mean[component]) / self.std[component] / math.sqrt(values.shape[-1])
@@ -390,8 +407,7 @@ class NearestNeighbourDeltas:
     def __call__(self, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(deltas (batch, out, in), indices, distances)`` of the nearest training samples."""
         index, distance = self.nearest(cond)
-        deltas = column_tensor(self.dataset, index.tolist(), "delta")
-        return deltas.to(cond.layer_input.device), index, distance
+        return self.deltas(index.tolist()).to(cond.layer_input.device), index, distance
 
 
 def column_tensor(dataset: Dataset, rows: slice | list[int], column: str) -> torch.Tensor:
@@ -582,10 +598,11 @@ class _RowEvaluator:
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         self.alternative_generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
-    def predict(self, deltas: torch.Tensor, inputs: dict[str, Any], batch: int) -> torch.Tensor:
-        """Outputs with ``deltas`` ``(batch, out, in)`` or ``(batch, k, out, in)`` -> ``(batch, [k,] outputs)``."""
+    def predict(self, deltas: torch.Tensor, inputs: dict[str, Any], batch: int, draws: bool = False) -> torch.Tensor:
+        """Outputs with one delta per input, ``(batch, out, in)`` (or factors ``(batch, out)``) ->
+        ``(batch, outputs)``; with ``draws``, ``k`` per input, ``(batch, k, ...)`` -> ``(batch, k, outputs)``."""
         with torch.no_grad():
-            if deltas.dim() == 3:
+            if not draws:
                 return _output_rows(self.model.forward_with_deltas(deltas, **inputs), batch, self.task)
             draws = deltas.shape[1]
             outputs = self.model.forward_with_deltas(deltas.flatten(0, 1), **repeat_batch(inputs, draws, batch))
@@ -604,8 +621,13 @@ class _RowEvaluator:
         self.update("base", base, labels, base, None)
         oracle = self.overfit(inputs, labels) if "oracle" in self.rows else None
 
-        def cosine(deltas: torch.Tensor) -> torch.Tensor | None:
-            return None if oracle is None else delta_cosine(deltas, oracle)
+        def cosine(deltas: torch.Tensor, factors: bool = False) -> torch.Tensor | None:
+            """Cosine with the oracle of full deltas, or of left factors ``(batch, [k,] out)`` expanded to ``u vᵀ``."""
+            if oracle is None:
+                return None
+            if factors:
+                deltas = expand_factors(deltas, cond.raw_input, self.model.config.factor_rule)
+            return delta_cosine(deltas, oracle)
 
         if oracle is not None:
             self.update("oracle", self.predict(oracle, inputs, batch), labels, base, None)
@@ -625,27 +647,29 @@ class _RowEvaluator:
         """The rows that sample from a hypernetwork, with the ``run``-th seed's generator.
 
         One set of draws serves ``ocd_1`` (the first draw), the ensemble, the mean network and
-        ``no_scale`` (the first draw's direction at the global scale): the rows are paired.
+        ``no_scale`` (the first draw's direction at the global scale): the rows are paired. A
+        factorised hypernetwork's draws stay left factors; only the oracle cosines expand them.
         """
         batch = labels.shape[0]
         if any(r in self.rows for r in ("ocd_1", "ocd_ens", "ocd_mean", "no_scale")):
             draws = self.num_samples if any(r in self.rows for r in ("ocd_ens", "ocd_mean")) else 1
             unit = self.model.generate_deltas(cond, draws, self.generators[run], self.num_inference_steps, rho=1.0)
+            factors = self.model.config.delta_mode == "factorised"
             hypernetwork = self.model.hypernetwork
             with torch.no_grad(), self.model.hypernetwork_eval():
                 rho = hypernetwork.predict_rho(hypernetwork.embed_condition(hypernetwork.condition_values(cond)))
-            deltas = unit * rho.view(-1, 1, 1, 1).to(unit.dtype)
+            deltas = unit * rho.view(-1, *([1] * (unit.dim() - 1))).to(unit.dtype)
             if "ocd_1" in self.rows:
-                self.update("ocd_1", self.predict(deltas[:, 0], inputs, batch), labels, base, cosine(deltas[:, 0]), run)
+                self.update("ocd_1", self.predict(deltas[:, 0], inputs, batch), labels, base, cosine(deltas[:, 0], factors), run)
             if "ocd_ens" in self.rows:
-                ensemble = _combine_draws(self.predict(deltas, inputs, batch), self.task)
-                self.update("ocd_ens", ensemble, labels, base, cosine(deltas), run)
+                ensemble = _combine_draws(self.predict(deltas, inputs, batch, draws=True), self.task)
+                self.update("ocd_ens", ensemble, labels, base, cosine(deltas, factors), run)
             if "ocd_mean" in self.rows:
                 mean = deltas.mean(1)
-                self.update("ocd_mean", self.predict(mean, inputs, batch), labels, base, cosine(mean), run)
+                self.update("ocd_mean", self.predict(mean, inputs, batch), labels, base, cosine(mean, factors), run)
             if "no_scale" in self.rows:
                 fixed = unit[:, 0] * self.global_rho
-                self.update("no_scale", self.predict(fixed, inputs, batch), labels, base, cosine(fixed), run)
+                self.update("no_scale", self.predict(fixed, inputs, batch), labels, base, cosine(fixed, factors), run)
         if "alternative_layer" in self.rows:
             alternative = self.alternative
             deltas = alternative.generate_deltas(alternative.conditioning(**inputs), 1, self.alternative_generators[run], self.num_inference_steps)
@@ -661,7 +685,7 @@ def evaluate_ocd(
     model: OCDWrapper,
     data: Iterable[Any] | Dataset,
     *,
-    delta_dataset: Dataset | None = None,
+    delta_dataset: Dataset | str | os.PathLike | tuple[Dataset, Mapping[str, Any]] | None = None,
     alternative_model: OCDWrapper | None = None,
     seeds: Sequence[int] = (0, 1, 2),
     num_samples: int = 5,
@@ -681,7 +705,10 @@ def evaluate_ocd(
         model: the trained ``OCDWrapper``.
         data: a list / DataLoader of ``(inputs_dict, labels)`` batches (or dicts holding ``labels``),
             or a ``datasets.Dataset`` (batched here, with ``collate_fn`` if given).
-        delta_dataset: the harvested training deltas (delta-dataset format); enables ``nearest_neighbour``.
+        delta_dataset: the harvested training deltas; enables ``nearest_neighbour``. A delta dataset
+            directory, a ``(dataset, harvest metadata)`` pair, or a ``datasets.Dataset`` alone (its
+            deltas stored as factors then expand with the factor rule of the model's own harvest,
+            ``model.config.harvest_config``).
         alternative_model: a trained ``OCDWrapper`` on another layer; enables ``alternative_layer``.
         seeds: sampling seeds; the stochastic rows are run once per seed, the others once.
         num_samples: draws of the ensemble and mean-network rows.
@@ -707,7 +734,11 @@ def evaluate_ocd(
         raise ValueError(f"The alternative model's task is {alternative_model.config.task!r}, the model's is {task!r}.")
     neighbours = None
     if "nearest_neighbour" in rows:
-        neighbours = NearestNeighbourDeltas(delta_dataset, model.config.condition_components, neighbour_chunk_size, progress)
+        if isinstance(delta_dataset, Dataset):
+            deltas, delta_metadata = delta_dataset, {"harvest_config": model.config.harvest_config or {}}
+        else:
+            deltas, delta_metadata = resolve_deltas(delta_dataset)
+        neighbours = NearestNeighbourDeltas(deltas, model.config.condition_components, neighbour_chunk_size, progress, delta_metadata)
         if neighbours.delta_shape != model.config.weight_shape:
             raise ValueError(
                 f"The delta dataset holds deltas of shape {neighbours.delta_shape}, the model's target layer "
@@ -792,14 +823,10 @@ def evaluate_from_paths(
         data = data[split]
     if max_examples is not None:
         data = data.select(range(min(max_examples, len(data))))
-    deltas = None
-    if delta_dataset_path:
-        from .deltas import load_deltas
-
-        deltas = load_deltas(delta_dataset_path)
     return evaluate_ocd(
-        model, data, delta_dataset=deltas, alternative_model=alternative, seeds=seeds, num_samples=num_samples, rows=rows,
-        batch_size=batch_size, label_column=label_column, output_dir=output_dir, progress=progress,
+        model, data, delta_dataset=delta_dataset_path or None, alternative_model=alternative, seeds=seeds,
+        num_samples=num_samples, rows=rows, batch_size=batch_size, label_column=label_column, output_dir=output_dir,
+        progress=progress,
     )
 
 

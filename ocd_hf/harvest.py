@@ -2,9 +2,13 @@
 sample alone, with the conditioning ``I(x)``, written shard by shard into a resumable delta dataset.
 
 The math is :func:`ocd_hf.overfit.overfit_deltas` (a whole batch of independent single-sample
-fine-tunings at once). Under ``accelerate launch`` every process harvests every
-``num_processes``-th shard and the main process validates the whole dataset at the end, so the
-result does not depend on the number of processes.
+fine-tunings at once). A layer that sees one vector per sample has rank-1 deltas ``u vᵀ`` whose
+right factor ``v`` follows from its input (:mod:`ocd_hf.factorised`); the harvest measures this on
+every sample and can then store ``u`` alone (``delta_storage``).
+
+Under ``accelerate launch`` every process harvests every ``num_processes``-th shard and the main
+process validates the whole dataset at the end, so the result does not depend on the number of
+processes.
 """
 
 from __future__ import annotations
@@ -28,16 +32,20 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from .cards import write_dataset_card
 from .deltas import (
+    DELTA_STORAGES,
+    HARVEST_METADATA_NAME,
     ShardWriter,
     check_delta_dtype,
     delta_features,
     finalize_delta_dataset,
     load_deltas,
+    load_harvest_metadata,
     pending_shards,
     prepare_output_dir,
     round_to_storage,
     shard_path,
 )
+from .factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
 from .modeling_ocd import load_pretrained_backbone
 from .overfit import OPTIMIZERS, LossFn, overfit_deltas
 from .target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
@@ -48,6 +56,16 @@ if TYPE_CHECKING:
 CollateFn = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 LABEL_INPUT_NAMES = ("labels", "label")
 TASK_LOSS_NAMES = {"classification": "cross_entropy", "regression": "squared_error"}
+STORAGE_CHOICES = ("auto", *DELTA_STORAGES)
+# Largest relative residual ‖Δ − u vᵀ‖/‖Δ‖ accepted for factorised storage. Measured (Adam, lr 5e-4,
+# 3 steps): heads of random-weight models reach 1.4e-2 (SetFit-like 384 -> 2, 4000 samples) and 1.6e-2
+# (DeiT head, 2000 samples) where a tiny |x_j| puts a gradient entry near Adam's eps; SGD stays below
+# 1e-6. Deltas that are not rank-1 with the rule (per-token layers, the wrong rule) are at 0.3-1.
+DEFAULT_FACTOR_TOLERANCE = 5e-2
+# "auto" factorises only if the first batch stays below this share of the tolerance: the residuals
+# have a long tail (above), and a later sample beyond the tolerance would stop the harvest midway.
+AUTO_MARGIN = 0.1
+MAX_LISTED_SAMPLES = 10
 
 
 def rank1_energy(deltas: torch.Tensor) -> torch.Tensor:
@@ -67,6 +85,42 @@ def rank1_energy(deltas: torch.Tensor) -> torch.Tensor:
     except torch.linalg.LinAlgError:
         top = torch.linalg.svdvals(unit)[..., 0].pow(2)
     return torch.where(total > 0, top.clamp(0, 1), torch.ones_like(top)).float()
+
+
+def factor_rule_for(optimizer: str, per_token: bool, target_module: str) -> str:
+    """The right-factor rule of ``optimizer``'s deltas for factorised storage; refuses layers and
+    optimizers whose deltas are not ``u vᵀ`` with a known ``v``."""
+    if per_token:
+        raise ValueError(
+            f"delta_storage='factorised' needs a layer that sees one vector per sample (a head or an MLP layer); "
+            f"{target_module!r} is applied to every token (its input has a token dimension), so its deltas are not "
+            "rank-1. Use delta_storage='full' (or 'auto', which picks it)."
+        )
+    if optimizer not in RULE_FOR_OPTIMIZER:
+        raise ValueError(
+            f"delta_storage='factorised' needs an optimizer whose rank-1 deltas have a known right factor "
+            f"({sorted(RULE_FOR_OPTIMIZER)}); {optimizer!r} has none. Use delta_storage='full'."
+        )
+    return RULE_FOR_OPTIMIZER[optimizer]
+
+
+def _listed(ids: torch.Tensor, values: torch.Tensor) -> str:
+    pairs = [f"{int(i)}: {float(v):.3g}" for i, v in zip(ids[:MAX_LISTED_SAMPLES], values[:MAX_LISTED_SAMPLES])]
+    more = f" and {ids.numel() - MAX_LISTED_SAMPLES} more" if ids.numel() > MAX_LISTED_SAMPLES else ""
+    return "{" + ", ".join(pairs) + "}" + more
+
+
+def check_factor_residuals(ids: torch.Tensor, residuals: torch.Tensor, tolerance: float, rule: str) -> None:
+    """Refuse factorised storage of samples whose delta is not ``u vᵀ`` within ``tolerance``, naming them."""
+    bad = residuals > tolerance
+    if bad.any():
+        raise ValueError(
+            f"delta_storage='factorised' would lose part of the deltas of {int(bad.sum())} sample(s): their relative "
+            f"residual ‖Δ − u vᵀ‖/‖Δ‖ with factor_rule {rule!r} exceeds factor_tolerance={tolerance:g} "
+            f"(sample id: residual {_listed(ids[bad], residuals[bad])}). Their deltas are not rank-1 with that right "
+            "factor. Harvest with delta_storage='full' (in a new output_dir), or pass a larger factor_tolerance if "
+            "that loss is acceptable."
+        )
 
 
 class FirstForward:
@@ -127,13 +181,22 @@ def harvest_batch(
     loss_fn: LossFn | None = None,
     store_trajectory: bool = False,
     dtype: str = "float32",
+    delta_storage: str = "full",
+    factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Delta-dataset columns for one batch, and the ids of the samples skipped as non-finite.
 
     ``I(x)`` is taken from the un-finetuned backbone (which must be in eval mode) during the first
     forward pass of :func:`~ocd_hf.overfit.overfit_deltas`, its unmodified base pass, so it costs no
-    extra forward. ``rho`` and ``rank1_energy`` describe the delta as stored (after rounding to
-    ``dtype``). A sample with any non-finite value (delta, trajectory, conditioning or loss) is left out.
+    extra forward. A sample with any non-finite value (delta, trajectory, conditioning or loss) is left out.
+
+    ``delta_storage="full"`` stores ``delta``; ``rho`` and ``rank1_energy`` describe it as stored
+    (after rounding to ``dtype``). ``"factorised"`` stores the least-squares left factor
+    ``delta_factor`` of ``Δ ≈ u vᵀ`` (``v`` from the layer input by the optimizer's rule, see
+    :data:`~ocd_hf.factorised.RULE_FOR_OPTIMIZER`) and ``factor_residual``, the relative residual
+    ``‖Δ − u vᵀ‖/‖Δ‖`` measured on the real delta (the largest over the delta and every trajectory
+    step); ``rho`` is the RMS of the stored ``u vᵀ``. Raises ``ValueError`` if a residual exceeds
+    ``factor_tolerance`` (``None``: no check).
     """
     with record_first_forward(backbone, layer) as first:
         result = overfit_deltas(
@@ -144,23 +207,41 @@ def harvest_batch(
     columns = {
         "id": ids,
         "label": labels,
-        "delta": round_to_storage(result.deltas, dtype),
         "layer_input": cond.layer_input.float(),
         "layer_output": cond.layer_output.float(),
         "model_output": cond.model_output.float(),
         "loss_before": result.loss_before.float(),
         "loss_after": result.loss_after.float(),
     }
-    if store_trajectory:
-        columns["trajectory"] = round_to_storage(result.trajectory, dtype)
+    rule = None
+    if delta_storage == "full":
+        columns["delta"] = round_to_storage(result.deltas, dtype)
+        if store_trajectory:
+            columns["trajectory"] = round_to_storage(result.trajectory, dtype)
+    else:
+        rule = factor_rule_for(optimizer, cond.per_token, "the target layer")
+        factors, residual = factorise_deltas(result.deltas, cond.raw_input, rule)
+        columns["delta_factor"] = round_to_storage(factors, dtype)
+        if store_trajectory:
+            flat = result.trajectory.flatten(0, 1)
+            step_factors, step_residual = factorise_deltas(flat, cond.raw_input.repeat_interleave(steps, dim=0), rule)
+            columns["trajectory_factor"] = round_to_storage(step_factors.view(-1, steps, flat.shape[1]), dtype)
+            residual = torch.maximum(residual, step_residual.view(-1, steps).amax(1))
+        columns["factor_residual"] = residual.float()
     columns = {name: value.detach().cpu() for name, value in columns.items()}
     finite = torch.ones(ids.shape[0], dtype=torch.bool)
     for value in columns.values():
         if value.is_floating_point():
             finite &= torch.isfinite(value.reshape(value.shape[0], -1)).all(1)
     columns = {name: value[finite] for name, value in columns.items()}
-    columns["rho"] = columns["delta"].pow(2).mean((1, 2)).sqrt()
-    columns["rank1_energy"] = rank1_energy(columns["delta"])
+    if delta_storage == "full":
+        columns["rho"] = columns["delta"].pow(2).mean((1, 2)).sqrt()
+        columns["rank1_energy"] = rank1_energy(columns["delta"])
+    else:
+        if factor_tolerance is not None:
+            check_factor_residuals(columns["id"], columns["factor_residual"], factor_tolerance, rule)
+        factors, right = columns["delta_factor"], right_factor(columns["layer_input"], rule)
+        columns["rho"] = factors.norm(dim=1) * right.norm(dim=1) / math.sqrt(factors.shape[1] * right.shape[1])  # RMS of u vᵀ
     return columns, ids[~finite]
 
 
@@ -290,6 +371,8 @@ def harvest_deltas(
     loss: LossFn | None = None,
     store_trajectory: bool = False,
     dtype: str = "float32",
+    delta_storage: str = "auto",
+    factor_tolerance: float = DEFAULT_FACTOR_TOLERANCE,
     shard_size: int = 1024,
     accelerator: "Accelerator | PartialState | None" = None,
     base_model_name_or_path: str | None = None,
@@ -314,6 +397,16 @@ def harvest_deltas(
         loss: per-sample loss ``(model output, labels) -> (batch,)``; default the task loss
             (cross-entropy for classification, squared error for a backbone with ``num_labels=1``).
         dtype: ``"float32"`` (exact deltas) or ``"bfloat16"`` (half the size, stored bit-exactly).
+        delta_storage: ``"full"`` stores each ``(out, in)`` delta; ``"factorised"`` stores its left
+            factor ``u`` (``out`` numbers) of ``Δ = u vᵀ``, ``v`` following from the layer input by
+            the optimizer's rule (Adam: ``sign(x)``, SGD: ``x``), and the residual of that
+            factorisation measured on every sample; it is refused for a per-token layer and for any
+            sample whose residual exceeds ``factor_tolerance``. ``"auto"`` picks ``"factorised"``
+            when the layer sees one vector per sample and the first batch's residuals are all within
+            a tenth of ``factor_tolerance`` (the residuals have a long tail), else ``"full"``; the
+            decision is recorded in the metadata (``storage_decision``) and the card. A resumed
+            ``"auto"`` harvest keeps its storage.
+        factor_tolerance: the largest relative residual ``‖Δ − u vᵀ‖/‖Δ‖`` factorised storage accepts.
         base_model_name_or_path / base_model_revision: recorded in the metadata and card; default
             the backbone's ``config._name_or_path`` / ``config._commit_hash``.
 
@@ -323,6 +416,10 @@ def harvest_deltas(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
     check_delta_dtype(dtype)
+    if delta_storage not in STORAGE_CHOICES:
+        raise ValueError(f"delta_storage must be one of {STORAGE_CHOICES}, got {delta_storage!r}.")
+    if not (isinstance(factor_tolerance, (int, float)) and 0 <= factor_tolerance < math.inf):
+        raise ValueError(f"factor_tolerance must be a finite number >= 0, got {factor_tolerance!r}.")
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -337,7 +434,7 @@ def harvest_deltas(
             dataset, backbone, task=backbone_task(backbone), label_column=label_column, input_columns=input_columns,
             collate_fn=collate_fn,
         )
-        first_inputs = reader(0, min(batch_size, len(reader)))[0]
+        first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
         try:
             description = describe_backbone(backbone, name, example_inputs=first_inputs)
         except (TypeError, ValueError, RuntimeError) as error:
@@ -345,6 +442,14 @@ def harvest_deltas(
                 f"{type(backbone).__name__} failed on the first batch, built from inputs {sorted(first_inputs)}: {error}. "
                 "Pass input_columns= with the model's input columns, or collate_fn= to build its inputs."
             ) from error
+        settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
+        storage, decision = choose_delta_storage(
+            delta_storage, backbone, layer, first_inputs, first_labels, name, output_dir, description["per_token"],
+            factor_tolerance, **settings,
+        )
+        factor_settings = {}
+        if storage == "factorised":
+            factor_settings = {"factor_rule": RULE_FOR_OPTIMIZER[optimizer], "factor_tolerance": factor_tolerance}
         config = getattr(backbone, "config", None)
         metadata = {
             "format_version": 1,
@@ -360,7 +465,10 @@ def harvest_deltas(
                 "store_trajectory": store_trajectory,
                 "shard_size": shard_size,
                 "conditioning": "un-finetuned model; per-token tensors averaged over valid tokens",
+                "delta_storage": storage,
+                **factor_settings,
             },
+            "storage_decision": decision,
             "source": {"num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256},
             "num_shards": math.ceil(len(reader) / shard_size),
         }
@@ -375,6 +483,58 @@ def harvest_deltas(
         write_dataset_card(output_dir, final)
     state.wait_for_everyone()
     return load_deltas(output_dir)
+
+
+def choose_delta_storage(
+    requested: str,
+    backbone: nn.Module,
+    layer: nn.Linear,
+    inputs: Mapping[str, Any],
+    labels: torch.Tensor,
+    target_module: str,
+    output_dir: str | os.PathLike,
+    per_token: bool,
+    factor_tolerance: float,
+    **overfit_settings: Any,
+) -> tuple[str, dict[str, Any]]:
+    """The storage of a harvest (``"full"`` or ``"factorised"``) and a record of how it was chosen.
+
+    ``"factorised"`` is checked (per-token layers and optimizers without a factor rule are refused);
+    ``"auto"`` keeps the storage of a harvest it resumes in ``output_dir``, else overfits the first
+    batch (``inputs``, ``labels``) and factorises when the layer sees one vector per sample and every
+    residual is within ``AUTO_MARGIN × factor_tolerance`` (a margin for the samples not yet seen).
+    """
+    optimizer = overfit_settings["optimizer"]
+    if requested != "auto":
+        if requested == "factorised":
+            factor_rule_for(optimizer, per_token, target_module)
+        return requested, {"requested": requested, "reason": "requested"}
+    existing = Path(output_dir) / HARVEST_METADATA_NAME
+    if existing.is_file():
+        previous = load_harvest_metadata(output_dir)
+        if "storage_decision" in previous:
+            return previous["harvest_config"]["delta_storage"], previous["storage_decision"]
+    decision: dict[str, Any] = {"requested": "auto"}
+    if per_token:
+        return "full", {**decision, "reason": "the layer is applied to every token, so its deltas are not rank-1"}
+    if optimizer not in RULE_FOR_OPTIMIZER:
+        return "full", {**decision, "reason": f"optimizer {optimizer!r} has no right-factor rule"}
+    ids = torch.arange(labels.shape[0])
+    columns, _ = harvest_batch(
+        backbone, layer, inputs, labels, ids, delta_storage="factorised", factor_tolerance=None, **overfit_settings
+    )
+    residuals = columns["factor_residual"]
+    if residuals.numel() == 0:
+        return "full", {**decision, "reason": "no finite delta in the first batch to measure the rank on"}
+    worst, threshold = float(residuals.max()), AUTO_MARGIN * factor_tolerance
+    decision.update({"first_batch_size": int(residuals.numel()), "first_batch_max_residual": worst, "threshold": threshold})
+    rule = RULE_FOR_OPTIMIZER[optimizer]
+    measured = f"the first batch's largest relative residual ‖Δ − u vᵀ‖/‖Δ‖ is {worst:.2e}"
+    if worst <= threshold:
+        reason = f"rank-1 with factor_rule {rule!r}: {measured} <= {threshold:g} ({AUTO_MARGIN:g} × factor_tolerance)"
+        return "factorised", {**decision, "reason": reason}
+    reason = f"not rank-1 with factor_rule {rule!r}: {measured} > {threshold:g} ({AUTO_MARGIN:g} × factor_tolerance)"
+    return "full", {**decision, "reason": reason}
 
 
 def _harvest_shards(
@@ -398,6 +558,7 @@ def _harvest_shards(
         task=metadata["task"],
         dtype=settings["dtype"],
         trajectory_steps=settings["steps"] if settings["store_trajectory"] else None,
+        storage=settings["delta_storage"],
     )
     shards = pending_shards(output_dir, num_shards, state.process_index, state.num_processes)
     bounds = [(index * shard_size, min((index + 1) * shard_size, num_rows)) for index in shards]
@@ -417,6 +578,7 @@ def _harvest_shards(
                         backbone, layer, inputs, labels, torch.arange(start, end), task=metadata["task"],
                         optimizer=settings["optimizer"], lr=settings["lr"], steps=settings["steps"], loss_fn=loss,
                         store_trajectory=settings["store_trajectory"], dtype=settings["dtype"],
+                        delta_storage=settings["delta_storage"], factor_tolerance=settings.get("factor_tolerance"),
                     )
                     if skipped.numel():
                         warnings.warn(
@@ -462,6 +624,8 @@ def harvest_from_pretrained(
     lr: float = 5e-4,
     steps: int = 3,
     dtype: str = "float32",
+    delta_storage: str = "auto",
+    factor_tolerance: float = DEFAULT_FACTOR_TOLERANCE,
     shard_size: int = 1024,
     store_trajectory: bool = False,
     progress: bool = True,
@@ -496,6 +660,6 @@ def harvest_from_pretrained(
     return harvest_deltas(
         backbone, dataset, target_module, output_dir, label_column=label_column, collate_fn=collate_fn,
         batch_size=batch_size, optimizer=optimizer, lr=lr, steps=steps, store_trajectory=store_trajectory, dtype=dtype,
-        shard_size=shard_size, base_model_name_or_path=model_name_or_path, base_model_revision=model_revision,
-        progress=progress,
+        delta_storage=delta_storage, factor_tolerance=factor_tolerance, shard_size=shard_size,
+        base_model_name_or_path=model_name_or_path, base_model_revision=model_revision, progress=progress,
     )

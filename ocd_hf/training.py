@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .configuration_ocd import OCDConfig
-from .factorised import RULE_FOR_OPTIMIZER, factorise_deltas
+from .deltas import delta_storage, resolve_deltas, stored_factor_rule
+from .factorised import RULE_FOR_OPTIMIZER, expand_factors, factorise_deltas
 from .hypernetwork import OCDHypernetwork, delta_scale
 from .modeling_ocd import OCDWrapper
 from .target import find_target_linear
@@ -79,32 +80,32 @@ MIN_LOG_RHO_STD = 1e-3
 DB_EPSILON = 1e-8
 # Mean relative residual ‖Δ − u vᵀ‖/‖Δ‖ above which factorised training is refused: the deltas are not rank-1.
 MAX_FACTOR_RESIDUAL = 0.05
+# Matrix entries per batch of the one-pass delta scan (64 MB of float32): 28 deltas of a 384×1536 layer.
+SCAN_BATCH_ELEMENTS = 2**24
 
 
 # ----- inputs: the delta dataset, its metadata and the config --------------------------------------
 
 
-def resolve_deltas(deltas: str | os.PathLike | tuple[Dataset, Mapping[str, Any]]) -> tuple[Dataset, dict[str, Any]]:
-    """A delta dataset and its harvest metadata from a path (see :mod:`ocd_hf.deltas`) or a ``(dataset, metadata)`` pair."""
-    if isinstance(deltas, (str, os.PathLike)):
-        from .deltas import load_deltas, load_harvest_metadata
-
-        return load_deltas(deltas), dict(load_harvest_metadata(deltas))
-    if isinstance(deltas, (tuple, list)) and len(deltas) == 2 and isinstance(deltas[0], Dataset) and isinstance(deltas[1], Mapping):
-        return deltas[0], dict(deltas[1])
-    raise TypeError(
-        f"deltas must be a path to a delta dataset or a (datasets.Dataset, metadata dict) pair, got {type(deltas).__name__}."
-    )
+def stores_factors(dataset: Dataset) -> bool:
+    """Whether ``dataset`` holds left factors (``delta_factor``, factorised storage) rather than full deltas."""
+    return "delta_factor" in dataset.column_names
 
 
 def choose_delta_mode(metadata: Mapping[str, Any], dataset: Dataset, max_samples: int = 256) -> str:
     """``"factorised"`` where the harvested deltas are rank-1 with the right factor their optimizer
-    implies (measured on up to ``max_samples`` deltas, never assumed), else ``"full"``."""
-    optimizer = str((metadata.get("harvest_config") or {}).get("optimizer", "")).lower()
-    if metadata.get("per_token") or optimizer not in RULE_FOR_OPTIMIZER or len(dataset) == 0:
+    implies, else ``"full"``. Measured, never assumed: factorised storage carries the residual of
+    every delta (``factor_residual``); full storage is factorised here on up to ``max_samples`` deltas."""
+    if len(dataset) == 0:
         return "full"
-    rows = dataset.select(range(min(max_samples, len(dataset)))).with_format("torch")[:]
-    _, residual = factorise_deltas(rows["delta"].float(), rows["layer_input"].float(), RULE_FOR_OPTIMIZER[optimizer])
+    if stores_factors(dataset):
+        residual = torch.as_tensor(dataset.select_columns(["factor_residual"]).with_format("numpy")[:]["factor_residual"])
+    else:
+        optimizer = str((metadata.get("harvest_config") or {}).get("optimizer", "")).lower()
+        if metadata.get("per_token") or optimizer not in RULE_FOR_OPTIMIZER:
+            return "full"
+        rows = dataset.select(range(min(max_samples, len(dataset)))).with_format("torch")[:]
+        _, residual = factorise_deltas(rows["delta"].float(), rows["layer_input"].float(), RULE_FOR_OPTIMIZER[optimizer])
     return "factorised" if float(residual.mean()) <= MAX_FACTOR_RESIDUAL else "full"
 
 
@@ -114,7 +115,8 @@ def build_config(
     """The :class:`OCDConfig` of a hypernetwork for deltas harvested as ``metadata`` describes, plus ``config_overrides``.
 
     ``delta_mode`` ``"auto"`` (the default) picks factorised deltas where they are exact
-    (:func:`choose_delta_mode` on ``dataset``) and full deltas otherwise.
+    (:func:`choose_delta_mode` on ``dataset``) and full deltas otherwise. For deltas stored as factors
+    the factor rule is the storage's (both modes need it: full mode expands ``u vᵀ``).
     """
     missing = [key for key in REQUIRED_BACKBONE_FIELDS if metadata.get(key) is None]
     if missing:
@@ -134,17 +136,28 @@ def build_config(
     fields = {key: metadata[key] for key in BACKBONE_FIELDS if key in metadata}
     harvest_config = dict(metadata.get("harvest_config") or {})
     optimizer = str(harvest_config.get("optimizer", "")).lower()
-    if overrides.get("delta_mode") == "factorised" and "factor_rule" not in overrides and optimizer in RULE_FOR_OPTIMIZER:
+    if delta_storage(metadata) == "factorised":
+        rule = stored_factor_rule(metadata)
+        if overrides.get("factor_rule", rule) != rule:
+            raise ValueError(
+                f"The deltas are stored as left factors for factor_rule {rule!r} (Δ = u vᵀ); factor_rule="
+                f"{overrides['factor_rule']!r} cannot be trained on them. Drop the factor_rule override, or harvest "
+                "with delta_storage='full'."
+            )
+        overrides["factor_rule"] = rule
+    elif overrides.get("delta_mode") == "factorised" and "factor_rule" not in overrides and optimizer in RULE_FOR_OPTIMIZER:
         overrides["factor_rule"] = RULE_FOR_OPTIMIZER[optimizer]
     return OCDConfig(**fields, harvest_config=harvest_config, **overrides)
 
 
-def training_columns(config: OCDConfig) -> list[str]:
-    """The dataset columns training reads: the delta, the conditioning, and the layer input for factorising."""
-    columns = ["delta"] + [CONDITION_COLUMNS[c][0] for c in config.condition_components]
-    if config.delta_mode == "factorised" and "layer_input" not in columns:
-        columns.append("layer_input")
-    return columns
+def training_columns(config: OCDConfig, factors_stored: bool = False) -> list[str]:
+    """The dataset columns training reads: the stored delta (or factor), the conditioning, and what
+    converting between the two needs (the layer input; the factorisation residual of stored factors)."""
+    if factors_stored:
+        columns = ["delta_factor", "factor_residual"] if config.delta_mode == "factorised" else ["delta_factor", "layer_input"]
+    else:
+        columns = ["delta", "layer_input"] if config.delta_mode == "factorised" else ["delta"]
+    return list(dict.fromkeys(columns + [CONDITION_COLUMNS[c][0] for c in config.condition_components]))
 
 
 def select_training_columns(dataset: Dataset, columns: list[str]) -> Dataset:
@@ -157,18 +170,22 @@ def check_deltas(dataset: Dataset, config: OCDConfig, backbone: nn.Module) -> No
     """Refuse an empty dataset, missing columns, and deltas or conditioning whose shapes don't match the layer."""
     if len(dataset) == 0:
         raise ValueError("The delta dataset is empty: harvest deltas first (ocd_hf.harvest) and train on a non-empty dataset.")
-    needed = training_columns(config)
+    factors_stored = stores_factors(dataset)
+    needed = training_columns(config, factors_stored)
     missing = [column for column in needed if column not in dataset.column_names]
     if missing:
         raise ValueError(
             f"The delta dataset lacks the column(s) {missing} (it has {dataset.column_names}). A delta dataset holds "
-            "'delta' and the conditioning columns 'layer_input', 'layer_output', 'model_output'; load it with "
-            "ocd_hf.deltas.load_deltas."
+            "'delta' (or 'delta_factor' and 'factor_residual') and the conditioning columns 'layer_input', "
+            "'layer_output', 'model_output'; load it with ocd_hf.deltas.load_deltas."
         )
     first = select_training_columns(dataset, needed)[0]
-    if tuple(first["delta"].shape) != config.weight_shape:
+    stored, expected, name = (
+        ("delta_factor", (config.out_features,), "delta factors") if factors_stored else ("delta", config.weight_shape, "deltas")
+    )
+    if tuple(first[stored].shape) != expected:
         raise ValueError(
-            f"The deltas have shape {tuple(first['delta'].shape)} but the harvest metadata describes layer "
+            f"The {name} have shape {tuple(first[stored].shape)} but the harvest metadata describes layer "
             f"{config.target_module!r} with weight shape {config.weight_shape}: the dataset and its metadata don't belong together."
         )
     for column, size_field in CONDITION_COLUMNS.values():
@@ -208,6 +225,27 @@ def split_deltas(dataset: Dataset, validation_fraction: float, seed: int) -> tup
     return dataset.select(train.tolist(), keep_in_memory=True), dataset.select(validation.tolist(), keep_in_memory=True)
 
 
+def delta_targets(batch: Mapping[str, torch.Tensor], config: OCDConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The raw deltas a batch teaches, ``(batch, out, in)`` (full mode) or left factors ``(batch, out)``
+    (factorised mode), from either storage; and in factorised mode the relative residual of each
+    factorisation ``(batch,)`` (``None`` in full mode).
+
+    Stored factors are read directly in factorised mode and expanded to ``u vᵀ`` in full mode (that
+    costs a ``batch × out × in`` tensor, as reading full deltas does); stored full deltas are
+    factorised here in factorised mode.
+    """
+    factorised = config.delta_mode == "factorised"
+    if "delta_factor" in batch:
+        factors = batch["delta_factor"].float()
+        if factorised:
+            return factors, batch["factor_residual"].float()
+        return expand_factors(factors, batch["layer_input"].float(), config.factor_rule), None
+    deltas = batch["delta"].float()
+    if factorised:
+        return factorise_deltas(deltas, batch["layer_input"].float(), config.factor_rule)
+    return deltas, None
+
+
 def denoiser_targets(hypernetwork: OCDHypernetwork, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """What the denoiser learns to generate for a batch of raw deltas, and their scale ``ρ`` ``(batch,)``.
 
@@ -215,9 +253,7 @@ def denoiser_targets(hypernetwork: OCDHypernetwork, batch: Mapping[str, torch.Te
     ``u`` of ``Δ ≈ u vᵀ`` (``v`` from the layer input by ``config.factor_rule``), ``ρ`` being ``u``'s scale.
     """
     config = hypernetwork.config
-    deltas = batch["delta"].float()
-    if config.delta_mode == "factorised":
-        deltas, _ = factorise_deltas(deltas, batch["layer_input"].float(), config.factor_rule)
+    deltas, _ = delta_targets(batch, config)
     rho = delta_scale(deltas, config.delta_normalization)
     normalised = deltas / rho.view(-1, *([1] * (deltas.dim() - 1)))
     return hypernetwork.to_denoiser_space(normalised), rho
@@ -225,19 +261,22 @@ def denoiser_targets(hypernetwork: OCDHypernetwork, batch: Mapping[str, torch.Te
 
 @torch.no_grad()
 def scan_deltas(
-    dataset: Dataset, config: OCDConfig, batch_size: int = 256, progress: bool = True
+    dataset: Dataset, config: OCDConfig, batch_size: int | None = None, progress: bool = True
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One pass over ``dataset`` (torch-formatted): every delta's ``log ρ`` and the conditioning columns.
 
     Refuses deltas whose ``ρ`` is zero or not finite, and, in factorised mode, deltas that are not rank-1.
+    ``batch_size`` defaults to as many rows as hold about :data:`SCAN_BATCH_ELEMENTS` matrix entries
+    (at most 256), so that large layers' deltas do not all sit in memory at once.
     """
+    if batch_size is None:
+        batch_size = max(1, min(256, SCAN_BATCH_ELEMENTS // math.prod(config.weight_shape)))
     columns = {component: CONDITION_COLUMNS[component][0] for component in config.condition_components}
     log_rho, residuals, values = [], [], {component: [] for component in columns}
     batches = dataset.iter(batch_size=batch_size)
     for batch in tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc="Scanning deltas", disable=not progress):
-        deltas = batch["delta"].float()
-        if config.delta_mode == "factorised":
-            deltas, residual = factorise_deltas(deltas, batch["layer_input"].float(), config.factor_rule)
+        deltas, residual = delta_targets(batch, config)
+        if residual is not None:
             residuals.append(residual)
         log_rho.append(delta_scale(deltas, config.delta_normalization).double().log())
         for component, column in columns.items():
@@ -641,7 +680,9 @@ def train_hypernetwork(
 
     Args:
         deltas: a delta dataset directory (read with :func:`ocd_hf.deltas.load_deltas`) or a
-            ``(datasets.Dataset, harvest metadata)`` pair.
+            ``(datasets.Dataset, harvest metadata)`` pair, in full or factorised storage. Factorised
+            storage trains a factorised hypernetwork directly on the stored factors; a full-mode
+            hypernetwork on it expands each batch to ``u vᵀ`` (a ``batch × out × in`` tensor per batch).
         backbone: the model the deltas were harvested from (its target layer is checked, never trained).
         output_dir: receives ``config.json`` + ``model.safetensors`` (via ``save_pretrained``),
             ``training_history.json`` and ``checkpoints/checkpoint-<step>``.
@@ -695,7 +736,7 @@ def train_hypernetwork(
     dataset, metadata = resolve_deltas(deltas)
     config = build_config(metadata, config_overrides, dataset)
     check_deltas(dataset, config, backbone)
-    dataset = select_training_columns(dataset, training_columns(config))
+    dataset = select_training_columns(dataset, training_columns(config, stores_factors(dataset)))
     created_accelerator = accelerator is None
     if accelerator is None:
         accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1)

@@ -48,9 +48,12 @@ def bert_harvest(tmp_path_factory):
 def test_bfloat16_storage_round_trips_exactly_and_halves_the_delta(tmp_path):
     kind, target = CASES["deit-classifier"]
     dataset = build_dataset(kind, 5)
-    full = harvest_deltas(build_backbone(kind), dataset, target, tmp_path / "f32", store_trajectory=True, progress=False)
+    full = harvest_deltas(
+        build_backbone(kind), dataset, target, tmp_path / "f32", store_trajectory=True, delta_storage="full", progress=False
+    )
     half = harvest_deltas(
-        build_backbone(kind), dataset, target, tmp_path / "bf16", store_trajectory=True, dtype="bfloat16", progress=False
+        build_backbone(kind), dataset, target, tmp_path / "bf16", store_trajectory=True, dtype="bfloat16",
+        delta_storage="full", progress=False,
     )
     rows_full, rows_half = full[:], half[:]
     for column in ("delta", "trajectory"):

@@ -325,3 +325,25 @@ def test_bad_inputs_name_the_problem(bert_setup):
     other_layer, _ = delta_dataset(bert_setup["backbone"], pooler, bert_setup["train"], torch.zeros(10, dtype=torch.long), "classification")
     with pytest.raises(ValueError, match="harvested for this layer"):
         evaluate_ocd(model, batches, delta_dataset=other_layer, rows=["nearest_neighbour"], progress=False)
+
+
+def test_a_factorised_hypernetwork_is_evaluated_on_its_left_factors(bert_setup):
+    """Factorised draws are ``(batch, k, out)`` factors: the OCD rows equal the wrapper's own forward and
+    their oracle cosines are those of the expanded deltas ``u vᵀ``."""
+    model = OCDWrapper.attach(
+        bert_setup["backbone"], "classifier", delta_mode="factorised",
+        factor_denoiser_config={"hidden_dim": 16, "num_layers": 1, "embed_dim": 8}, **TINY_OCD,
+    )
+    inputs, labels = bert_setup["batches"][0]
+    table = evaluate_ocd(model, [(inputs, labels)], rows=["ocd_1", "ocd_ens3", "ocd_mean3", "no_scale", "oracle"], seeds=(3,),
+                         num_samples=3, progress=False)
+    outputs = model(**inputs, num_samples=3, generator=torch.Generator().manual_seed(3), return_draws=True, return_mean_network=True)
+    for name, logits in {"ocd_1": outputs.draw_logits[:, 0], "ocd_ens3": outputs.logits, "ocd_mean3": outputs.mean_network_logits}.items():
+        assert table[name].values["cross_entropy"] == [pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)], name
+    cond = model.conditioning(**inputs)
+    factors = model.generate_deltas(cond, 3, torch.Generator().manual_seed(3))
+    assert factors.shape == (7, 3, 3)
+    oracle = overfit_deltas(bert_setup["backbone"], model.target_layer, inputs, labels).deltas
+    first = model.materialise_deltas(factors, cond)[:, 0]
+    expected = F.cosine_similarity(first.flatten(1), oracle.flatten(1), dim=1).mean().item()
+    assert table["ocd_1"].values["delta_cosine"] == [pytest.approx(expected, rel=1e-4, abs=1e-6)]

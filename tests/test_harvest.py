@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Image, Value
 from torch.nn import functional as F
 
-from ocd_hf.deltas import load_deltas, load_harvest_metadata, shard_path
+from ocd_hf.deltas import load_deltas, load_harvest_metadata, materialise_deltas, shard_path
 from ocd_hf.harvest import harvest_deltas, harvest_from_pretrained, rank1_energy
 from ocd_hf.target import capture_conditioning, find_target_linear
 
@@ -73,7 +73,7 @@ def test_vectorised_harvest_equals_per_sample_loop(case, tmp_path):
     kind, target = CASES[case]
     backbone = build_backbone(kind)
     dataset = build_dataset(kind, 5)
-    deltas = harvest_deltas(backbone, dataset, target, tmp_path, batch_size=2, shard_size=3, progress=False)
+    deltas = harvest_deltas(backbone, dataset, target, tmp_path, batch_size=2, shard_size=3, delta_storage="full", progress=False)
     task = "regression" if kind == "mlp" else "classification"
     reference = per_sample_reference(backbone, target, dataset, task)
 
@@ -120,7 +120,8 @@ def test_rank1_energy_is_batched_and_exact_on_known_matrices(monkeypatch):
 def test_trajectory_ends_at_the_delta(tmp_path):
     kind, target = CASES["deit-classifier"]
     deltas = harvest_deltas(
-        build_backbone(kind), build_dataset(kind, 3), target, tmp_path, steps=2, store_trajectory=True, progress=False
+        build_backbone(kind), build_dataset(kind, 3), target, tmp_path, steps=2, store_trajectory=True, delta_storage="full",
+        progress=False,
     )
     rows = deltas[:]
     assert rows["trajectory"].shape == (3, 2, 3, 16)
@@ -128,16 +129,19 @@ def test_trajectory_ends_at_the_delta(tmp_path):
     assert not torch.equal(rows["trajectory"][:, 0], rows["delta"])
 
 
-def test_non_finite_deltas_are_skipped_warned_and_counted(tmp_path):
+@pytest.mark.parametrize("storage", ["full", "factorised"])
+def test_non_finite_deltas_are_skipped_warned_and_counted(tmp_path, storage):
     kind, target = CASES["mlp-regression"]
     dataset = build_dataset(kind, 6)
     labels = dataset["label"][:]
     labels[2] = labels[3] = float("nan")  # the whole second shard
     dataset = dataset.remove_columns("label").add_column("label", labels)
     with pytest.warns(UserWarning, match=r"Skipped 2 sample.*\[2, 3\]"):
-        deltas = harvest_deltas(build_backbone(kind), dataset, target, tmp_path, batch_size=4, shard_size=2, progress=False)
+        deltas = harvest_deltas(
+            build_backbone(kind), dataset, target, tmp_path, batch_size=4, shard_size=2, delta_storage=storage, progress=False
+        )
     assert deltas[:]["id"].tolist() == [0, 1, 4, 5]
-    assert torch.isfinite(deltas[:]["delta"]).all()
+    assert torch.isfinite(materialise_deltas(deltas[:], load_harvest_metadata(tmp_path))).all()
     assert len(Dataset.from_file(str(shard_path(tmp_path, 1, 3)))) == 0, "an all-skipped shard is an empty, valid file"
     metadata = load_harvest_metadata(tmp_path)
     assert metadata["num_skipped_non_finite"] == 2
@@ -225,7 +229,7 @@ def test_collate_fn_on_raw_text_matches_pretokenized_columns(tmp_path):
 
     from_text = harvest_deltas(build_backbone(kind), raw, target, tmp_path / "text", collate_fn=collate, progress=False)
     from_columns = harvest_deltas(build_backbone(kind), tokenized, target, tmp_path / "ids", progress=False)
-    torch.testing.assert_close(from_text[:]["delta"], from_columns[:]["delta"], rtol=0, atol=0)
+    torch.testing.assert_close(from_text[:]["delta_factor"], from_columns[:]["delta_factor"], rtol=0, atol=0)
 
 
 def test_bad_inputs_get_clear_errors(tmp_path):
@@ -263,12 +267,14 @@ def test_harvest_from_pretrained_tokenizes_text_from_local_dirs(tmp_path):
     Dataset.from_dict({"text": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"], "label": [0, 1, 2, 1]}).save_to_disk(tmp_path / "data")
 
     deltas = harvest_from_pretrained(
-        str(model_dir), str(tmp_path / "data"), target, tmp_path / "out", text_column="text", max_samples=3, progress=False
+        str(model_dir), str(tmp_path / "data"), target, tmp_path / "out", text_column="text", max_samples=3,
+        delta_storage="full", progress=False,
     )
     metadata = load_harvest_metadata(tmp_path / "out")
     assert metadata["base_model_name_or_path"] == str(model_dir)
     assert metadata["base_model_class"] == "BertForSequenceClassification"
     assert metadata["num_samples"] == len(deltas) == 3
+    assert metadata["harvest_config"]["delta_storage"] == "full"
     assert deltas[:]["label"].tolist() == [0, 1, 2]
     assert deltas[:]["delta"].abs().amax() > 0
 
@@ -289,7 +295,9 @@ def test_harvest_from_pretrained_processes_images(tmp_path):
 
     deltas = harvest_from_pretrained(str(model_dir), str(tmp_path / "data"), target, tmp_path / "out", image_column="image", progress=False)
     assert len(deltas) == 3
-    assert deltas[:]["delta"].shape == (3, 3, 16)
+    metadata = load_harvest_metadata(tmp_path / "out")
+    assert metadata["harvest_config"]["delta_storage"] == "factorised"  # "auto" on a head
+    assert materialise_deltas(deltas[:], metadata).shape == (3, 3, 16)
     DatasetDict({"train": Dataset.from_dict({"label": [0]})}).save_to_disk(tmp_path / "dict")
     with pytest.raises(ValueError, match="Split 'test' not found"):
         harvest_from_pretrained(str(model_dir), str(tmp_path / "dict"), target, tmp_path / "x", split="test", progress=False)

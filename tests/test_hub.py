@@ -264,7 +264,9 @@ def harvest(tmp_path: Path, dtype: str) -> Path:
         "label": torch.randint(0, 3, (7,), generator=gen).tolist(),
     })
     output_dir = tmp_path / f"deltas-{dtype}"
-    harvest_deltas(tiny_bert(), source, "classifier", output_dir, batch_size=4, shard_size=4, dtype=dtype, progress=False)
+    harvest_deltas(
+        tiny_bert(), source, "classifier", output_dir, batch_size=4, shard_size=4, dtype=dtype, delta_storage="full", progress=False
+    )
     return output_dir
 
 
