@@ -48,6 +48,20 @@ FACTOR_DENOISER_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
 }
 
+# The fields that describe the backbone and its target layer: recorded by a harvest, required to match
+# when a harvest resumes, and copied into the config of the hypernetwork trained on it.
+BACKBONE_FIELDS = (
+    "base_model_name_or_path",
+    "base_model_revision",
+    "base_model_class",
+    "target_module",
+    "in_features",
+    "out_features",
+    "output_dim",
+    "per_token",
+    "task",
+    "base_layer_fingerprint",
+)
 DELTA_MODES = ("full", "factorised")
 DELTA_NORMALIZATIONS = ("rms", "std")
 CONDITION_COMPONENTS = ("input", "activation", "output")

@@ -32,6 +32,7 @@ import torch
 from datasets import Array2D, Array3D, Dataset, Features, List, Value, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 
+from .configuration_ocd import BACKBONE_FIELDS
 from .factorised import expand_factors
 
 HARVEST_METADATA_NAME = "harvest.json"
@@ -45,22 +46,7 @@ DELTA_STORAGES = ("full", "factorised")
 DELTA_COLUMNS = ("delta", "trajectory", "delta_factor", "trajectory_factor")
 
 # Metadata that must agree for a harvest to continue in an existing directory.
-IDENTITY_KEYS = (
-    "format_version",
-    "base_model_name_or_path",
-    "base_model_revision",
-    "base_model_class",
-    "target_module",
-    "in_features",
-    "out_features",
-    "output_dim",
-    "per_token",
-    "task",
-    "base_layer_fingerprint",
-    "harvest_config",
-    "source",
-    "num_shards",
-)
+IDENTITY_KEYS = ("format_version", *BACKBONE_FIELDS, "harvest_config", "source", "num_shards")
 
 
 def delta_features(

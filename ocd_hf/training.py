@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .configuration_ocd import OCDConfig
+from .configuration_ocd import BACKBONE_FIELDS, OCDConfig
 from .deltas import delta_storage, resolve_deltas, stored_factor_rule
 from .factorised import RULE_FOR_OPTIMIZER, expand_factors, factorise_deltas
 from .hypernetwork import OCDHypernetwork, delta_scale
@@ -42,19 +42,6 @@ TRAINING_STATE_NAME = "training_state.json"
 EMA_WEIGHTS_NAME = "ema.safetensors"
 SCALE_LOSSES = ("log_mse", "db")
 
-# The harvest metadata keys that describe the backbone and its target layer (they become OCDConfig fields).
-BACKBONE_FIELDS = (
-    "base_model_name_or_path",
-    "base_model_revision",
-    "base_model_class",
-    "target_module",
-    "in_features",
-    "out_features",
-    "output_dim",
-    "per_token",
-    "task",
-    "base_layer_fingerprint",
-)
 REQUIRED_BACKBONE_FIELDS = ("target_module", "in_features", "out_features", "output_dim")
 # The OCDConfig fields a training run may choose; the rest come from the harvest or from the data.
 TRAINABLE_CONFIG_FIELDS = (
