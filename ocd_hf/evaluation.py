@@ -548,13 +548,6 @@ def _output_rows(outputs: Any, batch: int, task: str) -> torch.Tensor:
     return tensor.reshape(batch, -1).float()
 
 
-def _combine_draws(draws: torch.Tensor, task: str) -> torch.Tensor:
-    """Ensemble of ``(batch, k, ...)`` draws: log of the mean probabilities, or the mean prediction."""
-    if task == "classification":
-        return torch.logsumexp(torch.log_softmax(draws, -1), dim=1) - math.log(draws.shape[1])
-    return draws.mean(1)
-
-
 @contextlib.contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Put modules in eval mode (dropout off, deterministic base predictions), then restore the mode of
@@ -598,15 +591,13 @@ class _RowEvaluator:
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         self.alternative_generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
-    def predict(self, deltas: torch.Tensor, inputs: dict[str, Any], batch: int, draws: bool = False) -> torch.Tensor:
+    def predict(self, cond: Conditioning, deltas: torch.Tensor, inputs: dict[str, Any], draws: bool = False) -> torch.Tensor:
         """Outputs with one delta per input, ``(batch, out, in)`` (or factors ``(batch, out)``) ->
-        ``(batch, outputs)``; with ``draws``, ``k`` per input, ``(batch, k, ...)`` -> ``(batch, k, outputs)``."""
+        ``(batch, outputs)``; with ``draws``, ``k`` per input, ``(batch, k, ...)`` -> ``(batch, k, outputs)``.
+        Uses the wrapper's head fast path (no second backbone pass) where it applies."""
         with torch.no_grad():
-            if not draws:
-                return _output_rows(self.model.forward_with_deltas(deltas, **inputs), batch, self.task)
-            draws = deltas.shape[1]
-            outputs = self.model.forward_with_deltas(deltas.flatten(0, 1), **repeat_batch(inputs, draws, batch))
-            return _output_rows(outputs, batch * draws, self.task).view(batch, draws, -1)
+            outputs = self.model.predict_with_deltas(cond, deltas if draws else deltas.unsqueeze(1), inputs).float()
+        return outputs if draws else outputs[:, 0]
 
     def update(self, row: str, outputs: torch.Tensor, labels: torch.Tensor, base: torch.Tensor, cosine: torch.Tensor | None, run: int = 0) -> None:
         self.accumulators[row][run].update(outputs, labels, None if row == "base" else base, cosine)
@@ -630,16 +621,16 @@ class _RowEvaluator:
             return delta_cosine(deltas, oracle)
 
         if oracle is not None:
-            self.update("oracle", self.predict(oracle, inputs, batch), labels, base, None)
+            self.update("oracle", self.predict(cond, oracle, inputs), labels, base, None)
         if "label_free" in self.rows:
             classes = base.shape[1]
             every_label = torch.arange(classes, device=labels.device).repeat(batch)
             per_label = self.overfit(repeat_batch(inputs, classes, batch), every_label).view(batch, classes, *self.model.config.weight_shape)
             label_free = torch.einsum("bc,bcoi->boi", base.softmax(-1).to(per_label.dtype), per_label)
-            self.update("label_free", self.predict(label_free, inputs, batch), labels, base, cosine(label_free))
+            self.update("label_free", self.predict(cond, label_free, inputs), labels, base, cosine(label_free))
         if self.neighbours is not None:
             neighbour_deltas = self.neighbours(cond)[0].to(self.model.target_layer.weight.dtype)
-            self.update("nearest_neighbour", self.predict(neighbour_deltas, inputs, batch), labels, base, cosine(neighbour_deltas))
+            self.update("nearest_neighbour", self.predict(cond, neighbour_deltas, inputs), labels, base, cosine(neighbour_deltas))
         for run in range(len(self.generators)):
             self.stochastic_rows(run, cond, inputs, labels, base, cosine)
 
@@ -660,16 +651,16 @@ class _RowEvaluator:
                 rho = hypernetwork.predict_rho(hypernetwork.embed_condition(hypernetwork.condition_values(cond)))
             deltas = unit * rho.view(-1, *([1] * (unit.dim() - 1))).to(unit.dtype)
             if "ocd_1" in self.rows:
-                self.update("ocd_1", self.predict(deltas[:, 0], inputs, batch), labels, base, cosine(deltas[:, 0], factors), run)
+                self.update("ocd_1", self.predict(cond, deltas[:, 0], inputs), labels, base, cosine(deltas[:, 0], factors), run)
             if "ocd_ens" in self.rows:
-                ensemble = _combine_draws(self.predict(deltas, inputs, batch, draws=True), self.task)
+                ensemble = self.model.ensemble(self.predict(cond, deltas, inputs, draws=True))
                 self.update("ocd_ens", ensemble, labels, base, cosine(deltas, factors), run)
             if "ocd_mean" in self.rows:
                 mean = deltas.mean(1)
-                self.update("ocd_mean", self.predict(mean, inputs, batch), labels, base, cosine(mean, factors), run)
+                self.update("ocd_mean", self.predict(cond, mean, inputs), labels, base, cosine(mean, factors), run)
             if "no_scale" in self.rows:
                 fixed = unit[:, 0] * self.global_rho
-                self.update("no_scale", self.predict(fixed, inputs, batch), labels, base, cosine(fixed, factors), run)
+                self.update("no_scale", self.predict(cond, fixed, inputs), labels, base, cosine(fixed, factors), run)
         if "alternative_layer" in self.rows:
             alternative = self.alternative
             deltas = alternative.generate_deltas(alternative.conditioning(**inputs), 1, self.alternative_generators[run], self.num_inference_steps)

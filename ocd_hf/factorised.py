@@ -12,13 +12,16 @@ from __future__ import annotations
 import torch
 
 FACTOR_RULES = ("sign", "input")
+SIGN_ZERO_TOLERANCE = 1e-12
 RULE_FOR_OPTIMIZER = {"adam": "sign", "adamw": "sign", "sgd": "input"}
 
 
 def right_factor(layer_input: torch.Tensor, rule: str) -> torch.Tensor:
     """``v`` from the layer input ``x`` ``(..., in)``: ``sign(x)`` or ``x`` itself."""
     if rule == "sign":
-        return torch.sign(layer_input)
+        # Inputs that are zero up to float noise (|x| <= 1e-12) give Adam no gradient to normalise:
+        # its step there is ~0, not ±lr, so their factor entry is 0.
+        return torch.sign(layer_input) * (layer_input.abs() > SIGN_ZERO_TOLERANCE)
     if rule == "input":
         return layer_input
     raise ValueError(f"Unknown factor rule {rule!r}; expected one of {FACTOR_RULES}.")

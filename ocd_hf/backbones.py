@@ -1,0 +1,227 @@
+"""Backbones that are not plain ``transformers`` classes, made into OCD backbones.
+
+An OCD backbone is an ``nn.Module`` whose forward takes tensors and returns an output with
+``.logits``. :class:`SetFitBackbone` turns a trained ``setfit.SetFitModel`` with a differentiable
+head (a sentence-transformers body, pooling, optional normalisation, ``SetFitHead``) into such a
+module, saved and loaded like any ``transformers`` model (``config.json`` + safetensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import ModelOutput
+
+POOLING_MODES = ("mean", "cls", "max")
+# sentence-transformers < 6 stores pooling as boolean flags rather than a ``pooling_mode`` string.
+LEGACY_POOLING_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
+
+
+class SetFitBackboneConfig(PretrainedConfig):
+    """Configuration of a :class:`SetFitBackbone`.
+
+    Args:
+        body_config: config (or its dict) of the sentence-transformers body, a ``transformers`` model.
+        pooling_mode: how token embeddings become the sentence embedding: ``"mean"`` (over the
+            attention mask), ``"cls"`` or ``"max"``.
+        normalize_embeddings: L2-normalise the sentence embedding (a ``Normalize`` module in the
+            sentence-transformers pipeline, or ``SetFitModel(normalize_embeddings=True)``).
+        max_seq_length: truncation length of the body's tokenizer in the sentence-transformers pipeline.
+        head_bias: whether the classification head has a bias.
+        head_temperature: the ``SetFitHead`` temperature. It is folded into the head's weights on
+            conversion (``head`` outputs the logits directly); kept here as a record.
+    """
+
+    model_type = "ocd-setfit"
+
+    def __init__(
+        self,
+        body_config: PretrainedConfig | dict[str, Any] | None = None,
+        pooling_mode: str = "mean",
+        normalize_embeddings: bool = True,
+        max_seq_length: int | None = None,
+        head_bias: bool = True,
+        head_temperature: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        if pooling_mode not in POOLING_MODES:
+            raise ValueError(f"pooling_mode must be one of {POOLING_MODES}, got {pooling_mode!r}.")
+        if isinstance(body_config, dict):
+            if "model_type" not in body_config:
+                raise ValueError("body_config needs a 'model_type' key (e.g. 'bert') to know which transformers config it is.")
+            body_config = AutoConfig.for_model(**body_config)
+        self.body_config = body_config
+        self.pooling_mode = pooling_mode
+        self.normalize_embeddings = bool(normalize_embeddings)
+        self.max_seq_length = max_seq_length
+        self.head_bias = bool(head_bias)
+        self.head_temperature = float(head_temperature)
+        super().__init__(**kwargs)
+
+    @property
+    def hidden_size(self) -> int:
+        """Size of the sentence embedding (the body's hidden size)."""
+        return self.body_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        """The body's vocabulary size (lets ``OCDConfig.from_backbone`` build example inputs)."""
+        return self.body_config.vocab_size
+
+
+@dataclass
+class SetFitBackboneOutput(ModelOutput):
+    """Output of :class:`SetFitBackbone`: ``logits`` of the head, the sentence ``embeddings`` it saw, ``loss`` with labels."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+
+
+def pool_sentence(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sentence embedding ``(batch, hidden)`` from token embeddings, as sentence-transformers' ``Pooling``."""
+    if mode == "cls":
+        return token_embeddings[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
+    if mode == "max":
+        return token_embeddings.masked_fill(mask == 0, torch.finfo(token_embeddings.dtype).min).max(1).values
+    return (token_embeddings * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+class SetFitBackbone(PreTrainedModel):
+    """A SetFit classifier as one differentiable ``transformers`` model.
+
+    ``body`` (a ``transformers`` encoder, e.g. ``BertModel``) -> pooling -> optional L2
+    normalisation -> ``head`` (``nn.Linear(hidden, num_labels)``) -> ``logits``. OCD targets are
+    ``"head"`` (the SetFit head) or a body layer such as ``"body.encoder.layer.5.output.dense"``.
+    Build one from a trained ``SetFitModel`` with :meth:`from_setfit`.
+    """
+
+    config_class = SetFitBackboneConfig
+    base_model_prefix = "body"
+
+    def __init__(self, config: SetFitBackboneConfig) -> None:
+        super().__init__(config)
+        if config.body_config is None:
+            raise ValueError("SetFitBackboneConfig.body_config is not set: build the backbone with SetFitBackbone.from_setfit(model).")
+        self.body = AutoModel.from_config(config.body_config)
+        self.head = nn.Linear(config.hidden_size, config.num_labels, bias=config.head_bias)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise the head as ``SetFitHead`` does; the body initialises itself."""
+        if module is self.head:
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 1e-2)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **body_inputs: Any,
+    ) -> SetFitBackboneOutput:
+        """Logits of the head over the pooled (and normalised) sentence embedding."""
+        if input_ids is None:
+            raise ValueError("SetFitBackbone needs input_ids: pass **backbone.tokenize(texts, tokenizer).")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is not None:
+            body_inputs["token_type_ids"] = token_type_ids
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **body_inputs).last_hidden_state
+        embeddings = pool_sentence(hidden, attention_mask, self.config.pooling_mode)
+        if self.config.normalize_embeddings:
+            embeddings = F.normalize(embeddings, p=2, dim=1)
+        logits = self.head(embeddings)
+        loss = F.cross_entropy(logits, labels.view(-1).long()) if labels is not None else None
+        return SetFitBackboneOutput(loss=loss, logits=logits, embeddings=embeddings)
+
+    def tokenize(self, texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+        """Tokenise ``texts`` as the sentence-transformers pipeline does (padding, truncation at ``max_seq_length``)."""
+        encoded = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.config.max_seq_length, return_tensors="pt"
+        )
+        return {key: value.to(self.device) for key, value in encoded.items()}
+
+    @classmethod
+    def from_setfit(cls, setfit_model: Any) -> "SetFitBackbone":
+        """Convert a trained ``setfit.SetFitModel`` with a differentiable head (``use_differentiable_head=True``).
+
+        The body must be a sentence-transformers ``Transformer -> Pooling [-> Normalize]`` pipeline.
+        The head's temperature is folded into its weights, so ``head`` outputs exactly the logits
+        ``SetFitHead`` computes. The weights are copied: the SetFit model is left untouched.
+        """
+        head = getattr(setfit_model, "model_head", None)
+        linear = getattr(head, "linear", None)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"The SetFit model's head is a {type(head).__name__}, not a differentiable SetFitHead: train it with "
+                "SetFitModel.from_pretrained(..., use_differentiable_head=True, head_params={'out_features': num_classes})."
+            )
+        if getattr(head, "multitarget", False):
+            raise ValueError("Multi-target SetFit heads (sigmoid outputs) are not supported; OCD needs one softmax over the classes.")
+        transformer, pooling_mode, normalize = parse_sentence_transformer(setfit_model.model_body)
+        body = transformer.auto_model
+        scale = 1.0 / (head.temperature + head.eps)
+        labels = getattr(setfit_model, "labels", None) or [str(i) for i in range(linear.out_features)]
+        if len(labels) != linear.out_features:
+            raise ValueError(f"The SetFit model has {len(labels)} labels but its head has {linear.out_features} outputs.")
+        config = SetFitBackboneConfig(
+            body_config=body.config.to_dict(),
+            pooling_mode=pooling_mode,
+            normalize_embeddings=normalize or bool(getattr(setfit_model, "normalize_embeddings", False)),
+            max_seq_length=getattr(transformer, "max_seq_length", None),
+            head_bias=linear.bias is not None,
+            head_temperature=head.temperature,
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+        model = cls(config)
+        model.body.load_state_dict(body.state_dict())
+        with torch.no_grad():
+            model.head.weight.copy_(linear.weight * scale)
+            if linear.bias is not None:
+                model.head.bias.copy_(linear.bias * scale)
+        return model.to(linear.weight.device).eval()
+
+
+def parse_sentence_transformer(sentence_transformer: Any) -> tuple[Any, str, bool]:
+    """``(transformer module, pooling mode, normalize)`` of a ``Transformer -> Pooling [-> Normalize]`` pipeline."""
+    modules = list(sentence_transformer)
+    names = [type(module).__name__ for module in modules]
+    if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        raise ValueError(
+            f"SetFitBackbone supports sentence-transformers bodies Transformer -> Pooling [-> Normalize], got {names}. "
+            "Other modules (Dense, ...) are not converted."
+        )
+    return modules[0], pooling_mode_of(modules[1]), len(modules) == 3
+
+
+def pooling_mode_of(pooling: Any) -> str:
+    """The single pooling mode of a sentence-transformers ``Pooling`` module, as a :data:`POOLING_MODES` name."""
+    settings = pooling.get_config_dict()
+    if "pooling_mode" in settings:
+        mode = settings["pooling_mode"]
+        modes = [mode] if isinstance(mode, str) else list(mode)
+    else:
+        modes = [name for flag, name in LEGACY_POOLING_FLAGS.items() if settings.get(flag)]
+        modes += [flag for flag, on in settings.items() if flag.startswith("pooling_mode") and on and flag not in LEGACY_POOLING_FLAGS]
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ValueError(f"SetFitBackbone supports exactly one pooling mode among {POOLING_MODES}; the body pools with {modes}.")
+    return modes[0]
+
+
+def tokenizer_from_setfit(setfit_model: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of a ``SetFitModel``'s sentence-transformers body."""
+    return list(setfit_model.model_body)[0].tokenizer
+
+
+AutoConfig.register(SetFitBackboneConfig.model_type, SetFitBackboneConfig, exist_ok=True)
+AutoModel.register(SetFitBackboneConfig, SetFitBackbone, exist_ok=True)

