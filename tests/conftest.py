@@ -21,6 +21,15 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from conftest_hub import loopback_hub  # noqa: F401  (the loopback Hub server fixture)
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread, and CI's subprocess tests share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY_DENOISER = {
     "block_out_channels": [8, 16],
     "down_block_types": ["DownBlock2D", "DownBlock2D"],

@@ -14,14 +14,6 @@ from ocd_hf import OCDWrapper, load_deltas
 from ocd_hf.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def workspace(tmp_path):
     backbone = tiny_bert()

@@ -29,8 +29,6 @@ from ocd_hf.modeling_ocd import OCDWrapper
 from ocd_hf.overfit import overfit_deltas
 from ocd_hf.target import capture_conditioning, inject_deltas
 
-torch.set_num_threads(1)
-
 TINY_OCD = {
     "denoiser_config": {
         "block_out_channels": [8, 16],

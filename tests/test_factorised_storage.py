@@ -32,14 +32,6 @@ TINY_UNET = {
 TINY_FACTOR_DENOISER = {"hidden_dim": 16, "num_layers": 1, "embed_dim": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def harvest_both(tmp_path: Path, case: str, num_samples: int = 6, **settings) -> dict[str, Path]:
     """The same samples harvested with full and with factorised storage."""
     kind, target = CASES[case]

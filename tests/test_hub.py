@@ -52,15 +52,6 @@ def commits(loopback_hub, repo: str, kind: str = "models") -> list[str]:
     return [commit["title"] for commit in loopback_hub.server.load(kind, repo)["commits"].values()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones (the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def local_backbone(tmp_path: Path) -> tuple[torch.nn.Module, str]:
     backbone = tiny_bert()

@@ -22,15 +22,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = dict(num_draws=6, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyMLPConfig(PretrainedConfig):
     model_type = "tiny-mlp-regression"
 

@@ -25,14 +25,6 @@ TINY_OVERRIDES = {"delta_mode": "full", "denoiser_config": TINY_DENOISER, "condi
 QUIET = {"progress": False, "learning_rate": 2e-3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def harvest_tiny(backbone: torch.nn.Module, num_samples: int = 48, target: str = "classifier", seed: int = 0) -> tuple[Dataset, dict]:
     """A delta dataset in the shared contract, harvested from ``backbone`` with ``overfit_deltas``."""
     generator = torch.Generator().manual_seed(seed)
