@@ -63,6 +63,8 @@ BACKBONE_FIELDS = (
     "base_layer_fingerprint",
 )
 DELTA_MODES = ("full", "factorised")
+GENERATORS = ("diffusion", "regression", "label")
+LABEL_COMBINATIONS = ("expectation", "sample")
 DELTA_NORMALIZATIONS = ("rms", "std")
 CONDITION_COMPONENTS = ("input", "activation", "output")
 TASKS = ("classification", "regression")
@@ -98,6 +100,14 @@ class OCDConfig(PretrainedConfig):
             right factor ``v`` follows ``factor_rule`` from the layer input (``"sign"`` for Adam
             deltas, ``"input"`` for SGD) — exact for layers that see one vector per sample.
         factor_rule: ``"sign"`` or ``"input"`` (see ``delta_mode``).
+        generator: what produces the delta from ``I(x)``. ``"diffusion"`` (the paper): the denoiser
+            and DDIM sampling, one delta per draw. ``"regression"``: a deterministic MLP trained with
+            MSE to predict the (normalised) delta or factor, i.e. its conditional mean; every draw is
+            the same. ``"label"`` (classification): an MLP predicting ``q(y | I(x))``; the delta is
+            ``Σ_y q(y|x) Δ(x, y)`` (``label_combination="expectation"``) or ``Δ(x, y)`` with
+            ``y ~ q`` per draw (``"sample"``), where ``Δ(x, y)`` is computed exactly at inference by
+            the harvest's own fine-tuning (``harvest_config``) with label ``y``.
+        label_combination: ``"expectation"`` or ``"sample"`` (see ``generator``).
         denoiser_config: keyword arguments of ``diffusers.UNet2DModel`` for full mode (sample size
             and conditioning are filled in by the wrapper).
         factor_denoiser_config: ``hidden_dim``, ``num_layers``, ``embed_dim`` of the MLP denoiser
@@ -130,6 +140,8 @@ class OCDConfig(PretrainedConfig):
         base_layer_fingerprint: str | None = None,
         delta_mode: str = "full",
         factor_rule: str = "sign",
+        generator: str = "diffusion",
+        label_combination: str = "expectation",
         denoiser_config: dict[str, Any] | None = None,
         factor_denoiser_config: dict[str, Any] | None = None,
         scheduler_config: dict[str, Any] | None = None,
@@ -151,6 +163,15 @@ class OCDConfig(PretrainedConfig):
                 "delta_mode='factorised' needs a layer that sees one vector per sample (a head or MLP layer); "
                 f"{target_module!r} is applied to every token, so its deltas are not rank-1. Use delta_mode='full'."
             )
+        if generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
+        if generator == "label" and task != "classification":
+            raise ValueError(
+                "generator='label' predicts a distribution over class labels and needs a classification backbone; "
+                f"got task {task!r}. Use generator='diffusion' or 'regression'."
+            )
+        if label_combination not in LABEL_COMBINATIONS:
+            raise ValueError(f"label_combination must be one of {LABEL_COMBINATIONS}, got {label_combination!r}.")
         if factor_rule not in FACTOR_RULES:
             raise ValueError(f"factor_rule must be one of {FACTOR_RULES}, got {factor_rule!r}.")
         if delta_normalization not in DELTA_NORMALIZATIONS:
@@ -176,6 +197,8 @@ class OCDConfig(PretrainedConfig):
         self.base_layer_fingerprint = base_layer_fingerprint
         self.delta_mode = delta_mode
         self.factor_rule = factor_rule
+        self.generator = generator
+        self.label_combination = label_combination
         self.denoiser_config = {**DEFAULT_DENOISER_CONFIG, **(denoiser_config or {})}
         self.factor_denoiser_config = {**FACTOR_DENOISER_CONFIG, **(factor_denoiser_config or {})}
         self.scheduler_config = {**DEFAULT_SCHEDULER_CONFIG, **(scheduler_config or {})}

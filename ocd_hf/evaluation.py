@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .deltas import materialise_deltas, resolve_deltas
 from .factorised import expand_factors
-from .modeling_ocd import OCDWrapper, repeat_batch
+from .modeling_ocd import OCDWrapper
 from .overfit import overfit_deltas
 from .target import Conditioning, model_output_tensor
 
@@ -492,14 +492,12 @@ def to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 
 def oracle_settings(model: OCDWrapper, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Overfitting settings of the harvest (``config.harvest_config``; defaults Adam, lr 5e-4, 3 steps)."""
-    harvest = model.config.harvest_config or {}
-    settings = {"optimizer": harvest.get("optimizer", "adam"), "lr": float(harvest.get("lr", 5e-4)), "steps": int(harvest.get("steps", 3))}
-    return {**settings, **(overrides or {})}
+    return {**model.overfit_settings(), **(overrides or {})}
 
 
-def available_rows(task: str, has_deltas: bool, has_alternative: bool) -> list[str]:
-    """Every row that the task and the given inputs allow, in table order."""
-    rows = ["base", "ocd_1", "ocd_ens", "ocd_mean", "no_scale"]
+def available_rows(task: str, has_deltas: bool, has_alternative: bool, generator: str = "diffusion") -> list[str]:
+    """Every row that the task, the generator and the given inputs allow, in table order."""
+    rows = ["base", "ocd_1", "ocd_ens", "ocd_mean"] + ([] if generator == "label" else ["no_scale"])
     if has_deltas:
         rows.append("nearest_neighbour")
     if has_alternative:
@@ -510,7 +508,9 @@ def available_rows(task: str, has_deltas: bool, has_alternative: bool) -> list[s
     return rows
 
 
-def _check_rows(rows: Sequence[str], task: str, has_deltas: bool, has_alternative: bool, num_samples: int) -> list[str]:
+def _check_rows(
+    rows: Sequence[str], task: str, has_deltas: bool, has_alternative: bool, num_samples: int, generator: str = "diffusion"
+) -> list[str]:
     requested = [name[:-len(str(num_samples))] if name in (f"ocd_ens{num_samples}", f"ocd_mean{num_samples}") else name for name in rows]
     unknown = sorted(set(requested) - set(ROW_KINDS))
     if unknown:
@@ -519,6 +519,8 @@ def _check_rows(rows: Sequence[str], task: str, has_deltas: bool, has_alternativ
         raise ValueError("The nearest_neighbour row needs the harvested training deltas: pass delta_dataset=.")
     if "alternative_layer" in requested and not has_alternative:
         raise ValueError("The alternative_layer row needs a second trained OCDWrapper: pass alternative_model=.")
+    if "no_scale" in requested and generator == "label":
+        raise ValueError("The no_scale row ablates the scale net, which a 'label' generator does not have; drop it.")
     if "label_free" in requested and task != "classification":
         raise ValueError("The label_free bound is defined for classification only (it sums over labels).")
     return ["base", *[r for r in requested if r != "base"]]
@@ -623,9 +625,7 @@ class _RowEvaluator:
         if oracle is not None:
             self.update("oracle", self.predict(cond, oracle, inputs), labels, base, None)
         if "label_free" in self.rows:
-            classes = base.shape[1]
-            every_label = torch.arange(classes, device=labels.device).repeat(batch)
-            per_label = self.overfit(repeat_batch(inputs, classes, batch), every_label).view(batch, classes, *self.model.config.weight_shape)
+            per_label = self.model.label_deltas(cond, inputs, self.overfit_settings)
             label_free = torch.einsum("bc,bcoi->boi", base.softmax(-1).to(per_label.dtype), per_label)
             self.update("label_free", self.predict(cond, label_free, inputs), labels, base, cosine(label_free))
         if self.neighbours is not None:
@@ -644,12 +644,15 @@ class _RowEvaluator:
         batch = labels.shape[0]
         if any(r in self.rows for r in ("ocd_1", "ocd_ens", "ocd_mean", "no_scale")):
             draws = self.num_samples if any(r in self.rows for r in ("ocd_ens", "ocd_mean")) else 1
-            unit = self.model.generate_deltas(cond, draws, self.generators[run], self.num_inference_steps, rho=1.0)
-            factors = self.model.config.delta_mode == "factorised"
-            hypernetwork = self.model.hypernetwork
-            with torch.no_grad(), self.model.hypernetwork_eval():
-                rho = hypernetwork.predict_rho(hypernetwork.embed_condition(hypernetwork.condition_values(cond)))
-            deltas = unit * rho.view(-1, *([1] * (unit.dim() - 1))).to(unit.dtype)
+            if self.model.config.generator == "label":
+                deltas = self.model.generate_deltas(cond, draws, self.generators[run], inputs=inputs)
+            else:
+                unit = self.model.generate_deltas(cond, draws, self.generators[run], self.num_inference_steps, rho=1.0, inputs=inputs)
+                hypernetwork = self.model.hypernetwork
+                with torch.no_grad(), self.model.hypernetwork_eval():
+                    rho = hypernetwork.predict_rho(hypernetwork.embed_condition(hypernetwork.condition_values(cond)))
+                deltas = unit * rho.view(-1, *([1] * (unit.dim() - 1))).to(unit.dtype)
+            factors = deltas.dim() == 3
             if "ocd_1" in self.rows:
                 self.update("ocd_1", self.predict(cond, deltas[:, 0], inputs), labels, base, cosine(deltas[:, 0], factors), run)
             if "ocd_ens" in self.rows:
@@ -720,7 +723,10 @@ def evaluate_ocd(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     has_deltas, has_alternative = delta_dataset is not None, alternative_model is not None
-    rows = _check_rows(rows or available_rows(task, has_deltas, has_alternative), task, has_deltas, has_alternative, num_samples)
+    generator = model.config.generator
+    rows = _check_rows(
+        rows or available_rows(task, has_deltas, has_alternative, generator), task, has_deltas, has_alternative, num_samples, generator
+    )
     if has_alternative and alternative_model.config.task != task:
         raise ValueError(f"The alternative model's task is {alternative_model.config.task!r}, the model's is {task!r}.")
     neighbours = None

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 CollateFn = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+FitFoldFn = Callable[[int, list[int]], nn.Module]
 LABEL_INPUT_NAMES = ("labels", "label")
 TASK_LOSS_NAMES = {"classification": "cross_entropy", "regression": "squared_error"}
 STORAGE_CHOICES = ("auto", *DELTA_STORAGES)
@@ -374,6 +375,8 @@ def harvest_deltas(
     delta_storage: str = "auto",
     factor_tolerance: float = DEFAULT_FACTOR_TOLERANCE,
     shard_size: int = 1024,
+    cross_fit: int | None = None,
+    fit_fold: FitFoldFn | None = None,
     accelerator: "Accelerator | PartialState | None" = None,
     base_model_name_or_path: str | None = None,
     base_model_revision: str | None = None,
@@ -407,6 +410,16 @@ def harvest_deltas(
             decision is recorded in the metadata (``storage_decision``) and the card. A resumed
             ``"auto"`` harvest keeps its storage.
         factor_tolerance: the largest relative residual ``‖Δ − u vᵀ‖/‖Δ‖`` factorised storage accepts.
+        cross_fit: ``K >= 2`` harvests out of fold, like stacking: row ``i`` of ``dataset`` belongs to
+            fold ``i % K``, and its delta and conditioning come from the model ``fit_fold(k, rows)``
+            returns for its fold — a model trained without those rows — instead of ``backbone``. The
+            deltas then carry the errors the model makes on data it has not seen, rather than "sharpen
+            what you already predict". ``backbone`` (trained on everything) is still the model the
+            hypernetwork is trained for and applied to; its layer is what the metadata describes.
+        fit_fold: ``(fold index, row indices of dataset in that fold) -> model`` of the same
+            architecture trained without those rows (needed with ``cross_fit``). Called at most once
+            per fold and process, only for folds with rows left to harvest; make it deterministic
+            (seeded) so that a resumed harvest rebuilds the same fold models.
         base_model_name_or_path / base_model_revision: recorded in the metadata and card; default
             the backbone's ``config._name_or_path`` / ``config._commit_hash``.
 
@@ -423,6 +436,7 @@ def harvest_deltas(
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    check_cross_fit(cross_fit, fit_fold, len(dataset) if isinstance(dataset, Dataset) else None)
     state = accelerator if accelerator is not None else PartialState()
     output_dir = Path(output_dir)
     name, layer = find_target_linear(backbone, target_module)
@@ -467,6 +481,7 @@ def harvest_deltas(
                 "conditioning": "un-finetuned model; per-token tensors averaged over valid tokens",
                 "delta_storage": storage,
                 **factor_settings,
+                "cross_fit": cross_fit,
             },
             "storage_decision": decision,
             "source": {"num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256},
@@ -474,7 +489,8 @@ def harvest_deltas(
         }
         prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
         state.wait_for_everyone()
-        _harvest_shards(backbone, layer, reader, output_dir, metadata, state, batch_size, loss, progress)
+        models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
+        _harvest_shards(models, reader, output_dir, metadata, state, batch_size, loss, progress)
     finally:
         backbone.train(was_training)
     state.wait_for_everyone()
@@ -537,9 +553,95 @@ def choose_delta_storage(
     return "full", {**decision, "reason": reason}
 
 
+def check_cross_fit(cross_fit: int | None, fit_fold: "FitFoldFn | None", num_rows: int | None) -> None:
+    """Refuse a cross-fitting request that cannot work, naming the fix."""
+    if cross_fit is None:
+        if fit_fold is not None:
+            raise ValueError("fit_fold= is only used with cross_fit=K (K >= 2 folds); pass cross_fit= or drop fit_fold=.")
+        return
+    if not isinstance(cross_fit, int) or isinstance(cross_fit, bool) or cross_fit < 2:
+        raise ValueError(f"cross_fit must be an integer >= 2 (the number of folds), got {cross_fit!r}.")
+    if num_rows is not None and cross_fit > num_rows:
+        raise ValueError(f"cross_fit={cross_fit} folds need at least as many rows, but the dataset has {num_rows}.")
+    if not callable(fit_fold):
+        raise ValueError(
+            "cross_fit=K needs fit_fold=(fold index, held-out row indices) -> a model of the same architecture trained "
+            "without those rows."
+        )
+
+
+class FoldModels:
+    """Which model harvests each row: ``backbone``, or with ``cross_fit=K`` the model of the row's fold
+    (row ``i`` is in fold ``i % K``), built on first use by ``fit_fold`` and checked against the base."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layer: nn.Linear,
+        target_module: str,
+        num_rows: int,
+        cross_fit: int | None,
+        fit_fold: "FitFoldFn | None",
+        device: torch.device,
+    ) -> None:
+        self.backbone, self.layer, self.target_module = backbone, layer, target_module
+        self.num_rows, self.cross_fit, self.fit_fold, self.device = num_rows, cross_fit, fit_fold, device
+        self.fold_models: dict[int, tuple[nn.Module, nn.Linear]] = {}
+
+    def fold_model(self, fold: int) -> tuple[nn.Module, nn.Linear]:
+        if fold not in self.fold_models:
+            model = self.fit_fold(fold, list(range(fold, self.num_rows, self.cross_fit)))
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"fit_fold({fold}, ...) must return the fold's model (an nn.Module), got {type(model).__name__}.")
+            _, layer = find_target_linear(model, self.target_module)
+            if layer.weight.shape != self.layer.weight.shape:
+                raise ValueError(
+                    f"fit_fold({fold}, ...) returned a model whose {self.target_module!r} has weight shape "
+                    f"{tuple(layer.weight.shape)}, the base model's has {tuple(self.layer.weight.shape)}: it must be the same architecture."
+                )
+            model.to(self.device).eval()
+            self.fold_models[fold] = (model, layer)
+        return self.fold_models[fold]
+
+    def groups(self, ids: torch.Tensor) -> Iterator[tuple[nn.Module, nn.Linear, torch.Tensor]]:
+        """``(model, its target layer, positions in ids)`` for every model that harvests some of ``ids``."""
+        if self.cross_fit is None:
+            yield self.backbone, self.layer, torch.arange(ids.shape[0])
+            return
+        folds = ids % self.cross_fit
+        for fold in folds.unique().tolist():
+            yield (*self.fold_model(fold), torch.nonzero(folds == fold).flatten())
+
+
+def select_rows(inputs: Mapping[str, Any], rows: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """The ``rows`` of every batched tensor input (all of them when ``rows`` is the whole batch)."""
+    if rows.shape[0] == batch_size:
+        return dict(inputs)
+    selected = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+            selected[name] = value[rows.to(value.device)]
+        elif isinstance(value, torch.Tensor) or not hasattr(value, "__len__"):
+            selected[name] = value
+        else:
+            raise TypeError(
+                f"Cross-fitting splits each batch by fold, but input {name!r} is a {type(value).__name__}; return tensors "
+                "from collate_fn."
+            )
+    return selected
+
+
+def merge_parts(parts: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One batch's columns from the parts harvested by different fold models, in id order."""
+    if len(parts) == 1:
+        return parts[0]
+    columns = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
+    order = torch.argsort(columns["id"])
+    return {name: value[order] for name, value in columns.items()}, torch.cat([part[1] for part in parts])
+
+
 def _harvest_shards(
-    backbone: nn.Module,
-    layer: nn.Linear,
+    models: "FoldModels",
     reader: SampleReader,
     output_dir: Path,
     metadata: Mapping[str, Any],
@@ -574,12 +676,17 @@ def _harvest_shards(
                 for start in range(shard_start, shard_end, batch_size):
                     end = min(start + batch_size, shard_end)
                     inputs, labels = reader(start, end)
-                    columns, skipped = harvest_batch(
-                        backbone, layer, inputs, labels, torch.arange(start, end), task=metadata["task"],
-                        optimizer=settings["optimizer"], lr=settings["lr"], steps=settings["steps"], loss_fn=loss,
-                        store_trajectory=settings["store_trajectory"], dtype=settings["dtype"],
-                        delta_storage=settings["delta_storage"], factor_tolerance=settings.get("factor_tolerance"),
-                    )
+                    ids = torch.arange(start, end)
+                    parts = [
+                        harvest_batch(
+                            model, layer, select_rows(inputs, rows, end - start), labels[rows], ids[rows], task=metadata["task"],
+                            optimizer=settings["optimizer"], lr=settings["lr"], steps=settings["steps"], loss_fn=loss,
+                            store_trajectory=settings["store_trajectory"], dtype=settings["dtype"],
+                            delta_storage=settings["delta_storage"], factor_tolerance=settings.get("factor_tolerance"),
+                        )
+                        for model, layer, rows in models.groups(ids)
+                    ]
+                    columns, skipped = merge_parts(parts)
                     if skipped.numel():
                         warnings.warn(
                             f"Skipped {skipped.numel()} sample(s) with non-finite deltas or conditioning: ids "

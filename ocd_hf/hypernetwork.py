@@ -1,8 +1,11 @@
 """The OCD hypernetwork: condition encoders, a denoiser over the weight delta (a diffusers UNet
 over the padded matrix, or an MLP over the left factor of a rank-1 delta), a scale net, and DDIM
-sampling."""
+sampling; or, in place of the diffusion, a deterministic regressor of the delta or a classifier over
+the labels whose exact deltas are combined (``config.generator``)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
@@ -68,6 +71,25 @@ class FactorDenoiser(nn.Module):
         return self.output(hidden)
 
 
+class ConditionMLP(nn.Module):
+    """A residual MLP from the condition embedding to ``size`` outputs: the regressor of the delta
+    (``generator="regression"``) or the label classifier (``generator="label"``)."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int, num_layers: int, size: int) -> None:
+        super().__init__()
+        self.input = nn.Linear(embed_dim, hidden_dim)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)) for _ in range(num_layers)
+        )
+        self.output = nn.Linear(hidden_dim, size)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        hidden = self.input(F.silu(embedding))
+        for block in self.blocks:
+            hidden = hidden + block(hidden)
+        return self.output(F.silu(hidden))
+
+
 class OCDHypernetwork(nn.Module):
     """``ε(Ω_t, I(x), t)`` and ``ρ(I(x))`` of the OCD paper.
 
@@ -75,6 +97,10 @@ class OCDHypernetwork(nn.Module):
     time embedding (``class_embed_type="identity"`` of ``UNet2DModel``), as in the paper. In full
     mode the denoiser sees the normalised weight delta zero-padded to ``config.sample_size``; in
     factorised mode it sees the normalised left factor ``u`` ``(batch, out_features)``.
+
+    ``generator="regression"`` replaces the denoiser by a :class:`ConditionMLP` predicting the
+    normalised delta (or factor) directly; ``generator="label"`` by one predicting the logits of
+    ``q(y | I(x))`` over the ``output_dim`` classes, without a scale net (its deltas are computed exactly).
     """
 
     def __init__(self, config: OCDConfig) -> None:
@@ -85,7 +111,13 @@ class OCDHypernetwork(nn.Module):
         self.encoders = nn.ModuleDict(
             {name: ConditionEncoder(dims[name], config.condition_hidden_dim, embed_dim) for name in config.condition_components}
         )
-        if config.delta_mode == "factorised":
+        mlp = {"hidden_dim": config.factor_denoiser_config["hidden_dim"], "num_layers": config.factor_denoiser_config["num_layers"]}
+        if config.generator == "label":
+            self.label_head = ConditionMLP(embed_dim, size=config.output_dim, **mlp)
+            return
+        if config.generator == "regression":
+            self.regressor = ConditionMLP(embed_dim, size=math.prod(self.denoiser_sample_shape()), **mlp)
+        elif config.delta_mode == "factorised":
             self.denoiser = FactorDenoiser(config.out_features, **config.factor_denoiser_config)
         else:
             self.denoiser = UNet2DModel(
@@ -118,9 +150,18 @@ class OCDHypernetwork(nn.Module):
         standardised = self.scale_net(embedding).squeeze(-1)
         return torch.exp(self.config.log_rho_mean + self.config.log_rho_std * standardised)
 
+    def label_logits(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Logits of ``q(y | I(x))`` ``(batch, output_dim)`` (``generator="label"``)."""
+        return self.label_head(embedding)
+
+    def regress(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The predicted normalised delta ``(batch, out, in)`` or factor ``(batch, out)`` (``generator="regression"``)."""
+        return self.regressor(embedding).view(embedding.shape[0], *self.denoiser_sample_shape())
+
     def to_denoiser_space(self, deltas: torch.Tensor) -> torch.Tensor:
-        """Normalised deltas ``(batch, out, in)`` (or factors ``(batch, out)``) as the denoiser sees them."""
-        if self.factorised:
+        """Normalised deltas ``(batch, out, in)`` (or factors ``(batch, out)``) as the denoiser (or the
+        regressor, which needs no padding) sees them."""
+        if self.factorised or self.config.generator == "regression":
             return deltas
         height, width = self.config.sample_size
         out_f, in_f = deltas.shape[-2:]
@@ -128,14 +169,16 @@ class OCDHypernetwork(nn.Module):
 
     def from_denoiser_space(self, samples: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_denoiser_space` (crops the zero padding)."""
-        if self.factorised:
+        if self.factorised or self.config.generator == "regression":
             return samples
         out_f, in_f = self.config.weight_shape
         return samples[:, 0, :out_f, :in_f]
 
     def denoiser_sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample in denoiser space."""
-        return (self.config.out_features,) if self.factorised else (1, *self.config.sample_size)
+        if self.factorised:
+            return (self.config.out_features,)
+        return self.config.weight_shape if self.config.generator == "regression" else (1, *self.config.sample_size)
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Predicted noise for noisy samples in denoiser space."""

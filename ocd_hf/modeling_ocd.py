@@ -24,6 +24,7 @@ from .factorised import expand_factors
 from .hub import CONFIG_NAME, WEIGHTS_NAME, push_hypernetwork_to_hub, resolve_file
 from .hypernetwork import OCDHypernetwork
 from .model_card import OCDModelCardData, render_model_card, write_model_card
+from .overfit import overfit_deltas, overfit_head_deltas
 from .target import (
     Conditioning,
     capture_conditioning,
@@ -147,23 +148,92 @@ class OCDWrapper(PreTrainedModel):
         generator: torch.Generator | None = None,
         num_inference_steps: int | None = None,
         rho: float | None = None,
+        inputs: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
-        """Sample ``num_samples`` scaled deltas ``ρ̂·Δ̂`` per input.
+        """Generate ``num_samples`` scaled deltas ``ρ̂·Δ̂`` per input.
 
         Returns ``(batch, num_samples, out, in)``, or in factorised mode the left factors
         ``(batch, num_samples, out)`` (see :meth:`materialise_deltas`). ``rho`` replaces the scale
-        net's ``ρ̂`` by a constant (the *no scale* ablation).
+        net's ``ρ̂`` by a constant (the *no scale* ablation). A ``"regression"`` generator gives the
+        same prediction for every draw (not renormalised: its size carries its certainty). A
+        ``"label"`` generator returns full deltas combined from :meth:`label_deltas` with its
+        ``q(y | I(x))``; it needs the backbone ``inputs`` unless the target layer is the model's head.
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        hypernetwork = self.hypernetwork
         with self.hypernetwork_eval():
-            embedding = self.hypernetwork.embed_condition(self.hypernetwork.condition_values(cond))
-            scale = self.hypernetwork.predict_rho(embedding) if rho is None else torch.full_like(embedding[:, 0], rho)
-            embedding = embedding.repeat_interleave(num_samples, dim=0)
+            embedding = hypernetwork.embed_condition(hypernetwork.condition_values(cond))
+            if self.config.generator == "label":
+                if rho is not None:
+                    raise ValueError("A 'label' generator has no scale net: its deltas are exact, so rho= does not apply.")
+                return self.combine_label_deltas(hypernetwork.label_logits(embedding).softmax(-1), cond, inputs, num_samples, generator)
+            scale = hypernetwork.predict_rho(embedding) if rho is None else torch.full_like(embedding[:, 0], rho)
+            if self.config.generator == "regression":
+                deltas = hypernetwork.regress(embedding).repeat_interleave(num_samples, dim=0)
+            else:
+                embedding = embedding.repeat_interleave(num_samples, dim=0)
+                deltas = hypernetwork.sample(embedding, generator=generator, num_inference_steps=num_inference_steps)
             scale = scale.repeat_interleave(num_samples, dim=0)
-            deltas = self.hypernetwork.sample(embedding, generator=generator, num_inference_steps=num_inference_steps)
         deltas = deltas * scale.view(-1, *([1] * (deltas.dim() - 1)))
         return deltas.view(-1, num_samples, *deltas.shape[1:])
+
+    def overfit_settings(self) -> dict[str, Any]:
+        """The single-sample fine-tuning of the harvest (``config.harvest_config``; defaults Adam, lr 5e-4, 3 steps)."""
+        harvest = self.config.harvest_config or {}
+        return {"optimizer": harvest.get("optimizer", "adam"), "lr": float(harvest.get("lr", 5e-4)), "steps": int(harvest.get("steps", 3))}
+
+    def label_deltas(
+        self, cond: Conditioning, inputs: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
+        """The exact delta ``Δ(x, y)`` of the harvest's fine-tuning for every sample and every label,
+        ``(batch, output_dim, out, in)`` (classification).
+
+        ``settings`` (``optimizer``, ``lr``, ``steps``) default to :meth:`overfit_settings`. A head
+        needs only ``cond``; any other layer re-runs the backbone on ``inputs`` repeated per label.
+        """
+        if self.config.task != "classification":
+            raise ValueError("Deltas per label are defined for classification backbones only.")
+        loss = (self.config.harvest_config or {}).get("loss", "cross_entropy")
+        if loss != "cross_entropy":
+            raise ValueError(
+                f"The deltas were harvested with the loss {loss!r}; deltas per label can only be recomputed for the "
+                "default cross-entropy. Harvest with the task loss to use them."
+            )
+        settings = {**self.overfit_settings(), **(settings or {})}
+        classes, batch = self.config.output_dim, cond.raw_input.shape[0]
+        every_label = torch.arange(classes, device=cond.raw_input.device).repeat(batch)
+        if cond.target_is_output:
+            base = model_output_tensor(cond.outputs)
+            result = overfit_head_deltas(
+                cond.raw_input.repeat_interleave(classes, dim=0), base.repeat_interleave(classes, dim=0), every_label, **settings
+            )
+        elif inputs is None:
+            raise ValueError(
+                f"Deltas per label for {self.target_name!r}, which is not the model's head, re-run the backbone: pass inputs=."
+            )
+        else:
+            result = overfit_deltas(self.backbone, self.target_layer, repeat_batch(inputs, classes, batch), every_label, **settings)
+        return result.deltas.view(batch, classes, *self.config.weight_shape)
+
+    def combine_label_deltas(
+        self,
+        probabilities: torch.Tensor,
+        cond: Conditioning,
+        inputs: Mapping[str, Any] | None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``(batch, num_samples, out, in)`` deltas from label probabilities ``(batch, classes)``: their
+        expectation ``Σ_y q(y) Δ(x, y)`` repeated, or one ``Δ(x, y)`` with ``y ~ q`` per draw
+        (``config.label_combination``)."""
+        per_label = self.label_deltas(cond, inputs)
+        probabilities = probabilities.to(per_label.dtype)
+        if self.config.label_combination == "expectation":
+            mean = torch.einsum("bc,bcoi->boi", probabilities, per_label)
+            return mean.unsqueeze(1).expand(-1, num_samples, -1, -1).contiguous()
+        labels = torch.multinomial(probabilities, num_samples, replacement=True, generator=generator)
+        return per_label[torch.arange(per_label.shape[0], device=labels.device).unsqueeze(1), labels]
 
     def materialise_deltas(self, deltas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Full ``(batch, k, out, in)`` deltas from :meth:`generate_deltas`' output (a no-op in full mode)."""
@@ -232,7 +302,7 @@ class OCDWrapper(PreTrainedModel):
         """
         batch_size_of(inputs)
         cond = self.conditioning(**inputs)
-        deltas = self.generate_deltas(cond, num_samples, generator, num_inference_steps)
+        deltas = self.generate_deltas(cond, num_samples, generator, num_inference_steps, inputs=inputs)
         draws = self.predict_with_deltas(cond, deltas, inputs)
         logits = self.ensemble(draws)
         output_class = type(cond.outputs) if hasattr(cond.outputs, "logits") else OCDOutput

@@ -56,14 +56,11 @@ def overfit_deltas(
 
     Defaults follow the official OCD code (Adam, lr 5e-4, 3 steps, the task loss). The backbone is
     run in eval mode and never modified. When the layer's output *is* the model output (a
-    classification head), the prefix of the network runs once and each step costs one matmul;
-    otherwise each step re-runs the backbone with the per-sample deltas injected.
+    classification head), the prefix of the network runs once and each step costs one matmul
+    (:func:`overfit_head_deltas`); otherwise each step re-runs the backbone with the per-sample
+    deltas injected.
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
-    loss_fn = loss_fn or per_sample_task_loss(task)
+    check_overfit_settings(optimizer, steps)
     was_training = backbone.training
     backbone.eval()
     try:
@@ -72,22 +69,73 @@ def overfit_deltas(
         head_fast_path = record["output"] is base_output or (
             record["output"].shape == base_output.shape and torch.equal(record["output"], base_output)
         )
-        layer_input = record["input"].detach()
+        if head_fast_path:
+            return overfit_head_deltas(
+                record["input"].detach(), base_output, labels, task=task, optimizer=optimizer, lr=lr, steps=steps,
+                loss_fn=loss_fn, return_trajectory=return_trajectory,
+            )
 
         def forward(delta: torch.Tensor) -> torch.Tensor:
-            if head_fast_path:
-                flat = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
-                shift = torch.bmm(flat, delta.transpose(1, 2)).reshape(base_output.shape)
-                return base_output + shift
             with inject_deltas(layer, delta):
                 return model_output_tensor(backbone(**inputs))
 
-        weight = layer.weight
-        delta = torch.zeros(labels.shape[0], *weight.shape, dtype=weight.dtype, device=weight.device, requires_grad=True)
-        opt = OPTIMIZERS[optimizer]([delta], lr=lr)
-        labels = labels.to(weight.device)
-        trajectory = []
-        loss_before = None
+        return optimise_deltas(forward, layer.weight, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
+    finally:
+        backbone.train(was_training)
+
+
+def overfit_head_deltas(
+    layer_input: torch.Tensor,
+    base_output: torch.Tensor,
+    labels: torch.Tensor,
+    task: str = "classification",
+    optimizer: str = "adam",
+    lr: float = 5e-4,
+    steps: int = 3,
+    loss_fn: LossFn | None = None,
+    return_trajectory: bool = False,
+) -> OverfitResult:
+    """:func:`overfit_deltas` for a layer whose output is the model output (a head), from its input
+    ``(batch, [tokens,] in)`` and the base output alone: the model output under ``Δ`` is
+    ``base_output + x Δᵀ``, so no backbone is needed."""
+    check_overfit_settings(optimizer, steps)
+    layer_input = layer_input.detach()
+    flat = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
+
+    def forward(delta: torch.Tensor) -> torch.Tensor:
+        return base_output + torch.bmm(flat, delta.transpose(1, 2)).reshape(base_output.shape)
+
+    weight_like = torch.empty(base_output.shape[-1], layer_input.shape[-1], dtype=layer_input.dtype, device=layer_input.device)
+    return optimise_deltas(forward, weight_like, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
+
+
+def check_overfit_settings(optimizer: str, steps: int) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+
+
+def optimise_deltas(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    task: str,
+    optimizer: str,
+    lr: float,
+    steps: int,
+    loss_fn: LossFn | None,
+    return_trajectory: bool,
+) -> OverfitResult:
+    """``steps`` optimizer steps on a ``(batch, *weight.shape)`` delta under the summed per-sample loss of
+    ``forward(delta)`` (the model output with the deltas applied)."""
+    loss_fn = loss_fn or per_sample_task_loss(task)
+    delta = torch.zeros(labels.shape[0], *weight.shape, dtype=weight.dtype, device=weight.device, requires_grad=True)
+    opt = OPTIMIZERS[optimizer]([delta], lr=lr)
+    labels = labels.to(weight.device)
+    trajectory = []
+    loss_before = None
+    with torch.enable_grad():
         for _ in range(steps):
             losses = loss_fn(forward(delta), labels)
             if loss_before is None:
@@ -97,10 +145,8 @@ def overfit_deltas(
             opt.step()
             if return_trajectory:
                 trajectory.append(delta.detach().clone())
-        with torch.no_grad():
-            loss_after = loss_fn(forward(delta), labels)
-    finally:
-        backbone.train(was_training)
+    with torch.no_grad():
+        loss_after = loss_fn(forward(delta), labels)
     return OverfitResult(
         deltas=delta.detach(),
         loss_before=loss_before,

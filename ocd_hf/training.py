@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -46,6 +47,8 @@ REQUIRED_BACKBONE_FIELDS = ("target_module", "in_features", "out_features", "out
 # The OCDConfig fields a training run may choose; the rest come from the harvest or from the data.
 TRAINABLE_CONFIG_FIELDS = (
     "delta_mode",
+    "generator",
+    "label_combination",
     "factor_rule",
     "denoiser_config",
     "factor_denoiser_config",
@@ -139,12 +142,16 @@ def build_config(
 
 def training_columns(config: OCDConfig, factors_stored: bool = False) -> list[str]:
     """The dataset columns training reads: the stored delta (or factor), the conditioning, and what
-    converting between the two needs (the layer input; the factorisation residual of stored factors)."""
+    converting between the two needs (the layer input; the factorisation residual of stored factors).
+    A ``"label"`` generator reads the labels and the conditioning only."""
+    conditioning = [CONDITION_COLUMNS[c][0] for c in config.condition_components]
+    if config.generator == "label":
+        return ["label", *conditioning]
     if factors_stored:
         columns = ["delta_factor", "factor_residual"] if config.delta_mode == "factorised" else ["delta_factor", "layer_input"]
     else:
         columns = ["delta", "layer_input"] if config.delta_mode == "factorised" else ["delta"]
-    return list(dict.fromkeys(columns + [CONDITION_COLUMNS[c][0] for c in config.condition_components]))
+    return list(dict.fromkeys(columns + conditioning))
 
 
 def select_training_columns(dataset: Dataset, columns: list[str]) -> Dataset:
@@ -170,7 +177,7 @@ def check_deltas(dataset: Dataset, config: OCDConfig, backbone: nn.Module) -> No
     stored, expected, name = (
         ("delta_factor", (config.out_features,), "delta factors") if factors_stored else ("delta", config.weight_shape, "deltas")
     )
-    if tuple(first[stored].shape) != expected:
+    if stored in first and tuple(first[stored].shape) != expected:
         raise ValueError(
             f"The {name} have shape {tuple(first[stored].shape)} but the harvest metadata describes layer "
             f"{config.target_module!r} with weight shape {config.weight_shape}: the dataset and its metadata don't belong together."
@@ -262,13 +269,16 @@ def scan_deltas(
     log_rho, residuals, values = [], [], {component: [] for component in columns}
     batches = dataset.iter(batch_size=batch_size)
     for batch in tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc="Scanning deltas", disable=not progress):
+        for component, column in columns.items():
+            values[component].append(batch[column].float())
+        if config.generator == "label":
+            check_labels(batch["label"], config.output_dim)
+            continue
         deltas, residual = delta_targets(batch, config)
         if residual is not None:
             residuals.append(residual)
         log_rho.append(delta_scale(deltas, config.delta_normalization).double().log())
-        for component, column in columns.items():
-            values[component].append(batch[column].float())
-    log_rho = torch.cat(log_rho)
+    log_rho = torch.cat(log_rho) if log_rho else torch.zeros(0, dtype=torch.float64)
     bad = int((~torch.isfinite(log_rho)).sum())
     if bad:
         raise ValueError(
@@ -284,6 +294,16 @@ def scan_deltas(
     return log_rho, {component: torch.cat(chunks) for component, chunks in values.items()}
 
 
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse labels outside ``[0, num_classes)`` (a ``"label"`` generator learns a distribution over them)."""
+    labels = labels.long()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"The delta dataset holds labels in [{int(labels.min())}, {int(labels.max())}] but the backbone has "
+            f"{num_classes} classes: a 'label' generator needs class indices in [0, {num_classes})."
+        )
+
+
 def set_log_rho_statistics(config: OCDConfig, log_rho: torch.Tensor) -> None:
     """Store the mean and (floored) std of the training deltas' ``log ρ`` in ``config``."""
     config.log_rho_mean = float(log_rho.mean())
@@ -295,7 +315,12 @@ def set_log_rho_statistics(config: OCDConfig, log_rho: torch.Tensor) -> None:
 
 
 class HypernetworkLoss(nn.Module):
-    """Per-sample denoising and scale losses of the hypernetwork: the module Accelerate prepares (DDP wraps).
+    """Per-sample generator and scale losses of the hypernetwork: the module Accelerate prepares (DDP wraps).
+
+    The generator loss is the denoising loss below (``generator="diffusion"``), the MSE of the
+    predicted normalised delta (``"regression"``), or the cross-entropy of ``q(y | I(x))`` against the
+    harvested label (``"label"``, whose scale loss is zero: it has no scale net). It is logged as
+    ``denoise_loss`` / ``val_denoise_loss`` whatever the generator.
 
     For a batch of raw deltas it draws noise and uniform timesteps from ``generator``, noises the
     denoiser targets with the diffusion scheduler's ``add_noise`` and returns the epsilon-prediction
@@ -318,22 +343,29 @@ class HypernetworkLoss(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.hypernetwork.config
-        clean, rho = denoiser_targets(self.hypernetwork, batch)
-        noise = randn_tensor(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-        timesteps = torch.randint(
-            0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator, device=generator.device
-        ).to(clean.device)
-        noisy = self.scheduler.add_noise(clean, noise, timesteps)
         embedding = self.hypernetwork.embed_condition({c: batch[CONDITION_COLUMNS[c][0]].float() for c in config.condition_components})
-        noise_pred = self.hypernetwork.denoise(noisy, timesteps, embedding)
-        denoise = (noise_pred.float() - noise).pow(2).flatten(1).mean(1)
+        if config.generator == "label":
+            logits = self.hypernetwork.label_logits(embedding).float()
+            loss = F.cross_entropy(logits, batch["label"].long(), reduction="none")
+            return loss, torch.zeros_like(loss)
+        clean, rho = denoiser_targets(self.hypernetwork, batch)
+        if config.generator == "regression":
+            generator_loss = (self.hypernetwork.regress(embedding).float() - clean).pow(2).flatten(1).mean(1)
+        else:
+            noise = randn_tensor(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+            timesteps = torch.randint(
+                0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator, device=generator.device
+            ).to(clean.device)
+            noisy = self.scheduler.add_noise(clean, noise, timesteps)
+            noise_pred = self.hypernetwork.denoise(noisy, timesteps, embedding)
+            generator_loss = (noise_pred.float() - noise).pow(2).flatten(1).mean(1)
         standardised = self.hypernetwork.scale_net(embedding).squeeze(-1).float()
         if self.scale_loss == "log_mse":
             scale = (standardised - (rho.log() - config.log_rho_mean) / config.log_rho_std).pow(2)
         else:
             rho_pred = torch.exp(config.log_rho_mean + config.log_rho_std * standardised)
             scale = 10.0 * torch.log10((rho_pred - rho).pow(2) / rho.pow(2) + DB_EPSILON)
-        return denoise, scale
+        return generator_loss, scale
 
 
 # ----- settings and loop state ---------------------------------------------------------------------
@@ -673,7 +705,7 @@ def train_hypernetwork(
         backbone: the model the deltas were harvested from (its target layer is checked, never trained).
         output_dir: receives ``config.json`` + ``model.safetensors`` (via ``save_pretrained``),
             ``training_history.json`` and ``checkpoints/checkpoint-<step>``.
-        config_overrides: any of ``delta_mode``, ``factor_rule``, ``denoiser_config``,
+        config_overrides: any of ``delta_mode``, ``generator``, ``label_combination``, ``factor_rule``, ``denoiser_config``,
             ``scheduler_config``, ``num_inference_steps``, ``condition_hidden_dim``,
             ``condition_components``, ``delta_normalization``. With ``delta_mode="factorised"``
             the factor rule defaults to the harvest optimizer's (Adam: ``"sign"``, SGD: ``"input"``).
@@ -738,7 +770,8 @@ def train_hypernetwork(
     log_rho, condition_values = scan_deltas(train_set, config, progress=show_progress)
     if validation_set is not None:
         scan_deltas(validation_set, config, progress=show_progress)
-    set_log_rho_statistics(config, log_rho)
+    if config.generator != "label":
+        set_log_rho_statistics(config, log_rho)
     set_seed(seed)
     wrapper = OCDWrapper(config, backbone)
     for component, encoder in wrapper.hypernetwork.encoders.items():
