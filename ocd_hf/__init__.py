@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .backbones import SetFitBackbone, SetFitBackboneConfig
+from .backbones import LeNet5Config, LeNet5ForImageClassification, SetFitBackbone, SetFitBackboneConfig
 from .configuration_ocd import OCDConfig
 from .deltas import load_deltas, load_harvest_metadata, materialise_deltas
 from .evaluation import ResultRow, ResultsTable, aggregate_results, evaluate_ocd
@@ -29,6 +29,8 @@ __all__ = [
     "OCDWrapper",
     "ResultRow",
     "ResultsTable",
+    "LeNet5Config",
+    "LeNet5ForImageClassification",
     "SetFitBackbone",
     "SetFitBackboneConfig",
     "aggregate_results",

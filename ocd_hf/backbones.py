@@ -4,18 +4,29 @@ An OCD backbone is an ``nn.Module`` whose forward takes tensors and returns an o
 ``.logits``. :class:`SetFitBackbone` turns a trained ``setfit.SetFitModel`` with a differentiable
 head (a sentence-transformers body, pooling, optional normalisation, ``SetFitHead``) into such a
 module, saved and loaded like any ``transformers`` model (``config.json`` + safetensors).
+:class:`LeNet5ForImageClassification` is the classic LeNet-5 of the OCD paper's Table 1 (target
+``fc2``, 120 -> 84), registered with ``AutoModelForImageClassification``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.modeling_outputs import ModelOutput
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
 
 POOLING_MODES = ("mean", "cls", "max")
 # sentence-transformers < 6 stores pooling as boolean flags rather than a ``pooling_mode`` string.
@@ -223,5 +234,90 @@ def tokenizer_from_setfit(setfit_model: Any) -> PreTrainedTokenizerBase:
     return list(setfit_model.model_body)[0].tokenizer
 
 
+class LeNet5Config(PretrainedConfig):
+    """Configuration of a :class:`LeNet5ForImageClassification`.
+
+    Args:
+        num_channels: channels of the input images (1 for grey images such as Fashion-MNIST).
+        image_size: side of the square input images (at least 12; 28 for (Fashion-)MNIST).
+        num_labels: number of classes (default: the size of ``id2label`` if given, else 10).
+    """
+
+    model_type = "ocd-lenet5"
+
+    def __init__(self, num_channels: int = 1, image_size: int = 28, num_labels: int | None = None, **kwargs: Any) -> None:
+        id2label = kwargs.get("id2label")
+        if num_labels is None:
+            num_labels = len(id2label) if id2label else 10
+        elif id2label and len(id2label) != num_labels:
+            raise ValueError(f"num_labels={num_labels} but id2label names {len(id2label)} classes: {id2label}.")
+        if num_labels < 2:
+            raise ValueError(f"LeNet-5 is a classifier trained with cross-entropy: num_labels must be >= 2, got {num_labels}.")
+        if not isinstance(image_size, int) or image_size < 12:
+            raise ValueError(f"image_size must be an int >= 12 (the side of square images LeNet-5 can pool twice), got {image_size!r}.")
+        if id2label and not kwargs.get("label2id"):
+            kwargs["label2id"] = {name: int(index) for index, name in id2label.items()}
+        self.num_channels = int(num_channels)
+        self.image_size = image_size
+        super().__init__(num_labels=num_labels, **kwargs)
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the 16-channel feature map that ``fc1`` sees (5 for 28×28 images: 16·5·5 = 400 inputs)."""
+        return (self.image_size // 2 - 4) // 2
+
+
+class LeNet5ForImageClassification(PreTrainedModel):
+    """The classic LeNet-5 (the OCD paper's Table 1 backbone; OCD's target there is ``fc2``, 120 -> 84).
+
+    ``conv1`` (6 channels, 5×5, padding 2) -> ReLU -> max-pool 2 -> ``conv2`` (16 channels, 5×5) ->
+    ReLU -> max-pool 2 -> flatten -> ``fc1`` (-> 120) -> ReLU -> ``fc2`` (-> 84) -> ReLU -> ``fc3``
+    (-> ``num_labels``). Weights start from PyTorch's default initialisation of each layer.
+    """
+
+    config_class = LeNet5Config
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: LeNet5Config) -> None:
+        super().__init__(config)
+        self.conv1 = nn.Conv2d(config.num_channels, 6, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
+        self.fc1 = nn.Linear(16 * config.feature_size**2, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, config.num_labels)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """PyTorch's default init of ``Conv2d``/``Linear`` (Kaiming-uniform weights, fan-in-uniform biases);
+        the ``transformers.initialization`` functions skip weights loaded from a checkpoint."""
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, return_dict: bool | None = None
+    ) -> ImageClassifierOutput | tuple[torch.Tensor, ...]:
+        """Class logits of ``pixel_values`` ``(batch, num_channels, image_size, image_size)``; the mean
+        cross-entropy as ``loss`` when ``labels`` are given."""
+        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"LeNet5ForImageClassification expects pixel_values of shape (batch, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        hidden = F.max_pool2d(F.relu(self.conv1(pixel_values)), 2)
+        hidden = F.max_pool2d(F.relu(self.conv2(hidden)), 2)
+        hidden = F.relu(self.fc1(hidden.flatten(1)))
+        logits = self.fc3(F.relu(self.fc2(hidden)))
+        loss = F.cross_entropy(logits, labels.view(-1).long()) if labels is not None else None
+        if not (return_dict if return_dict is not None else self.config.return_dict):
+            return (logits,) if loss is None else (loss, logits)
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
 AutoConfig.register(SetFitBackboneConfig.model_type, SetFitBackboneConfig, exist_ok=True)
 AutoModel.register(SetFitBackboneConfig, SetFitBackbone, exist_ok=True)
+AutoConfig.register(LeNet5Config.model_type, LeNet5Config, exist_ok=True)
+AutoModelForImageClassification.register(LeNet5Config, LeNet5ForImageClassification, exist_ok=True)

@@ -23,6 +23,8 @@ from typing import Sequence
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from .configuration_ocd import CONDITION_COMPONENTS, GENERATORS
+
 def load_split(name_or_path: str, split: str) -> Dataset:
     """A dataset split from a ``save_to_disk`` directory or the Hub."""
     if Path(name_or_path).is_dir():
@@ -89,7 +91,9 @@ def run_train(args: argparse.Namespace) -> None:
     from . import configuration_ocd
     from .training import train_hypernetwork
 
-    overrides: dict = {"num_inference_steps": args.num_inference_steps}
+    overrides: dict = {"num_inference_steps": args.num_inference_steps, "generator": args.generator}
+    if args.conditioning:
+        overrides["condition_components"] = args.conditioning
     if args.delta_mode != "auto":
         overrides["delta_mode"] = args.delta_mode
     if args.denoiser == "paper":
@@ -179,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--delta-mode", choices=["auto", "full", "factorised"], default="auto",
                        help="auto: factorised where the harvested deltas are rank-1, else full")
     train.add_argument("--denoiser", choices=["small", "paper"], default="small", help="UNet size in full mode")
+    train.add_argument("--generator", choices=list(GENERATORS), default="diffusion",
+                       help="diffusion (the paper), regression (deterministic MLP) or label (q(y|I(x)) over exact per-label deltas)")
+    train.add_argument("--conditioning", nargs="+", choices=list(CONDITION_COMPONENTS), default=None,
+                       help="condition components of I(x) (default: all three)")
     train.add_argument("--num-steps", type=int, default=2000)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=1e-4)

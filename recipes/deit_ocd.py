@@ -47,9 +47,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--delta-mode", choices=("auto", "full", "factorised"), default="auto", help="delta representation (auto: factorised where exact)"
     )
+    parser.add_argument(
+        "--validation-size", type=int, default=2000, help="training images held out (seeded) as the validation split; never trained on"
+    )
+    parser.add_argument("--eval-split", choices=("validation", "test"), default="test", help="split that is evaluated")
+    parser.add_argument("--cross-fit", type=int, default=None, metavar="K", help="harvest out of fold with K classifiers (see harvest_deltas)")
+    parser.add_argument("--generator", choices=("diffusion", "regression", "label"), default="diffusion", help="delta generator")
+    parser.add_argument(
+        "--conditioning", nargs="+", choices=("input", "activation", "output"), default=None, help="components of I(x) (default: all)"
+    )
     parser.add_argument("--train-steps", type=int, default=1000, help="hypernetwork optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="hypernetwork training batch size")
-    parser.add_argument("--test-size", type=int, default=2000, help="test images evaluated (a fixed random subset; all if larger)")
+    parser.add_argument("--test-size", type=int, default=2000, help="images of --eval-split evaluated (a fixed random subset; all if larger)")
     parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--num-samples", type=int, default=5, help="draws of the OCD ensemble")
     parser.add_argument("--sampling-seeds", type=int, default=3, help="sampling seeds of the hypernetwork")
@@ -138,7 +147,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.dataset, args.image_column, args.label_column, train_split=args.train_split, test_split=args.test_split, seed=args.seed
     )
     names = train.features["label"].names
-    state.print(f"data: {len(train)} train / {len(test)} test images, {len(names)} classes")
+    if args.validation_size:
+        carved = train.train_test_split(test_size=args.validation_size, seed=1234)
+        train, validation = carved["train"], carved["test"]
+    elif args.eval_split == "validation":
+        raise ValueError("--eval-split validation needs --validation-size > 0.")
+    state.print(f"data: {len(train)} train / {args.validation_size} validation / {len(test)} test images, {len(names)} classes")
 
     torch.manual_seed(args.seed)
     model, processor = load_classifier(args, names, train[0]["image"])
@@ -169,16 +183,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     tick = time.perf_counter()
     harvest_set = seeded_subset(train, args.harvest_size, args.seed)
+
+    def fit_fold(fold: int, rows: list[int]) -> Any:
+        """A classifier trained like the base one, without the harvest rows of this fold."""
+        held_out = set(harvest_set.select(rows)["id"])
+        fold_train = train.filter(lambda ids: [i not in held_out for i in ids], input_columns="id", batched=True)
+        torch.manual_seed(args.seed)
+        fold_model, _ = load_classifier(args, names, train[0]["image"])
+        state.print(f"cross-fitting: training the classifier of fold {fold} on {len(fold_train)} images")
+        train_classifier(args, fold_model, fold_train, preprocess, output_dir / f"fold-{fold}-checkpoints")
+        return fold_model
+
     deltas = harvest_deltas(
         model, harvest_set, target, output_dir / "deltas", collate_fn=harvest_inputs, batch_size=args.eval_batch_size,
-        lr=args.harvest_lr, steps=args.harvest_steps, base_model_name_or_path=str(backbone_dir.resolve()), accelerator=state,
-        progress=progress,
+        lr=args.harvest_lr, steps=args.harvest_steps, cross_fit=args.cross_fit, fit_fold=fit_fold if args.cross_fit else None,
+        base_model_name_or_path=str(backbone_dir.resolve()), accelerator=state, progress=progress,
     )
     timings["harvest"] = time.perf_counter() - tick
     state.print(f"{target}: {len(deltas)} deltas harvested; training the hypernetwork (delta mode {args.delta_mode})")
     tick = time.perf_counter()
     ocd_model = train_hypernetwork(
-        output_dir / "deltas", model, output_dir / "hypernetwork", config_overrides={"delta_mode": args.delta_mode},
+        output_dir / "deltas", model, output_dir / "hypernetwork", config_overrides=hypernetwork_overrides(args),
         num_steps=args.train_steps, batch_size=min(args.batch_size, len(deltas)), seed=args.seed,
         logging_steps=max(1, args.train_steps // 10), progress=progress,
     )
@@ -190,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if state.is_main_process:
         tick = time.perf_counter()
         table = evaluate_ocd(
-            ocd_model, seeded_subset(test, args.test_size, seed=0), delta_dataset=deltas, seeds=tuple(range(args.sampling_seeds)),
+            ocd_model, seeded_subset(validation if args.eval_split == "validation" else test, args.test_size, seed=0), delta_dataset=deltas, seeds=tuple(range(args.sampling_seeds)),
             num_samples=args.num_samples, collate_fn=evaluation_batch, batch_size=args.eval_batch_size, progress=progress,
         )
         timings["evaluate"] = time.perf_counter() - tick
@@ -202,6 +227,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         state.print(f"total {timings['total']:.0f} s; summary: {output_dir / 'summary.json'}")
     return summary
+
+
+def hypernetwork_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``config_overrides`` of ``train_hypernetwork`` from the recipe's flags."""
+    overrides: dict[str, Any] = {"delta_mode": args.delta_mode, "generator": args.generator}
+    if args.conditioning:
+        overrides["condition_components"] = args.conditioning
+    return overrides
 
 
 def push(repo: str, ocd_model: Any, processor: Any, table: Any) -> dict[str, str]:

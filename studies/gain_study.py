@@ -141,9 +141,11 @@ class ImageTask:
         return self.seeded_subset(self.train, self.args.harvest_size, seed)
 
     def without(self, rows: Dataset, fold_rows: list[int]) -> Dataset:
-        """The training split minus the given rows of ``rows`` (matched by ``id``)."""
-        held_out = set(rows.select(fold_rows)["id"])
-        return self.train.filter(lambda ids: [i not in held_out for i in ids], input_columns="id", batched=True)
+        """The training split minus the given rows of ``rows`` (matched by ``id``), materialised."""
+        from lenet_ocd import take_rows
+
+        held_out = np.isin(np.asarray(self.train["id"]), np.asarray(rows.select(fold_rows)["id"]))
+        return take_rows(self.train, np.flatnonzero(~held_out))
 
 
 class DeiTTask(ImageTask):

@@ -31,7 +31,8 @@ TINY_SETFIT = [
 ]
 TINY_DEIT = [
     "--classifier-steps", "2", "--classifier-batch-size", "8", "--harvest-size", "12", "--train-steps", "2", "--batch-size", "4",
-    "--test-size", "6", "--num-samples", "2", "--sampling-seeds", "1", "--eval-batch-size", "8", "--no-progress",
+    "--test-size", "6", "--num-samples", "2", "--sampling-seeds", "1", "--eval-batch-size", "8", "--validation-size", "4",
+    "--no-progress",
 ]
 SETFIT_ROWS = {"base", "majority_class", "ocd_1", "ocd_ens2", "ocd_mean2", "no_scale", "nearest_neighbour", "oracle", "label_free"}
 
@@ -116,6 +117,24 @@ def test_deit_recipe_default_small_deit_on_idx_files(tmp_path):
     backbone = DeiTForImageClassification.from_pretrained(output / "backbone")
     assert backbone.config.num_labels == 10 and backbone.config.id2label[9] == "Ankle boot"
     assert backbone.config.image_size == 28 and backbone.config.num_channels == 1
+
+
+def test_deit_recipe_cross_fitted_label_generator_on_the_validation_split(tmp_path):
+    (tmp_path / "idx").mkdir()
+    write_fashion_mnist(tmp_path / "idx", train=24, test=8)
+    output = tmp_path / "out"
+    summary = deit_ocd.main([
+        "--dataset", str(tmp_path / "idx"), "--output-dir", str(output), *TINY_DEIT, "--cross-fit", "2", "--generator", "label",
+        "--conditioning", "output", "--eval-split", "validation",
+    ])
+    metadata = json.loads((output / "deltas" / "harvest.json").read_text())
+    assert metadata["harvest_config"]["cross_fit"] == 2
+    config = json.loads((output / "hypernetwork" / "config.json").read_text())
+    assert config["generator"] == "label" and config["condition_components"] == ["output"]
+    results = json.loads((output / "evaluation" / "results.json").read_text())
+    assert results["metadata"]["num_examples"] == 4  # the validation split, carved from the training images
+    assert "no_scale" not in rows_of(output / "evaluation" / "results.json")
+    assert summary["arguments"]["eval_split"] == "validation"
 
 
 @pytest.mark.parametrize(
