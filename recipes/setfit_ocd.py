@@ -93,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--delta-mode", choices=("auto", "full", "factorised"), default="auto", help="delta representation (auto: factorised where exact)"
     )
+    parser.add_argument("--generator", choices=("diffusion", "regression", "label"), default="diffusion", help="delta generator")
+    parser.add_argument(
+        "--conditioning", nargs="+", choices=("input", "activation", "output"), default=None, help="components of I(x) (default: all)"
+    )
+    parser.add_argument(
+        "--cross-fit", type=int, default=None, metavar="K", help="harvest out of fold with K SetFit models, each trained without a fold"
+    )
     parser.add_argument("--train-steps", type=int, default=None, help="hypernetwork optimizer steps (default: per tier)")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--num-samples", type=int, default=None, help="draws of the OCD ensemble (default: per tier)")
@@ -123,7 +130,10 @@ def budget_for(args: argparse.Namespace, deltas: Any, metadata: dict[str, Any]) 
 
     mode = choose_delta_mode(metadata, deltas) if args.delta_mode == "auto" else args.delta_mode
     tier = "per-token" if metadata["per_token"] else "factorised" if mode == "factorised" else "unet"
-    budget = replace(BUDGETS[tier], config_overrides={**BUDGETS[tier].config_overrides, "delta_mode": mode})
+    overrides = {**BUDGETS[tier].config_overrides, "delta_mode": mode, "generator": args.generator}
+    if args.conditioning:
+        overrides["condition_components"] = args.conditioning
+    budget = replace(BUDGETS[tier], config_overrides=overrides)
     chosen = {name: getattr(args, name) for name in ("train_steps", "test_size", "num_samples", "sampling_seeds")}
     return tier, replace(budget, **{name: value for name, value in chosen.items() if value is not None})
 
@@ -144,6 +154,19 @@ def train_setfit(args: argparse.Namespace, few_shot: Any, names: list[str], seed
     )
     trainer.train()
     return trainer.model
+
+
+def fold_fitter(args: argparse.Namespace, few_shot: Any, names: list[str], seed: int, run_dir: Path) -> Any:
+    """``fit_fold`` for cross-fitted harvesting: a ``SetFitBackbone`` trained like the base one without
+    the fold's texts. The tokenizer is the base model's (SetFit does not change it)."""
+    from ocd_hf.backbones import SetFitBackbone
+
+    def fit_fold(fold: int, rows: list[int]) -> Any:
+        kept = [i for i in range(len(few_shot)) if i not in set(rows)]
+        model = train_setfit(args, few_shot.select(kept), names, seed, run_dir / f"fold-{fold}-checkpoints")
+        return SetFitBackbone.from_setfit(model)
+
+    return fit_fold
 
 
 def majority_row(majority_accuracy: float, num_classes: int) -> Any:
@@ -231,8 +254,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tick = time.perf_counter()
             deltas = harvest_deltas(
                 backbone, few_shot, target, target_dir / "deltas", collate_fn=tokenize_batch, batch_size=len(few_shot),
-                lr=args.harvest_lr, steps=args.harvest_steps, base_model_name_or_path=str(backbone_dir.resolve()),
-                accelerator=state, progress=progress,
+                lr=args.harvest_lr, steps=args.harvest_steps, cross_fit=args.cross_fit,
+                fit_fold=fold_fitter(args, few_shot, names, seed, run_dir) if args.cross_fit else None,
+                base_model_name_or_path=str(backbone_dir.resolve()), accelerator=state, progress=progress,
             )
             tier, budget = budget_for(args, deltas, load_harvest_metadata(target_dir / "deltas"))
             summary["budgets"][target] = {"tier": tier, **asdict(budget)}

@@ -83,6 +83,20 @@ def test_setfit_recipe_runs_both_tiers_and_layer_selection(tmp_path, bert_dir, t
     assert isinstance(reloaded.backbone, SetFitBackbone) and reloaded.target_name == "head"
 
 
+def test_setfit_recipe_cross_fits_the_head_with_a_label_generator(tmp_path, bert_dir, text_dataset):
+    output = tmp_path / "out"
+    setfit_ocd.main([
+        "--model", str(bert_dir), "--dataset", str(text_dataset), "--text-column", "review", "--label-column", "verdict",
+        "--target-module", "head", "--output-dir", str(output), *TINY_SETFIT, "--shots", "4", "--cross-fit", "2", "--generator", "label",
+        "--conditioning", "output",
+    ])
+    metadata = json.loads((output / "seed-0" / "head" / "deltas" / "harvest.json").read_text())
+    assert metadata["harvest_config"]["cross_fit"] == 2
+    config = json.loads((output / "seed-0" / "head" / "hypernetwork" / "config.json").read_text())
+    assert config["generator"] == "label" and config["condition_components"] == ["output"]
+    assert "no_scale" not in rows_of(output / "head" / "results.json")
+
+
 def test_setfit_recipe_pushes_backbone_and_hypernetwork(tmp_path, bert_dir, text_dataset, loopback_hub):
     repo = f"{loopback_hub.user}/ocd-setfit-tiny"
     summary = setfit_ocd.main([
