@@ -468,6 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default="outputs/gain_study")
     parser.add_argument("--summarise", nargs="+", metavar="TASK", help="write the tables of these tasks from their records")
+    parser.add_argument("--tag", default="", help="suffix of the summary file: docs/results/study_<task><tag>.md")
     parser.add_argument("--cross-fit", type=int, default=None, help="folds (default: 3; SetFit 4)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 5e-3], help="overfit Adam learning rates")
     parser.add_argument("--harvest-steps", type=int, default=3)
@@ -494,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.workdir)
     if args.summarise:
         for name in args.summarise:
-            print(summarise(name, root, ROOT / "docs" / "results" / f"study_{name}.md"))
+            print(summarise(name, root, ROOT / "docs" / "results" / f"study_{name}{args.tag}.md"))
         return
     task_dir = root / args.task
     task_dir.mkdir(parents=True, exist_ok=True)
