@@ -180,14 +180,14 @@ class DeiTTask(ImageTask):
         model = self.train_model(self.train, seed, workdir / "base")
         timings["base_model"] = time.perf_counter() - tick
         harvest = self.harvest_rows(seed)
-        k = self.args.cross_fit
+        k = self.args.cross_fit if "cross" in self.args.harvests else 0
         tick = time.perf_counter()
         fold_models = [self.train_model(self.without(harvest, list(range(f, len(harvest), k))), seed, workdir / f"fold-{f}") for f in range(k)]
         timings["fold_models"] = time.perf_counter() - tick
         tick = time.perf_counter()
         cached = head_features(model, "classifier", harvest, collate)
         folds = [head_features(m, "classifier", harvest.select(range(f, len(harvest), k)), collate) for f, m in enumerate(fold_models)]
-        cross = interleave(folds, len(harvest), k)
+        cross = interleave(folds, len(harvest), k) if k else cached
         data = SeedData(
             backbone=CachedHead.from_layer(model.classifier), target="head", harvest=cached, harvest_cross_fit=cross,
             fit_fold=lambda fold, rows: CachedHead.from_layer(fold_models[fold].classifier),
@@ -338,7 +338,7 @@ def run_seed(task: Any, seed: int, args: argparse.Namespace, workdir: Path, reco
     data = task.prepare(seed, workdir)
     records.setdefault("timings", {})[str(seed)] = data.timings
     evaluate = {"seeds": (0,), "num_samples": args.num_samples, "batch_size": 256, "progress": False}
-    for harvest in ("plain", "cross"):
+    for harvest in args.harvests:
         cross_fit = harvest == "cross"
         rows = data.harvest_cross_fit if cross_fit else data.harvest
         label_models: dict[str, Any] = {}
@@ -473,6 +473,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tag", default="", help="suffix of the summary file: docs/results/study_<task><tag>.md")
     parser.add_argument("--cross-fit", type=int, default=None, help="folds (default: 3; SetFit 4)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 5e-3], help="overfit Adam learning rates")
+    parser.add_argument("--harvests", nargs="+", choices=("plain", "cross"), default=["plain", "cross"], help="harvests to run")
     parser.add_argument("--harvest-steps", type=int, default=3)
     parser.add_argument("--harvest-size", type=int, default=5000)
     parser.add_argument("--validation-size", type=int, default=None, help="default: 2000 images; 500 texts")
