@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides
+
 HEAD_NAMES = ("classifier", "cls_classifier")  # DeiTForImageClassification, ...WithTeacher (distilled checkpoints)
 
 
@@ -45,17 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--harvest-lr", type=float, default=5e-4, help="Adam lr of the single-sample fine-tuning (paper: 5e-4)")
     parser.add_argument("--harvest-steps", type=int, default=3, help="Adam steps of the single-sample fine-tuning (paper: 3)")
     parser.add_argument(
-        "--delta-mode", choices=("auto", "full", "factorised"), default="auto", help="delta representation (auto: factorised where exact)"
-    )
-    parser.add_argument(
         "--validation-size", type=int, default=2000, help="training images held out (seeded) as the validation split; never trained on"
     )
     parser.add_argument("--eval-split", choices=("validation", "test"), default="test", help="split that is evaluated")
-    parser.add_argument("--cross-fit", type=int, default=None, metavar="K", help="harvest out of fold with K classifiers (see harvest_deltas)")
-    parser.add_argument("--generator", choices=("diffusion", "regression", "label"), default="diffusion", help="delta generator")
-    parser.add_argument(
-        "--conditioning", nargs="+", choices=("input", "activation", "output"), default=None, help="components of I(x) (default: all)"
-    )
+    add_ocd_arguments(parser, fold_models="classifiers")
     parser.add_argument("--train-steps", type=int, default=1000, help="hypernetwork optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="hypernetwork training batch size")
     parser.add_argument("--test-size", type=int, default=2000, help="images of --eval-split evaluated (a fixed random subset; all if larger)")
@@ -196,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     deltas = harvest_deltas(
         model, harvest_set, target, output_dir / "deltas", collate_fn=harvest_inputs, batch_size=args.eval_batch_size,
-        lr=args.harvest_lr, steps=args.harvest_steps, cross_fit=args.cross_fit, fit_fold=fit_fold if args.cross_fit else None,
+        lr=args.harvest_lr, steps=args.harvest_steps, cross_fit=cross_fit_folds(args), fit_fold=fit_fold if args.cross_fit else None,
         base_model_name_or_path=str(backbone_dir.resolve()), accelerator=state, progress=progress,
     )
     timings["harvest"] = time.perf_counter() - tick
@@ -227,14 +222,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         state.print(f"total {timings['total']:.0f} s; summary: {output_dir / 'summary.json'}")
     return summary
-
-
-def hypernetwork_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``config_overrides`` of ``train_hypernetwork`` from the recipe's flags."""
-    overrides: dict[str, Any] = {"delta_mode": args.delta_mode, "generator": args.generator}
-    if args.conditioning:
-        overrides["condition_components"] = args.conditioning
-    return overrides
 
 
 def push(repo: str, ocd_model: Any, processor: Any, table: Any) -> dict[str, str]:

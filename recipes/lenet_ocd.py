@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides
+
 if TYPE_CHECKING:  # the HF libraries are imported in functions: main() may set HF_HUB_OFFLINE first
     import numpy as np
     from datasets import Dataset
@@ -50,14 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--harvest-size", type=int, default=5000, help="training images whose deltas are harvested")
     parser.add_argument("--harvest-lr", type=float, default=5e-4, help="Adam lr of the single-sample fine-tuning (paper: 5e-4)")
     parser.add_argument("--harvest-steps", type=int, default=3, help="Adam steps of the single-sample fine-tuning (paper: 3)")
-    parser.add_argument(
-        "--delta-mode", choices=("auto", "full", "factorised"), default="auto", help="delta representation (auto: factorised where exact)"
-    )
-    parser.add_argument("--cross-fit", type=int, default=None, metavar="K", help="harvest out of fold with K LeNets (see harvest_deltas)")
-    parser.add_argument("--generator", choices=("diffusion", "regression", "label"), default="diffusion", help="delta generator")
-    parser.add_argument(
-        "--conditioning", nargs="+", choices=("input", "activation", "output"), default=None, help="components of I(x) (default: all)"
-    )
+    add_ocd_arguments(parser, fold_models="LeNets")
     parser.add_argument("--train-steps", type=int, default=1000, help="hypernetwork optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="hypernetwork training batch size")
     parser.add_argument("--eval-size", type=int, default=2000, help="images of --eval-split evaluated (a fixed random subset; all if larger)")
@@ -168,14 +163,6 @@ def split_validation(train: Dataset, size: int, seed: int) -> tuple[Dataset, Dat
     return take_rows(train, np.flatnonzero(~held_out)), take_rows(train, np.flatnonzero(held_out))
 
 
-def hypernetwork_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``config_overrides`` of ``train_hypernetwork`` from the recipe's flags."""
-    overrides: dict[str, Any] = {"delta_mode": args.delta_mode, "generator": args.generator}
-    if args.conditioning:
-        overrides["condition_components"] = args.conditioning
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the recipe; returns the summary also written to ``<output-dir>/summary.json``."""
     args = parse_args(argv)
@@ -242,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     deltas = harvest_deltas(
         model, harvest_set, target, output_dir / "deltas", batch_size=args.eval_batch_size, lr=args.harvest_lr,
-        steps=args.harvest_steps, cross_fit=args.cross_fit, fit_fold=fit_fold if args.cross_fit else None,
+        steps=args.harvest_steps, cross_fit=cross_fit_folds(args), fit_fold=fit_fold if args.cross_fit else None,
         base_model_name_or_path=str(backbone_dir.resolve()), accelerator=state, progress=progress,
     )
     timings["harvest"] = time.perf_counter() - tick

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides
+
 DEFAULT_TARGETS = ("head", "body.encoder.layer.5.output.dense")
 
 
@@ -90,16 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setfit-max-length", type=int, default=128, help="token truncation while training SetFit")
     parser.add_argument("--harvest-lr", type=float, default=5e-4, help="Adam lr of the single-sample fine-tuning (paper: 5e-4)")
     parser.add_argument("--harvest-steps", type=int, default=3, help="Adam steps of the single-sample fine-tuning (paper: 3)")
-    parser.add_argument(
-        "--delta-mode", choices=("auto", "full", "factorised"), default="auto", help="delta representation (auto: factorised where exact)"
-    )
-    parser.add_argument("--generator", choices=("diffusion", "regression", "label"), default="diffusion", help="delta generator")
-    parser.add_argument(
-        "--conditioning", nargs="+", choices=("input", "activation", "output"), default=None, help="components of I(x) (default: all)"
-    )
-    parser.add_argument(
-        "--cross-fit", type=int, default=None, metavar="K", help="harvest out of fold with K SetFit models, each trained without a fold"
-    )
+    add_ocd_arguments(parser, fold_models="SetFit models")
     parser.add_argument("--train-steps", type=int, default=None, help="hypernetwork optimizer steps (default: per tier)")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--num-samples", type=int, default=None, help="draws of the OCD ensemble (default: per tier)")
@@ -130,9 +123,7 @@ def budget_for(args: argparse.Namespace, deltas: Any, metadata: dict[str, Any]) 
 
     mode = choose_delta_mode(metadata, deltas) if args.delta_mode == "auto" else args.delta_mode
     tier = "per-token" if metadata["per_token"] else "factorised" if mode == "factorised" else "unet"
-    overrides = {**BUDGETS[tier].config_overrides, "delta_mode": mode, "generator": args.generator}
-    if args.conditioning:
-        overrides["condition_components"] = args.conditioning
+    overrides = {**BUDGETS[tier].config_overrides, **hypernetwork_overrides(args), "delta_mode": mode}
     budget = replace(BUDGETS[tier], config_overrides=overrides)
     chosen = {name: getattr(args, name) for name in ("train_steps", "test_size", "num_samples", "sampling_seeds")}
     return tier, replace(budget, **{name: value for name, value in chosen.items() if value is not None})
@@ -254,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tick = time.perf_counter()
             deltas = harvest_deltas(
                 backbone, few_shot, target, target_dir / "deltas", collate_fn=tokenize_batch, batch_size=len(few_shot),
-                lr=args.harvest_lr, steps=args.harvest_steps, cross_fit=args.cross_fit,
+                lr=args.harvest_lr, steps=args.harvest_steps, cross_fit=cross_fit_folds(args),
                 fit_fold=fold_fitter(args, few_shot, names, seed, run_dir) if args.cross_fit else None,
                 base_model_name_or_path=str(backbone_dir.resolve()), accelerator=state, progress=progress,
             )
