@@ -440,15 +440,16 @@ def summarise(task_name: str, workdir: Path, output: Path) -> str:
     bounds = [key for key in results if key.endswith("/label") and "/plain/all/" in f"/{key}"]  # bounds depend on the lr only
     if bounds:
         text += ["Bounds (they use the test label or the base's own prediction; not products), change vs base:", "",
-                 "| | lr | split | oracle † Δacc | oracle † ΔCE | label-free † Δacc |", "|---|---|---|---|---|---|"]
+                 "| | lr | split | oracle † Δacc | oracle † ΔCE | label-free † Δacc | label-free † ΔCE |", "|---|---|---|---|---|---|---|"]
         for config in sorted({key.split("/", 1)[1] for key in bounds}):
             for split in ("validation", "test"):
                 runs = [results[f"{s}/{config}"][split] for s in seeds if f"{s}/{config}" in results]
                 oracle = mean_sd([100 * (r["oracle"]["accuracy"] - r["base"]["accuracy"]) for r in runs])
                 oracle_ce = mean_sd([r["oracle"]["cross_entropy"] - r["base"]["cross_entropy"] for r in runs])
                 free = mean_sd([100 * (r["label_free"]["accuracy"] - r["base"]["accuracy"]) for r in runs])
+                free_ce = mean_sd([r["label_free"]["cross_entropy"] - r["base"]["cross_entropy"] for r in runs])
                 lr = config.split("/")[2]
-                text.append(f"| | {lr[3:]} | {split} | {oracle[0]:+.2f} ± {oracle[1]:.2f} | {oracle_ce[0]:+.4f} ± {oracle_ce[1]:.4f} | {free[0]:+.2f} ± {free[1]:.2f} |")
+                text.append(f"| | {lr[3:]} | {split} | {oracle[0]:+.2f} ± {oracle[1]:.2f} | {oracle_ce[0]:+.4f} ± {oracle_ce[1]:.4f} | {free[0]:+.2f} ± {free[1]:.2f} | {free_ce[0]:+.4f} ± {free_ce[1]:.4f} |")
         text.append("")
     if chosen is not None:
         changes = rows_by_config[chosen]
