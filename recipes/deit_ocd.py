@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--validation-size", type=int, default=2000, help="training images held out (seeded) as the validation split; never trained on"
     )
     parser.add_argument("--eval-split", choices=("validation", "test"), default="test", help="split that is evaluated")
-    add_ocd_arguments(parser, fold_models="classifiers")
+    add_ocd_arguments(parser, fold_models="classifiers", generator="regression")  # chosen on validation: docs/when_ocd_helps.md
     parser.add_argument("--train-steps", type=int, default=1000, help="hypernetwork optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="hypernetwork training batch size")
     parser.add_argument("--test-size", type=int, default=2000, help="images of --eval-split evaluated (a fixed random subset; all if larger)")

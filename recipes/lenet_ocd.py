@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--harvest-size", type=int, default=5000, help="training images whose deltas are harvested")
     parser.add_argument("--harvest-lr", type=float, default=5e-4, help="Adam lr of the single-sample fine-tuning (paper: 5e-4)")
     parser.add_argument("--harvest-steps", type=int, default=3, help="Adam steps of the single-sample fine-tuning (paper: 3)")
-    add_ocd_arguments(parser, fold_models="LeNets")
+    add_ocd_arguments(parser, fold_models="LeNets", generator="regression")  # chosen on validation: docs/when_ocd_helps.md
     parser.add_argument("--train-steps", type=int, default=1000, help="hypernetwork optimizer steps")
     parser.add_argument("--batch-size", type=int, default=64, help="hypernetwork training batch size")
     parser.add_argument("--eval-size", type=int, default=2000, help="images of --eval-split evaluated (a fixed random subset; all if larger)")

@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setfit-max-length", type=int, default=128, help="token truncation while training SetFit")
     parser.add_argument("--harvest-lr", type=float, default=5e-4, help="Adam lr of the single-sample fine-tuning (paper: 5e-4)")
     parser.add_argument("--harvest-steps", type=int, default=3, help="Adam steps of the single-sample fine-tuning (paper: 3)")
-    add_ocd_arguments(parser, fold_models="SetFit models")
+    add_ocd_arguments(parser, fold_models="SetFit models", generator="label", cross_fit=2)  # chosen on validation: docs/when_ocd_helps.md
     parser.add_argument("--train-steps", type=int, default=None, help="hypernetwork optimizer steps (default: per tier)")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--num-samples", type=int, default=None, help="draws of the OCD ensemble (default: per tier)")

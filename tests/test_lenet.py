@@ -227,3 +227,8 @@ def test_lenet_recipe_cross_fits_with_a_regression_generator(tmp_path, idx_dir):
     config = json.loads((output / "hypernetwork" / "config.json").read_text())
     assert config["generator"] == "regression" and config["condition_components"] == ["input", "output"]
     assert finite_metrics(json.loads((output / "evaluation" / "results.json").read_text()))
+
+
+def test_lenet_recipe_defaults_are_the_validation_choice():
+    args = lenet_ocd.parse_args([])
+    assert args.target_module == "fc2" and args.generator == "regression" and args.cross_fit is None

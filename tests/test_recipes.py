@@ -28,6 +28,7 @@ from test_recipes_data import write_fashion_mnist  # noqa: E402
 TINY_SETFIT = [
     "--shots", "2", "--seeds", "0", "--setfit-iterations", "1", "--setfit-head-epochs", "1", "--train-steps", "2",
     "--test-size", "6", "--num-samples", "2", "--sampling-seeds", "1", "--no-progress",
+    "--generator", "diffusion", "--cross-fit", "0",  # 2 shots leave no text per class in a fold
 ]
 TINY_DEIT = [
     "--classifier-steps", "2", "--classifier-batch-size", "8", "--harvest-size", "12", "--train-steps", "2", "--batch-size", "4",
@@ -117,6 +118,8 @@ def test_setfit_defaults_name_the_bundled_model_and_both_targets():
     assert Path(args.model, "config.json").is_file()
     assert args.target_module == ["head", "body.encoder.layer.5.output.dense"]
     assert len(args.seeds) >= 2 and args.shots == 8
+    assert args.generator == "label" and args.cross_fit == 2  # the configuration chosen on validation (docs/when_ocd_helps.md)
+    assert deit_ocd.parse_args([]).generator == "regression"
 
 
 def test_deit_recipe_default_small_deit_on_idx_files(tmp_path):
