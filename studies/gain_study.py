@@ -347,7 +347,8 @@ def run_seed(task: Any, seed: int, args: argparse.Namespace, workdir: Path, reco
             tick = time.perf_counter()
             harvest_deltas(
                 data.backbone, rows, data.target, deltas_dir, batch_size=256, lr=lr, steps=args.harvest_steps,
-                cross_fit=args.cross_fit if cross_fit else None, fit_fold=data.fit_fold if cross_fit else None, progress=False,
+                cross_fit=args.cross_fit if cross_fit else None, fit_fold=data.fit_fold if cross_fit else None,
+                delta_storage=args.delta_storage, progress=False,
             )
             data.timings[f"harvest/{deltas_dir.name}"] = time.perf_counter() - tick
             for conditioning, components in CONDITIONING[harvest].items():
@@ -484,6 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 5e-3], help="overfit Adam learning rates")
     parser.add_argument("--harvests", nargs="+", choices=("plain", "cross"), default=["plain", "cross"], help="harvests to run")
     parser.add_argument("--harvest-steps", type=int, default=3)
+    parser.add_argument("--delta-storage", choices=("auto", "full", "factorised"), default="auto", help="harvest storage")
     parser.add_argument("--harvest-size", type=int, default=5000)
     parser.add_argument("--validation-size", type=int, default=None, help="default: 2000 images; 500 texts")
     parser.add_argument("--test-size", type=int, default=5000)
