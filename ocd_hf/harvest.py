@@ -111,10 +111,20 @@ def _listed(ids: torch.Tensor, values: torch.Tensor) -> str:
     return "{" + ", ".join(pairs) + "}" + more
 
 
-def check_factor_residuals(ids: torch.Tensor, residuals: torch.Tensor, tolerance: float, rule: str) -> None:
-    """Refuse factorised storage of samples whose delta is not ``u vᵀ`` within ``tolerance``, naming them."""
+def check_factor_residuals(ids: torch.Tensor, residuals: torch.Tensor, tolerance: float, rule: str, strict: bool = True) -> None:
+    """Refuse factorised storage of samples whose delta is not ``u vᵀ`` within ``tolerance``, naming them;
+    with ``strict=False`` (storage chosen by ``"auto"``) warn instead: the harvest, already committed to
+    factorised shards, completes, and each sample's residual stays in ``factor_residual``."""
     bad = residuals > tolerance
-    if bad.any():
+    if bad.any() and not strict:
+        warnings.warn(
+            f"{int(bad.sum())} sample(s) exceed factor_tolerance={tolerance:g} with factor_rule {rule!r} (sample id: residual "
+            f"{_listed(ids[bad], residuals[bad])}); stored as factors all the same (delta_storage='auto' chose factorised "
+            "storage on the first batch). Their residuals are in the 'factor_residual' column; harvest with "
+            "delta_storage='full' for exact deltas.",
+            stacklevel=4,
+        )
+    elif bad.any():
         raise ValueError(
             f"delta_storage='factorised' would lose part of the deltas of {int(bad.sum())} sample(s): their relative "
             f"residual ‖Δ − u vᵀ‖/‖Δ‖ with factor_rule {rule!r} exceeds factor_tolerance={tolerance:g} "
@@ -184,6 +194,7 @@ def harvest_batch(
     dtype: str = "float32",
     delta_storage: str = "full",
     factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
+    strict_tolerance: bool = True,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Delta-dataset columns for one batch, and the ids of the samples skipped as non-finite.
 
@@ -197,7 +208,7 @@ def harvest_batch(
     :data:`~ocd_hf.factorised.RULE_FOR_OPTIMIZER`) and ``factor_residual``, the relative residual
     ``‖Δ − u vᵀ‖/‖Δ‖`` measured on the real delta (the largest over the delta and every trajectory
     step); ``rho`` is the RMS of the stored ``u vᵀ``. Raises ``ValueError`` if a residual exceeds
-    ``factor_tolerance`` (``None``: no check).
+    ``factor_tolerance`` (``None``: no check), or only warns with ``strict_tolerance=False``.
     """
     with record_first_forward(backbone, layer) as first:
         result = overfit_deltas(
@@ -240,7 +251,7 @@ def harvest_batch(
         columns["rank1_energy"] = rank1_energy(columns["delta"])
     else:
         if factor_tolerance is not None:
-            check_factor_residuals(columns["id"], columns["factor_residual"], factor_tolerance, rule)
+            check_factor_residuals(columns["id"], columns["factor_residual"], factor_tolerance, rule, strict_tolerance)
         factors, right = columns["delta_factor"], right_factor(columns["layer_input"], rule)
         columns["rho"] = factors.norm(dim=1) * right.norm(dim=1) / math.sqrt(factors.shape[1] * right.shape[1])  # RMS of u vᵀ
     return columns, ids[~finite]
@@ -406,7 +417,8 @@ def harvest_deltas(
             factorisation measured on every sample; it is refused for a per-token layer and for any
             sample whose residual exceeds ``factor_tolerance``. ``"auto"`` picks ``"factorised"``
             when the layer sees one vector per sample and the first batch's residuals are all within
-            a tenth of ``factor_tolerance`` (the residuals have a long tail), else ``"full"``; the
+            a tenth of ``factor_tolerance`` (the residuals have a long tail; a later sample beyond the
+            tolerance is then stored with a warning, not refused), else ``"full"``; the
             decision is recorded in the metadata (``storage_decision``) and the card. A resumed
             ``"auto"`` harvest keeps its storage.
         factor_tolerance: the largest relative residual ``‖Δ − u vᵀ‖/‖Δ‖`` factorised storage accepts.
@@ -463,7 +475,10 @@ def harvest_deltas(
         )
         factor_settings = {}
         if storage == "factorised":
-            factor_settings = {"factor_rule": RULE_FOR_OPTIMIZER[optimizer], "factor_tolerance": factor_tolerance}
+            factor_settings = {
+                "factor_rule": RULE_FOR_OPTIMIZER[optimizer], "factor_tolerance": factor_tolerance,
+                "factor_tolerance_strict": delta_storage == "factorised",  # "auto" warns: it cannot switch storage midway
+            }
         config = getattr(backbone, "config", None)
         metadata = {
             "format_version": 1,
@@ -683,6 +698,7 @@ def _harvest_shards(
                             optimizer=settings["optimizer"], lr=settings["lr"], steps=settings["steps"], loss_fn=loss,
                             store_trajectory=settings["store_trajectory"], dtype=settings["dtype"],
                             delta_storage=settings["delta_storage"], factor_tolerance=settings.get("factor_tolerance"),
+                            strict_tolerance=settings.get("factor_tolerance_strict", True),
                         )
                         for model, layer, rows in models.groups(ids)
                     ]

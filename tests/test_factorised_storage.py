@@ -14,7 +14,7 @@ import torch
 from ocd_hf.deltas import load_deltas, load_harvest_metadata, materialise_deltas, shard_path, write_metadata
 from ocd_hf.evaluation import evaluate_ocd
 from ocd_hf.factorised import RULE_FOR_OPTIMIZER, factorise_deltas
-from ocd_hf.harvest import harvest_batch, harvest_deltas
+from ocd_hf.harvest import check_factor_residuals, harvest_batch, harvest_deltas
 from ocd_hf.modeling_ocd import OCDWrapper
 from ocd_hf.target import find_target_linear
 from ocd_hf.training import HISTORY_NAME, choose_delta_mode, train_hypernetwork
@@ -152,6 +152,23 @@ def test_auto_picks_factorised_on_a_head_and_full_on_a_per_token_layer(tmp_path)
             assert "`delta_factor` holds the left factor `u` (3 values)" in card and "materialise_deltas(" in card
         else:
             assert "every token" in decision["reason"] and "first_batch_size" not in decision
+
+
+def test_a_later_sample_beyond_the_tolerance_stops_a_forced_harvest_but_not_an_auto_one():
+    ids, residuals = torch.tensor([4, 5, 6]), torch.tensor([0.01, 0.06, 0.02])
+    with pytest.raises(ValueError, match=r"1 sample\(s\).*5: 0.06"):
+        check_factor_residuals(ids, residuals, 0.05, "sign")
+    with pytest.warns(UserWarning, match=r"1 sample\(s\) exceed factor_tolerance=0.05.*5: 0.06.*stored as factors"):
+        check_factor_residuals(ids, residuals, 0.05, "sign", strict=False)
+
+
+def test_auto_storage_records_that_it_only_warns(tmp_path):
+    kind, target = CASES["bert-classifier"]
+    for storage in ("auto", "factorised"):
+        harvest_deltas(build_backbone(kind), build_dataset(kind, 4), target, tmp_path / storage, delta_storage=storage, progress=False)
+        settings = load_harvest_metadata(tmp_path / storage)["harvest_config"]
+        assert settings["delta_storage"] == "factorised"
+        assert settings["factor_tolerance_strict"] is (storage == "factorised")
 
 
 def test_resume_keeps_the_storage_and_refuses_another(tmp_path):
