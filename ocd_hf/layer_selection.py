@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
-from scipy.special import roots_hermite
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -119,7 +119,7 @@ def kde_entropy(
     floor = kde_min_bandwidth(x)
     degenerate = bandwidth < floor
     bandwidth = torch.maximum(bandwidth, floor)
-    nodes, weights = roots_hermite(quadrature_points)
+    nodes, weights = np.polynomial.hermite.hermgauss(quadrature_points)
     nodes = torch.as_tensor(nodes, dtype=x.dtype, device=x.device)
     weights = torch.as_tensor(weights / math.sqrt(math.pi), dtype=x.dtype, device=x.device)
     kernels = _quantile_subsample(x, max_centers)

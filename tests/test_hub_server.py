@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import datasets
-import httpx2
 import numpy as np
 import pytest
 from huggingface_hub import (
@@ -226,8 +225,9 @@ def test_offline_redownload_from_cache_after_stop(loopback_hub, api: HfApi, mode
     snapshot = snapshot_download(model, allow_patterns=["w.bin"])
     loopback_hub.stop()
 
-    with pytest.raises(httpx2.ConnectError):
+    with pytest.raises(Exception) as refused:  # httpx2 from huggingface_hub 2.0, httpx before
         get_session().head(loopback_hub.endpoint)
+    assert type(refused.value).__name__ == "ConnectError"
     assert hf_hub_download(model, "w.bin") == cached  # connection refused: falls back to the cache
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", _OFFLINE_SCRIPT, model], env=env, capture_output=True,
