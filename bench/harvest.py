@@ -31,13 +31,26 @@ import torch
 from datasets import Dataset
 from torch import nn
 from torch.nn import functional as F
-from transformers import BertConfig, BertForSequenceClassification, DeiTConfig, DeiTForImageClassification, PretrainedConfig, PreTrainedModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DeiTConfig,
+    DeiTForImageClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ocd_hf.deltas import load_harvest_metadata
-from ocd_hf.factorised import factorise_deltas
-from ocd_hf.harvest import DEFAULT_FACTOR_TOLERANCE, harvest_batch, harvest_deltas
-from ocd_hf.target import capture_conditioning, describe_backbone, find_target_linear
+from ocd_hf import (
+    DEFAULT_FACTOR_TOLERANCE,
+    capture_conditioning,
+    describe_backbone,
+    factorise_deltas,
+    find_target_linear,
+    harvest_batch,
+    harvest_deltas,
+    load_harvest_metadata,
+)
 
 
 class LeNetConfig(PretrainedConfig):
@@ -111,7 +124,10 @@ def _deit() -> PreTrainedModel:
 
 CASES = [
     Case("(a) LeNet-5 fc2", "fc2", lambda: LeNet5(LeNetConfig()), lambda n, g: {"pixel_values": torch.randn(n, 1, 28, 28, generator=g)}, 10),
-    Case("(b) SetFit-like head", "linear", lambda: EmbeddingHead(EmbeddingHeadConfig()), lambda n, g: {"embeddings": F.normalize(torch.randn(n, 384, generator=g), dim=-1)}, 2),
+    Case(
+        "(b) SetFit-like head", "linear", lambda: EmbeddingHead(EmbeddingHeadConfig()),
+        lambda n, g: {"embeddings": F.normalize(torch.randn(n, 384, generator=g), dim=-1)}, 2,
+    ),
     Case("(c) DeiT head", "classifier", _deit, lambda n, g: {"pixel_values": torch.randn(n, 1, 28, 28, generator=g)}, 10),
     Case(
         "(d) Bert per-token intermediate.dense",
@@ -190,7 +206,8 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
 
     per_sample_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
     loop_deltas, loop_seconds = timed(lambda: per_sample_loop(backbone, case.target, loop_inputs, labels[: args.loop_samples], args.lr, args.steps))
-    vectorised(backbone, case.target, {k: v[: args.batch_size] for k, v in inputs.items()}, labels[: args.batch_size], args.batch_size, args.lr, args.steps)  # warm-up
+    warm_up = {k: v[: args.batch_size] for k, v in inputs.items()}
+    vectorised(backbone, case.target, warm_up, labels[: args.batch_size], args.batch_size, args.lr, args.steps)
     (vector_deltas, layer_inputs), vector_seconds = timed(lambda: vectorised(backbone, case.target, inputs, labels, args.batch_size, args.lr, args.steps))
     scale = loop_deltas.abs().amax().clamp_min(1e-12)
     max_relative_difference = ((vector_deltas[: args.loop_samples] - loop_deltas).abs().amax() / scale).item()

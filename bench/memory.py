@@ -59,7 +59,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     from datasets import Dataset
     from transformers import BertConfig
 
-    from ocd_hf.backbones import SetFitBackbone, SetFitBackboneConfig
+    from ocd_hf import SetFitBackbone, SetFitBackboneConfig
 
     torch.manual_seed(0)
     config = SetFitBackboneConfig(body_config=BertConfig(**MINILM_SHAPE), num_labels=2)
@@ -81,9 +81,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run measurement ``name`` in this process; return its peak RSS, time and sizes."""
     import torch
 
-    from ocd_hf.deltas import load_harvest_metadata
-    from ocd_hf.harvest import harvest_deltas
-    from ocd_hf.training import train_hypernetwork
+    from ocd_hf import harvest_deltas, load_harvest_metadata, train_hypernetwork
 
     torch.set_num_threads(args.threads)
     kind, target, storage = MEASUREMENTS[name]

@@ -59,12 +59,20 @@ from datasets import Array2D, Dataset, Features, List, Value
 from torch import nn
 from torch.nn import functional as F
 
-from ocd_hf.configuration_ocd import FACTOR_DENOISER_CONFIG, PAPER_DENOISER_CONFIG
-from ocd_hf.deltas import load_deltas, load_harvest_metadata, materialise_deltas
-from ocd_hf.harvest import harvest_deltas
-from ocd_hf.modeling_ocd import OCDWrapper, load_pretrained_backbone
-from ocd_hf.target import Conditioning, find_target_linear, layer_fingerprint
-from ocd_hf.training import train_hypernetwork
+from ocd_hf import (
+    FACTOR_DENOISER_CONFIG,
+    PAPER_DENOISER_CONFIG,
+    Conditioning,
+    OCDWrapper,
+    find_target_linear,
+    harvest_deltas,
+    layer_fingerprint,
+    load_deltas,
+    load_harvest_metadata,
+    load_pretrained_backbone,
+    materialise_deltas,
+    train_hypernetwork,
+)
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 DENOISERS: dict[str, dict[str, Any]] = {

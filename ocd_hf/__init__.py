@@ -1,42 +1,94 @@
-"""ocd-hf: OCD (Learning to Overfit with Conditional Diffusion Models) for Hugging Face backbones."""
+"""ocd-hf: diffusion-based weight generation for Hugging Face backbones.
+
+Methods live in :mod:`ocd_hf.methods` (``ocd`` today); the shared substrate (targets, fine-tuning,
+weight datasets, the trainer, results, cards, Hub I/O) lives beside this file. Everything a user
+needs imports from here.
+"""
 
 from transformers import AutoConfig, AutoModel
 
-from .backbones import LeNet5Config, LeNet5ForImageClassification, SetFitBackbone, SetFitBackboneConfig
-from .configuration_ocd import OCDConfig
-from .deltas import load_deltas, load_harvest_metadata, materialise_deltas
-from .evaluation import ResultRow, ResultsTable, aggregate_results, evaluate_ocd
-from .harvest import harvest_deltas, harvest_from_pretrained
-from .hub import load_deltas_from_hub, push_deltas_to_hub
-from .hypernetwork import OCDHypernetwork
-from .layer_selection import LayerRanking, select_layer
-from .model_card import OCDModelCardData
-from .modeling_ocd import OCDOutput, OCDWrapper
-from .overfit import overfit_deltas
-from .target import capture_conditioning, find_target_linear, inject_deltas, layer_fingerprint, linear_layers
-from .training import train_hypernetwork
+from .backbones import (
+    LeNet5Config,
+    LeNet5ForImageClassification,
+    SetFitBackbone,
+    SetFitBackboneConfig,
+    load_pretrained_backbone,
+    tokenizer_from_setfit,
+)
+from .cards import GeneratorCardData
+from .factorised import expand_factors, factorise_deltas
+from .finetune import overfit_deltas
+from .methods.ocd import (
+    DEFAULT_FACTOR_TOLERANCE,
+    FACTOR_DENOISER_CONFIG,
+    PAPER_DENOISER_CONFIG,
+    LayerRanking,
+    OCDConfig,
+    OCDHypernetwork,
+    OCDModelCardData,
+    OCDOutput,
+    OCDTrainingArguments,
+    OCDWrapper,
+    choose_delta_mode,
+    evaluate_ocd,
+    harvest_batch,
+    harvest_deltas,
+    harvest_from_pretrained,
+    load_deltas,
+    load_deltas_from_hub,
+    load_harvest_metadata,
+    materialise_deltas,
+    push_deltas_to_hub,
+    select_layer,
+    train_hypernetwork,
+)
+from .results import ResultRow, ResultsTable, aggregate_results
+from .target import (
+    Conditioning,
+    capture_conditioning,
+    describe_backbone,
+    find_target_linear,
+    inject_deltas,
+    layer_fingerprint,
+    linear_layers,
+    model_output_tensor,
+    record_layer_io,
+)
+from .trainer import GeneratorTrainingArguments
 
 AutoConfig.register(OCDConfig.model_type, OCDConfig)
 AutoModel.register(OCDConfig, OCDWrapper)
 
 __version__ = "0.1.0"
 __all__ = [
+    "Conditioning",
+    "DEFAULT_FACTOR_TOLERANCE",
+    "FACTOR_DENOISER_CONFIG",
+    "GeneratorCardData",
+    "GeneratorTrainingArguments",
     "LayerRanking",
+    "LeNet5Config",
+    "LeNet5ForImageClassification",
     "OCDConfig",
     "OCDHypernetwork",
     "OCDModelCardData",
     "OCDOutput",
+    "OCDTrainingArguments",
     "OCDWrapper",
+    "PAPER_DENOISER_CONFIG",
     "ResultRow",
     "ResultsTable",
-    "LeNet5Config",
-    "LeNet5ForImageClassification",
     "SetFitBackbone",
     "SetFitBackboneConfig",
     "aggregate_results",
     "capture_conditioning",
+    "choose_delta_mode",
+    "describe_backbone",
     "evaluate_ocd",
+    "expand_factors",
+    "factorise_deltas",
     "find_target_linear",
+    "harvest_batch",
     "harvest_deltas",
     "harvest_from_pretrained",
     "inject_deltas",
@@ -45,9 +97,13 @@ __all__ = [
     "load_deltas",
     "load_deltas_from_hub",
     "load_harvest_metadata",
+    "load_pretrained_backbone",
     "materialise_deltas",
+    "model_output_tensor",
     "overfit_deltas",
     "push_deltas_to_hub",
+    "record_layer_io",
     "select_layer",
+    "tokenizer_from_setfit",
     "train_hypernetwork",
 ]

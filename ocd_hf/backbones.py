@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import transformers
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
@@ -321,3 +322,20 @@ AutoConfig.register(SetFitBackboneConfig.model_type, SetFitBackboneConfig, exist
 AutoModel.register(SetFitBackboneConfig, SetFitBackbone, exist_ok=True)
 AutoConfig.register(LeNet5Config.model_type, LeNet5Config, exist_ok=True)
 AutoModelForImageClassification.register(LeNet5Config, LeNet5ForImageClassification, exist_ok=True)
+
+
+def load_pretrained_backbone(name_or_path: str, class_name: str | None = None, **kwargs: Any) -> nn.Module:
+    """Load a backbone with the class named ``class_name`` from ``transformers`` or :mod:`ocd_hf.backbones`
+    (default: the first of its config's ``architectures``, else ``AutoModelForSequenceClassification``)."""
+    if class_name is None:
+        architectures = AutoConfig.from_pretrained(name_or_path, revision=kwargs.get("revision")).architectures or []
+        class_name = architectures[0] if architectures else "AutoModelForSequenceClassification"
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None and class_name:
+        model_class = globals().get(class_name)
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        raise ValueError(
+            f"Cannot load backbone class {class_name!r}: it is neither a transformers class nor one of ocd_hf.backbones. "
+            "Load the backbone yourself and pass backbone=..."
+        )
+    return model_class.from_pretrained(name_or_path, **kwargs)

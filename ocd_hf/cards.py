@@ -1,17 +1,194 @@
-"""Dataset cards (``README.md``) for delta datasets, rendered from the Jinja templates in ``model_cards/``."""
+"""Model and dataset cards (``README.md``) from the Jinja templates in ``model_cards/`` and a context dict.
+
+Every generator's card has one generated block between :data:`GENERATED_START` and
+:data:`GENERATED_END`. Writing the card again (:func:`write_card`, on every ``save_pretrained`` /
+``push_to_hub``) replaces that block and the metadata keys ocd-hf sets, and keeps everything else a
+user wrote: text before or after the block, other metadata keys, extra tags. A method supplies only
+its template name and the context its template reads; this module never names a method.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from huggingface_hub import DatasetCard, DatasetCardData
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-from .deltas import DATA_FILES_PATTERN, SPLIT, delta_storage
-from .model_card import template_path as find_template
+CARD_NAME = "README.md"
+LIBRARY_NAME = "ocd-hf"
+GENERATED_START = "<!-- ocd-hf:generated:start -->"
+GENERATED_END = "<!-- ocd-hf:generated:end -->"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Installed wheels carry the templates inside the package; a source tree has them at the top level.
+TEMPLATE_DIRS = (_PACKAGE_DIR / "model_cards", _PACKAGE_DIR.parent / "model_cards")
 
-DELTA_DATASET_CARD_TEMPLATE = "delta_dataset_card.md"
+
+def template_path(name: str) -> Path:
+    """Path of the card template ``name`` from ``model_cards/``, in an installed package or a source tree."""
+    for directory in TEMPLATE_DIRS:
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(
+        f"Card template {name!r} not found in {[str(d) for d in TEMPLATE_DIRS]}. ocd-hf ships it in model_cards/: "
+        "reinstall ocd-hf (pip install --force-reinstall ocd-hf, or pip install -e . from its source tree)."
+    )
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can be a Hub model id (the Hub rejects a ``base_model`` that is a local path), else ``None``."""
+    if not name or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+@dataclass
+class GeneratorCardData:
+    """What the caller knows about a generator beyond its config: where it lives, its data and results.
+
+    Args:
+        model_id: the Hub repo id (``"user/name"``) the card's usage snippet loads from.
+        model_name: the card's title (default: chosen by the method from its config).
+        language / license: card metadata, e.g. ``"en"``, ``"apache-2.0"``.
+        datasets: Hub ids of the datasets the training weights were harvested from.
+        tags: tags added to the method's own tags and the task.
+        training_config: the training settings (e.g. ``training_history.json``'s ``settings``).
+        eval_results: measured results, written to the ``model-index`` metadata.
+        results_table: a markdown table of the results with their bounds (e.g.
+            ``ocd_hf.ResultsTable.to_markdown()``), shown in the card.
+        metrics: metric ids for the metadata (default: those of ``eval_results``).
+    """
+
+    model_id: str | None = None
+    model_name: str | None = None
+    language: str | list[str] | None = None
+    license: str | None = None
+    datasets: list[str] | None = None
+    tags: list[str] = field(default_factory=list)
+    training_config: Mapping[str, Any] | None = None
+    eval_results: list[EvalResult] | None = None
+    results_table: str | None = None
+    metrics: list[str] | None = None
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any] | None) -> "GeneratorCardData":
+        """Build from keyword arguments, naming any unknown key."""
+        kwargs = dict(kwargs or {})
+        known = set(inspect.signature(cls).parameters)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"Unknown model card arguments {unknown}; expected some of {sorted(known)}.")
+        return cls(**kwargs)
+
+    def to_card_data(self, model_name: str, base_model: str | None, task: str, base_tags: Sequence[str]) -> ModelCardData:
+        """The card's YAML metadata."""
+        metrics = self.metrics or sorted({result.metric_type for result in self.eval_results or []}) or None
+        return ModelCardData(
+            library_name=LIBRARY_NAME,
+            base_model=base_model,
+            tags=list(dict.fromkeys([*base_tags, task, *self.tags])),
+            datasets=self.datasets,
+            metrics=metrics,
+            language=self.language,
+            license=self.license,
+            model_name=model_name if self.eval_results else None,
+            eval_results=self.eval_results or None,
+        )
+
+
+def render_model_card(
+    template: str,
+    card_data: GeneratorCardData,
+    *,
+    model_name: str,
+    base_model: str | None,
+    task: str,
+    base_tags: Sequence[str],
+    context: Mapping[str, Any],
+) -> ModelCard:
+    """The model card from ``template`` (a name in ``model_cards/``): metadata from ``card_data``, body from ``context``."""
+    return ModelCard.from_template(
+        card_data.to_card_data(model_name, hub_model_id(base_model), task, base_tags),
+        template_path=str(template_path(template)),
+        generated_start=GENERATED_START,
+        generated_end=GENERATED_END,
+        model_name=model_name,
+        model_id=card_data.model_id or "path/to/this/directory",
+        training_config=dict(card_data.training_config or {}),
+        results_table=(card_data.results_table or "").strip(),
+        **context,
+    )
+
+
+def eval_results_from_table(
+    table: Any,
+    *,
+    dataset_type: str,
+    dataset_name: str,
+    task_type: str,
+    dataset_split: str | None = None,
+    kinds: tuple[str, ...] = ("OCD",),
+) -> list[EvalResult]:
+    """``EvalResult`` s (for the ``model-index``) from an :class:`ocd_hf.results.ResultsTable`.
+
+    One result per metric of every row whose kind is in ``kinds`` (by default the generated rows, not
+    the base model, ablations or bounds), valued at the row's mean over runs and named ``"<metric> (<row>)"``.
+    """
+    return [
+        EvalResult(
+            task_type=task_type, dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=dataset_split,
+            metric_type=metric, metric_name=f"{metric} ({row.name})", metric_value=row.mean(metric),
+        )
+        for row in table.rows
+        if row.kind in kinds
+        for metric in row.values
+    ]
+
+
+def _generated_block(text: str) -> tuple[int, int] | None:
+    """Start and end offsets of the generated block in ``text``, or ``None`` if it has no complete block."""
+    start = text.find(GENERATED_START)
+    end = text.find(GENERATED_END, start + 1)
+    if start < 0 or end < 0:
+        return None
+    return start, end + len(GENERATED_END)
+
+
+def merge_model_card(existing: ModelCard, generated: ModelCard) -> ModelCard:
+    """``existing`` with the generated block and the metadata ocd-hf sets taken from ``generated``.
+
+    Text outside the block and metadata keys that ``generated`` leaves unset are kept; tags are the
+    union of both. A card without a generated block (written by hand) gets it appended.
+    """
+    new_start, new_end = _generated_block(generated.text)
+    block = generated.text[new_start:new_end]
+    span = _generated_block(existing.text)
+    if span is None:
+        text = existing.text.rstrip() + "\n\n" + block + "\n"
+    else:
+        text = existing.text[: span[0]] + block + existing.text[span[1] :]
+    metadata = existing.data.to_dict()
+    new_metadata = generated.data.to_dict()
+    tags = list(dict.fromkeys([*(metadata.get("tags") or []), *(new_metadata.get("tags") or [])]))
+    metadata.update(new_metadata, tags=tags)
+    return ModelCard(f"---\n{ModelCardData(**metadata).to_yaml()}\n---\n{text}")
+
+
+def write_card(card: ModelCard, directory: str | os.PathLike) -> Path:
+    """Write ``directory/README.md``, updating the card already there if any (see :func:`merge_model_card`)."""
+    path = Path(directory) / CARD_NAME
+    if path.is_file():
+        card = merge_model_card(ModelCard.load(path), card)
+    card.save(path)
+    return path
 
 
 def size_category(num_samples: int) -> str:
@@ -22,7 +199,8 @@ def size_category(num_samples: int) -> str:
     return "n>1M"
 
 
-def _bytes_text(num_bytes: float | None) -> str:
+def bytes_text(num_bytes: float | None) -> str:
+    """``"12,345 bytes (12.1 KiB)"``, or a note when there is nothing to measure."""
     if num_bytes is None:
         return "n/a (no samples)"
     text = f"{num_bytes:,.0f} bytes"
@@ -33,38 +211,22 @@ def _bytes_text(num_bytes: float | None) -> str:
     return text
 
 
-def render_dataset_card(metadata: Mapping[str, Any], template_path: str | os.PathLike | None = None) -> DatasetCard:
-    """The dataset card of a finished harvest, from its ``harvest.json`` metadata.
-
-    The YAML header points ``datasets.load_dataset`` at the shard files, so the directory (or a Hub
-    repo holding it) loads with ``load_dataset(path, split="train")``.
-    """
-    template_path = Path(template_path) if template_path else find_template(DELTA_DATASET_CARD_TEMPLATE)
-    base_model = metadata.get("base_model_name_or_path") or metadata["base_model_class"]
-    factorised = delta_storage(metadata) == "factorised"
+def render_dataset_card(
+    template: str,
+    *,
+    pretty_name: str,
+    num_samples: int,
+    tags: Sequence[str],
+    data_files: str,
+    split: str,
+    context: Mapping[str, Any],
+) -> DatasetCard:
+    """A weight dataset's card from ``template``; the YAML header points ``datasets.load_dataset`` at
+    ``data_files``, so the directory (or a Hub repo holding it) loads with ``load_dataset(path, split=split)``."""
     card_data = DatasetCardData(
-        pretty_name=f"OCD deltas: {metadata['target_module']} of {base_model}",
-        size_categories=size_category(metadata["num_samples"]),
-        tags=["ocd", "weight-deltas", "hypernetwork", "ocd-hf"],
-        configs=[{"config_name": "default", "data_files": [{"split": SPLIT, "path": DATA_FILES_PATTERN}]}],
+        pretty_name=pretty_name,
+        size_categories=size_category(num_samples),
+        tags=[*tags, LIBRARY_NAME],
+        configs=[{"config_name": "default", "data_files": [{"split": split, "path": data_files}]}],
     )
-    return DatasetCard.from_template(
-        card_data,
-        template_path=str(template_path),
-        **{
-            **metadata,
-            "base_model": base_model,
-            "bytes_per_sample_text": _bytes_text(metadata.get("bytes_per_sample")),
-            "delta_bytes_text": _bytes_text(metadata.get("delta_bytes_per_sample")),
-            "full_delta_bytes_text": _bytes_text(metadata.get("full_delta_bytes_per_sample")),
-            "factorised": factorised,
-            "delta_column": "delta_factor" if factorised else "delta",
-        },
-    )
-
-
-def write_dataset_card(output_dir: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
-    """Render the dataset card of ``metadata`` and save it as ``output_dir/README.md``."""
-    path = Path(output_dir) / "README.md"
-    render_dataset_card(metadata).save(path)
-    return path
+    return DatasetCard.from_template(card_data, template_path=str(template_path(template)), **context)

@@ -17,13 +17,23 @@ Harvest and train run on Accelerate: ``accelerate launch $(which ocd-hf) harvest
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Literal, Sequence
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from huggingface_hub import CommitInfo
+from transformers import HfArgumentParser
 
-from .configuration_ocd import CONDITION_COMPONENTS, GENERATORS
+from .backbones import load_pretrained_backbone
+from .cards import eval_results_from_table
+from .methods.ocd import PAPER_DENOISER_CONFIG, OCDTrainingArguments, OCDWrapper, evaluate_ocd
+from .methods.ocd.model_card import default_task_type
+from .results import ResultsTable, aggregate_results
+from .trainer import HISTORY_NAME
+
 
 def load_split(name_or_path: str, split: str) -> Dataset:
     """A dataset split from a ``save_to_disk`` directory or the Hub."""
@@ -38,8 +48,6 @@ def load_split(name_or_path: str, split: str) -> Dataset:
 
 
 def load_model(args: argparse.Namespace):
-    from .modeling_ocd import load_pretrained_backbone
-
     return load_pretrained_backbone(args.model, args.model_class, revision=args.revision).eval()
 
 
@@ -57,7 +65,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, split: str) -> None:
 
 
 def run_select_layer(args: argparse.Namespace) -> None:
-    from .layer_selection import select_layer
+    from .methods.ocd import select_layer
 
     dataset = load_split(args.dataset, args.split).with_format("torch")
     rows = dataset[: args.num_samples]
@@ -70,8 +78,7 @@ def run_select_layer(args: argparse.Namespace) -> None:
 
 
 def run_harvest(args: argparse.Namespace) -> None:
-    from .deltas import load_harvest_metadata
-    from .harvest import harvest_from_pretrained
+    from .methods.ocd import harvest_from_pretrained, load_harvest_metadata
 
     harvest_from_pretrained(
         args.model, args.dataset, args.target_module, args.output_dir, model_revision=args.revision,
@@ -87,27 +94,53 @@ def run_harvest(args: argparse.Namespace) -> None:
     )
 
 
-def run_train(args: argparse.Namespace) -> None:
-    from . import configuration_ocd
-    from .training import train_hypernetwork
+@dataclass
+class TrainCommandArguments:
+    """What ``ocd-hf train`` needs besides the training settings (:class:`~ocd_hf.OCDTrainingArguments`)."""
 
-    overrides: dict = {"num_inference_steps": args.num_inference_steps, "generator": args.generator}
-    if args.conditioning:
-        overrides["condition_components"] = args.conditioning
-    if args.delta_mode != "auto":
-        overrides["delta_mode"] = args.delta_mode
-    if args.denoiser == "paper":
-        overrides["denoiser_config"] = configuration_ocd.PAPER_DENOISER_CONFIG
+    model: str = field(metadata={"help": "backbone: a Hub id or a local directory"})
+    deltas: str = field(metadata={"help": "a directory written by `ocd-hf harvest`"})
+    output_dir: str = field(metadata={"help": "where the hypernetwork, its history and checkpoints go"})
+    model_class: str | None = field(default=None, metadata={
+        "help": "transformers (or ocd_hf.backbones) class that loads the backbone (default: from its config)"})
+    revision: str | None = field(default=None, metadata={"help": "backbone revision on the Hub"})
+    delta_mode: Literal["auto", "full", "factorised"] = field(default="auto", metadata={
+        "help": "auto: factorised where the harvested deltas are rank-1, else full"})
+    denoiser: Literal["small", "paper"] = field(default="small", metadata={"help": "UNet size in full mode"})
+    generator: Literal["diffusion", "regression", "label"] = field(default="diffusion", metadata={
+        "help": "diffusion (the paper), regression (deterministic MLP) or label (q(y|I(x)) over exact per-label deltas)"})
+    conditioning: list[str] | None = field(default=None, metadata={
+        "help": "condition components of I(x) among input, activation, output (default: all three)"})
+    num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps when sampling"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": '"latest" or a checkpoint directory'})
+
+
+TRAIN_DATACLASSES = (TrainCommandArguments, OCDTrainingArguments)
+
+
+def dataclass_from_namespace(cls: type, args: argparse.Namespace) -> Any:
+    """Build dataclass ``cls`` from the parsed command line (its fields are attributes of ``args``)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.init})
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .methods.ocd import train_hypernetwork
+
+    command = dataclass_from_namespace(TrainCommandArguments, args)
+    overrides: dict = {"num_inference_steps": command.num_inference_steps, "generator": command.generator}
+    if command.conditioning:
+        overrides["condition_components"] = command.conditioning
+    if command.delta_mode != "auto":
+        overrides["delta_mode"] = command.delta_mode
+    if command.denoiser == "paper":
+        overrides["denoiser_config"] = PAPER_DENOISER_CONFIG
     train_hypernetwork(
-        args.deltas, load_model(args), args.output_dir, config_overrides=overrides, num_steps=args.num_steps,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, checkpointing_steps=args.checkpointing_steps,
-        resume_from_checkpoint=args.resume_from_checkpoint, seed=args.seed,
+        command.deltas, load_model(args), command.output_dir, dataclass_from_namespace(OCDTrainingArguments, args),
+        config_overrides=overrides, resume_from_checkpoint=command.resume_from_checkpoint,
     )
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from .evaluation import evaluate_from_paths
-
     table = evaluate_from_paths(
         args.model_dir, args.eval_dataset, args.output_dir, split=args.split, delta_dataset_path=args.deltas,
         alternative_model_path=args.alternative_model, label_column=args.label_column, batch_size=args.batch_size,
@@ -117,14 +150,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_aggregate(args: argparse.Namespace) -> None:
-    from .evaluation import aggregate_from_paths
-
     print(aggregate_from_paths(args.results, args.output_dir).to_markdown())
 
 
 def run_push(args: argparse.Namespace) -> None:
-    from .hub import push_hypernetwork_from_directory
-
     commit = push_hypernetwork_from_directory(
         args.model_dir, args.repo_id, revision=args.hub_revision, private=args.private or None,
         commit_message=args.commit_message, create_pr=args.create_pr, results_path=args.results,
@@ -134,7 +163,7 @@ def run_push(args: argparse.Namespace) -> None:
 
 
 def run_push_deltas(args: argparse.Namespace) -> None:
-    from .hub import push_deltas_to_hub
+    from .methods.ocd import push_deltas_to_hub
 
     commit = push_deltas_to_hub(args.deltas_dir, args.repo_id, revision=args.hub_revision, private=args.private or None)
     print(commit.commit_url)
@@ -142,7 +171,8 @@ def run_push_deltas(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ocd-hf", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    # HfArgumentParser builds a subcommand's options from dataclasses (``train``); the others add theirs by hand.
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
 
     select = commands.add_parser("select-layer", help="rank Linear layers by loss entropy under perturbation")
     add_model_arguments(select)
@@ -176,24 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="largest relative residual ‖Δ − u vᵀ‖/‖Δ‖ accepted for factorised storage")
     harvest.set_defaults(run=run_harvest)
 
-    train = commands.add_parser("train", help="train the diffusion hypernetwork on a delta dataset")
-    add_model_arguments(train)
-    train.add_argument("--deltas", required=True, help="a directory written by `ocd-hf harvest`")
-    train.add_argument("--output-dir", required=True)
-    train.add_argument("--delta-mode", choices=["auto", "full", "factorised"], default="auto",
-                       help="auto: factorised where the harvested deltas are rank-1, else full")
-    train.add_argument("--denoiser", choices=["small", "paper"], default="small", help="UNet size in full mode")
-    train.add_argument("--generator", choices=list(GENERATORS), default="diffusion",
-                       help="diffusion (the paper), regression (deterministic MLP) or label (q(y|I(x)) over exact per-label deltas)")
-    train.add_argument("--conditioning", nargs="+", choices=list(CONDITION_COMPONENTS), default=None,
-                       help="condition components of I(x) (default: all three)")
-    train.add_argument("--num-steps", type=int, default=2000)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--learning-rate", type=float, default=1e-4)
-    train.add_argument("--num-inference-steps", type=int, default=10)
-    train.add_argument("--checkpointing-steps", type=int, default=None)
-    train.add_argument("--resume-from-checkpoint", default=None, help='"latest" or a checkpoint directory')
-    train.add_argument("--seed", type=int, default=0)
+    train = commands.add_parser(
+        "train", help="train the diffusion hypernetwork on a delta dataset", dataclass_types=TRAIN_DATACLASSES,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     train.set_defaults(run=run_train)
 
     evaluate = commands.add_parser("evaluate", help="base vs OCD vs ablations and bounds on a held-out split")
@@ -232,6 +248,95 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--hub-revision", default=None, help="branch to push to (created if missing)")
         sub.add_argument("--private", action="store_true")
     return parser
+
+
+# ----- helpers the commands run --------------------------------------------------------------------
+
+
+def push_hypernetwork_from_directory(
+    model_path: str,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    results_path: str | None = None,
+    dataset_id: str | None = None,
+    dataset_name: str | None = None,
+    dataset_split: str | None = None,
+    training_history_path: str | None = None,
+) -> CommitInfo:
+    """Push the hypernetwork saved in ``model_path`` (for ``ocd-hf push``); its backbone is loaded from the config.
+
+    ``results_path`` (a ``results.json`` of ``ocd_hf.evaluation``) puts the results table in the card
+    and, with ``dataset_id``, the OCD rows' metrics in its ``model-index``. The training settings come
+    from ``training_history_path``, default ``model_path/training_history.json`` when present.
+    """
+    model = OCDWrapper.from_pretrained(model_path)
+    card_kwargs: dict[str, Any] = {}
+    if results_path is not None:
+        table = ResultsTable.from_json(Path(results_path))
+        card_kwargs["results_table"] = table.to_markdown()
+        if dataset_id is not None:
+            card_kwargs["eval_results"] = eval_results_from_table(
+                table, dataset_type=dataset_id, dataset_name=dataset_name or dataset_id, dataset_split=dataset_split,
+                task_type=default_task_type(model),
+            )
+    if dataset_id is not None:
+        card_kwargs["datasets"] = [dataset_id]
+    history_file = Path(training_history_path or Path(model_path) / HISTORY_NAME)
+    if training_history_path is not None or history_file.is_file():
+        history = json.loads(history_file.read_text(encoding="utf-8"))
+        card_kwargs["training_config"] = {"steps": history.get("global_step"), **history.get("settings", {})}
+    return model.push_to_hub(
+        repo_id, revision=revision, private=private, token=token, commit_message=commit_message, create_pr=create_pr,
+        model_card_kwargs=card_kwargs,
+    )
+
+
+def evaluate_from_paths(
+    model_path: str,
+    eval_dataset_path: str,
+    output_dir: str,
+    *,
+    split: str | None = None,
+    delta_dataset_path: str | None = None,
+    alternative_model_path: str | None = None,
+    label_column: str = "label",
+    batch_size: int = 32,
+    seeds: Sequence[int] = (0, 1, 2),
+    num_samples: int = 5,
+    rows: Sequence[str] | None = None,
+    max_examples: int | None = None,
+    progress: bool = True,
+) -> ResultsTable:
+    """Load a saved hypernetwork (and its backbone), a preprocessed dataset saved with
+    ``Dataset.save_to_disk`` and optionally the harvested deltas and a second hypernetwork sharing
+    the backbone; evaluate and write the results to ``output_dir``."""
+    model = OCDWrapper.from_pretrained(model_path)
+    alternative = OCDWrapper.from_pretrained(alternative_model_path, backbone=model.backbone) if alternative_model_path else None
+    data = load_from_disk(eval_dataset_path)
+    if isinstance(data, DatasetDict):
+        if split not in data:
+            raise ValueError(f"{eval_dataset_path} holds the splits {list(data)}; pass split= (e.g. 'test').")
+        data = data[split]
+    if max_examples is not None:
+        data = data.select(range(min(max_examples, len(data))))
+    return evaluate_ocd(
+        model, data, delta_dataset=delta_dataset_path or None, alternative_model=alternative, seeds=seeds,
+        num_samples=num_samples, rows=rows, batch_size=batch_size, label_column=label_column, output_dir=output_dir,
+        progress=progress,
+    )
+
+
+def aggregate_from_paths(result_paths: Sequence[str], output_dir: str | None = None) -> ResultsTable:
+    """Aggregate ``results.json`` files of independently trained models (mean ± sd over models)."""
+    table = aggregate_results([ResultsTable.from_json(Path(path)) for path in result_paths])
+    if output_dir is not None:
+        table.save(output_dir)
+    return table
 
 
 def main(argv: Sequence[str] | None = None) -> None:

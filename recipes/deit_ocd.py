@@ -127,12 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from accelerate import PartialState
-
     from data import load_image_classification, pixel_values, seeded_subset
-    from ocd_hf.evaluation import evaluate_ocd
-    from ocd_hf.harvest import harvest_deltas
-    from ocd_hf.target import find_target_linear
-    from ocd_hf.training import train_hypernetwork
+
+    from ocd_hf import evaluate_ocd, find_target_linear, harvest_deltas, train_hypernetwork
 
     state = PartialState()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
@@ -210,7 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if state.is_main_process:
         tick = time.perf_counter()
         table = evaluate_ocd(
-            ocd_model, seeded_subset(validation if args.eval_split == "validation" else test, args.test_size, seed=0), delta_dataset=deltas, seeds=tuple(range(args.sampling_seeds)),
+            ocd_model, seeded_subset(validation if args.eval_split == "validation" else test, args.test_size, seed=0),
+            delta_dataset=deltas, seeds=tuple(range(args.sampling_seeds)),
             num_samples=args.num_samples, collate_fn=evaluation_batch, batch_size=args.eval_batch_size, progress=progress,
         )
         timings["evaluate"] = time.perf_counter() - tick

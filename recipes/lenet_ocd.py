@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the HF libraries are imported in functions: main() may set 
     import numpy as np
     from datasets import Dataset
 
-    from ocd_hf.backbones import LeNet5ForImageClassification
+    from ocd_hf import LeNet5ForImageClassification
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,9 +80,8 @@ def with_pixel_values(dataset: Dataset, num_channels: int) -> Dataset:
     """``dataset`` with its ``image`` column replaced by ``pixel_values``: standardised float32
     ``(channels, height, width)`` arrays, converted once (batched ``datasets.map``, kept in memory)."""
     import numpy as np
-    from datasets import Array3D
-
     from data import pixel_values_from_arrays
+    from datasets import Array3D
 
     height, width = np.asarray(dataset[0]["image"]).shape[:2]
     features = dataset.features.copy()
@@ -97,7 +96,7 @@ def with_pixel_values(dataset: Dataset, num_channels: int) -> Dataset:
 
 def build_lenet(names: list[str], image_shape: tuple[int, ...]) -> LeNet5ForImageClassification:
     """A LeNet-5 with PyTorch's default random init for square images of ``image_shape`` ``(h, w[, c])`` and classes ``names``."""
-    from ocd_hf.backbones import LeNet5Config, LeNet5ForImageClassification
+    from ocd_hf import LeNet5Config, LeNet5ForImageClassification
 
     height, width = image_shape[:2]
     if height != width:
@@ -177,12 +176,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
     from accelerate import PartialState
-
     from data import load_image_classification, seeded_subset
-    from ocd_hf.evaluation import evaluate_ocd
-    from ocd_hf.harvest import harvest_deltas
-    from ocd_hf.target import find_target_linear
-    from ocd_hf.training import train_hypernetwork
+
+    from ocd_hf import evaluate_ocd, find_target_linear, harvest_deltas, train_hypernetwork
 
     if args.eval_split == "validation" and args.validation_size == 0:
         raise ValueError("--eval-split validation needs a validation split: pass --validation-size > 0.")

@@ -119,7 +119,7 @@ def accuracy_metric(y_pred: Any, y_test: Any) -> dict[str, float]:
 
 def budget_for(args: argparse.Namespace, deltas: Any, metadata: dict[str, Any]) -> tuple[str, TargetBudget]:
     """The budget tier of a harvested target, and its budget with the command-line overrides applied."""
-    from ocd_hf.training import choose_delta_mode
+    from ocd_hf import choose_delta_mode
 
     mode = choose_delta_mode(metadata, deltas) if args.delta_mode == "auto" else args.delta_mode
     tier = "per-token" if metadata["per_token"] else "factorised" if mode == "factorised" else "unet"
@@ -150,7 +150,7 @@ def train_setfit(args: argparse.Namespace, few_shot: Any, names: list[str], seed
 def fold_fitter(args: argparse.Namespace, few_shot: Any, names: list[str], seed: int, run_dir: Path) -> Any:
     """``fit_fold`` for cross-fitted harvesting: a ``SetFitBackbone`` trained like the base one without
     the fold's texts. The tokenizer is the base model's (SetFit does not change it)."""
-    from ocd_hf.backbones import SetFitBackbone
+    from ocd_hf import SetFitBackbone
 
     def fit_fold(fold: int, rows: list[int]) -> Any:
         kept = [i for i in range(len(few_shot)) if i not in set(rows)]
@@ -162,7 +162,7 @@ def fold_fitter(args: argparse.Namespace, few_shot: Any, names: list[str], seed:
 
 def majority_row(majority_accuracy: float, num_classes: int) -> Any:
     """The majority-class baseline of the evaluated split as a table row (the test split may be imbalanced)."""
-    from ocd_hf.evaluation import ResultRow
+    from ocd_hf import ResultRow
 
     return ResultRow(
         "majority_class", "reference", "always predict the most frequent class of the evaluated split",
@@ -183,15 +183,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from accelerate import PartialState
-
     from data import exclude_ids, few_shot_sample, load_text_classification, seeded_subset, sort_by_length
-    from ocd_hf.backbones import SetFitBackbone, tokenizer_from_setfit
-    from ocd_hf.deltas import load_harvest_metadata
-    from ocd_hf.evaluation import aggregate_results, evaluate_ocd
-    from ocd_hf.harvest import harvest_deltas
-    from ocd_hf.layer_selection import select_layer
-    from ocd_hf.target import describe_backbone
-    from ocd_hf.training import train_hypernetwork
+
+    from ocd_hf import (
+        SetFitBackbone,
+        aggregate_results,
+        describe_backbone,
+        evaluate_ocd,
+        harvest_deltas,
+        load_harvest_metadata,
+        select_layer,
+        tokenizer_from_setfit,
+        train_hypernetwork,
+    )
 
     state = PartialState()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))

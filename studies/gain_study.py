@@ -26,15 +26,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+# HF_HUB_OFFLINE must be set before huggingface_hub is imported (hence the E402 exceptions below).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -43,10 +42,14 @@ from torch import nn  # noqa: E402
 from transformers import PretrainedConfig, PreTrainedModel  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
-from ocd_hf.evaluation import evaluate_ocd  # noqa: E402
-from ocd_hf.harvest import harvest_deltas  # noqa: E402
-from ocd_hf.target import find_target_linear, model_output_tensor, record_layer_io  # noqa: E402
-from ocd_hf.training import train_hypernetwork  # noqa: E402
+from ocd_hf import (  # noqa: E402
+    evaluate_ocd,
+    find_target_linear,
+    harvest_deltas,
+    model_output_tensor,
+    record_layer_io,
+    train_hypernetwork,
+)
 
 GENERATORS = ("diffusion", "regression", "label")
 OCD_ROW = {"diffusion": "ocd_ens", "regression": "ocd_1", "label": "ocd_1"}  # the row that scores each generator
@@ -210,7 +213,7 @@ class LeNetTask(ImageTask):
     def train_model(self, rows: Dataset, seed: int, cache: Path) -> nn.Module:
         from lenet_ocd import LeNetTraining, build_lenet, train_lenet
 
-        from ocd_hf.backbones import LeNet5ForImageClassification
+        from ocd_hf import LeNet5ForImageClassification
 
         if (cache / "config.json").is_file():
             return LeNet5ForImageClassification.from_pretrained(cache).eval()
@@ -257,7 +260,7 @@ class SetFitTask:
     def train_model(self, rows: Dataset, seed: int, cache: Path) -> tuple[nn.Module, Any]:
         from setfit_ocd import train_setfit
 
-        from ocd_hf.backbones import SetFitBackbone, tokenizer_from_setfit
+        from ocd_hf import SetFitBackbone, tokenizer_from_setfit
 
         if (cache / "config.json").is_file():
             from transformers import AutoTokenizer
@@ -450,15 +453,22 @@ def summarise(task_name: str, workdir: Path, output: Path) -> str:
                 free = mean_sd([100 * (r["label_free"]["accuracy"] - r["base"]["accuracy"]) for r in runs])
                 free_ce = mean_sd([r["label_free"]["cross_entropy"] - r["base"]["cross_entropy"] for r in runs])
                 lr = config.split("/")[2]
-                text.append(f"| | {lr[3:]} | {split} | {oracle[0]:+.2f} ± {oracle[1]:.2f} | {oracle_ce[0]:+.4f} ± {oracle_ce[1]:.4f} | {free[0]:+.2f} ± {free[1]:.2f} | {free_ce[0]:+.4f} ± {free_ce[1]:.4f} |")
+                text.append(
+                    f"| | {lr[3:]} | {split} | {oracle[0]:+.2f} ± {oracle[1]:.2f} | {oracle_ce[0]:+.4f} ± {oracle_ce[1]:.4f} "
+                    f"| {free[0]:+.2f} ± {free[1]:.2f} | {free_ce[0]:+.4f} ± {free_ce[1]:.4f} |"
+                )
         text.append("")
-    text += ["Cost per configuration on this shared 2-core machine (one thread; means over runs): training, and evaluating the", "test split (base and OCD rows, plus the bounds for the plain label generator):", "",
-             "| generator | training (s) | test evaluation (s) |", "|---|---|---|"]
+    text += [
+        "Cost per configuration on this shared 2-core machine (one thread; means over runs): training, and evaluating the",
+        "test split (base and OCD rows, plus the bounds for the plain label generator):", "",
+        "| generator | training (s) | test evaluation (s) |", "|---|---|---|",
+    ]
     for generator in GENERATORS:
         runs = [run for key, run in results.items() if key.endswith(f"/{generator}") and "train_seconds" in run]
         trained = [run["train_seconds"] for run in runs if run["train_seconds"] > 1]  # a label model is trained once per harvest
         if runs:
-            text.append(f"| {generator} | {statistics.fmean(trained) if trained else 0:.0f} | {statistics.fmean(run['test_seconds'] for run in runs):.0f} |")
+            test_seconds = statistics.fmean(run["test_seconds"] for run in runs)
+            text.append(f"| {generator} | {statistics.fmean(trained) if trained else 0:.0f} | {test_seconds:.0f} |")
     text.append("")
     if chosen is not None:
         changes = rows_by_config[chosen]
@@ -466,7 +476,8 @@ def summarise(task_name: str, workdir: Path, output: Path) -> str:
         for metric, scale, better in (("accuracy", 100, 1), ("cross_entropy", 1, -1)):
             mean, sd = mean_sd([scale * v for v in changes[("test", metric)]])
             significant = better * mean > 2 * sd if not np.isnan(sd) else False
-            verdicts.append(f"test {metric} {mean:+.4g} ± {sd:.2g} ({'more' if significant else 'not more'} than 2 sd {'better' if better * mean > 0 else 'worse'})")
+            direction = "better" if better * mean > 0 else "worse"
+            verdicts.append(f"test {metric} {mean:+.4g} ± {sd:.2g} ({'more' if significant else 'not more'} than 2 sd {direction})")
         text.append(f"**Chosen on validation cross-entropy: `{chosen}`** → " + "; ".join(verdicts) + ".")
     markdown = "\n".join(text) + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)

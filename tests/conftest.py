@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from conftest_hub import loopback_hub  # noqa: F401  (the loopback Hub server fixture)
 from torch import nn
 from transformers import (
     BertConfig,
@@ -19,7 +20,6 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from conftest_hub import loopback_hub  # noqa: F401  (the loopback Hub server fixture)
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():

@@ -1,7 +1,7 @@
 """Pytest fixture ``loopback_hub``: a ``LoopbackHub`` server that the already-imported clients talk to.
 
-Enable it from ``tests/conftest.py`` with ``from conftest_hub import loopback_hub  # noqa: F401`` (pytest's
-default "prepend" import mode puts ``tests/`` on ``sys.path``).
+Enable it from ``tests/conftest.py`` with ``from conftest_hub import loopback_hub  # noqa: F401`` (``tests/`` is
+on pytest's ``pythonpath``).
 
 The fixture is function-scoped: every test gets an empty Hub on a new port, a new ``HF_HOME`` (so a new
 download cache), and the settings below, all undone at teardown. ``huggingface_hub`` and ``datasets`` read
@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfFileSystem, constants, hf_api
-
 from hub_server import LoopbackHub
+from huggingface_hub import HfFileSystem, constants, hf_api
 
 TOKEN = "hf_loopback_dummy_token"
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}

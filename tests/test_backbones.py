@@ -11,7 +11,7 @@ from transformers import AutoModel, BertConfig, BertModel, BertTokenizerFast
 
 from ocd_hf import OCDConfig, find_target_linear
 from ocd_hf.backbones import SetFitBackbone, SetFitBackboneConfig, tokenizer_from_setfit
-from ocd_hf.overfit import overfit_deltas
+from ocd_hf.finetune import overfit_deltas
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 setfit = pytest.importorskip("setfit")

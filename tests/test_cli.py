@@ -37,7 +37,7 @@ def test_pipeline_from_the_command_line(workspace, capsys, monkeypatch, loopback
     assert "24 deltas" in capsys.readouterr().out
     assert len(load_deltas(workspace / "deltas")) == 24
 
-    monkeypatch.setattr("ocd_hf.configuration_ocd.DEFAULT_DENOISER_CONFIG", TINY_DENOISER)
+    monkeypatch.setattr("ocd_hf.methods.ocd.configuration.DEFAULT_DENOISER_CONFIG", TINY_DENOISER)
     main(["train", "--model", model, "--deltas", str(workspace / "deltas"), "--output-dir", str(workspace / "ocd"),
           "--num-steps", "3", "--batch-size", "8", "--delta-mode", "full", "--num-inference-steps", "2"])
     ocd = OCDWrapper.from_pretrained(workspace / "ocd")

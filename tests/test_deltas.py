@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from datasets import Array2D, Dataset, load_dataset
+from helpers.harvest_fixtures import CASES, build_backbone, build_dataset
 from huggingface_hub import DatasetCard
 
-from ocd_hf.deltas import (
+from ocd_hf.methods.ocd.deltas import (
     HARVEST_METADATA_NAME,
-    ShardWriter,
     check_compatible,
     decode_deltas,
     delta_features,
@@ -25,10 +24,8 @@ from ocd_hf.deltas import (
     load_harvest_metadata,
     shard_path,
 )
-from ocd_hf.harvest import harvest_deltas
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from harvest_fixtures import CASES, build_backbone, build_dataset  # noqa: E402
+from ocd_hf.methods.ocd.harvest import harvest_deltas
+from ocd_hf.weight_datasets import ShardWriter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,4 +1,4 @@
-"""Tests of ocd_hf.evaluation on tiny random models (offline, CPU, a few seconds)."""
+"""Tests of OCD's evaluation and the shared results table on tiny random models (offline, CPU, a few seconds)."""
 
 import json
 import math
@@ -15,18 +15,11 @@ from torch.nn import functional as F
 from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ocd_hf.evaluation import (
-    MetricAccumulator,
-    NearestNeighbourDeltas,
-    ResultRow,
-    ResultsTable,
-    aggregate_results,
-    count_flips,
-    evaluate_from_paths,
-    evaluate_ocd,
-)
-from ocd_hf.modeling_ocd import OCDWrapper
-from ocd_hf.overfit import overfit_deltas
+from ocd_hf import OCDWrapper
+from ocd_hf.cli import evaluate_from_paths
+from ocd_hf.finetune import overfit_deltas
+from ocd_hf.methods.ocd.evaluation import NearestNeighbourDeltas, evaluate_ocd
+from ocd_hf.results import MetricAccumulator, ResultRow, ResultsTable, aggregate_results, count_flips
 from ocd_hf.target import capture_conditioning, inject_deltas
 
 TINY_OCD = {
@@ -265,8 +258,9 @@ def test_count_flips_on_a_constructed_case():
 
 
 def test_aggregate_results_mean_and_sd_over_models():
-    first = ResultsTable([ResultRow("base", "reference", "", {"accuracy": [0.5]}), ResultRow("ocd_1", "OCD", "", {"accuracy": [0.1, 0.3]})], {"task": "classification"})
-    second = ResultsTable([ResultRow("base", "reference", "", {"accuracy": [0.7]}), ResultRow("ocd_1", "OCD", "", {"accuracy": [0.5]})], {"task": "classification"})
+    task = {"task": "classification"}
+    first = ResultsTable([ResultRow("base", "reference", "", {"accuracy": [0.5]}), ResultRow("ocd_1", "OCD", "", {"accuracy": [0.1, 0.3]})], task)
+    second = ResultsTable([ResultRow("base", "reference", "", {"accuracy": [0.7]}), ResultRow("ocd_1", "OCD", "", {"accuracy": [0.5]})], task)
     combined = aggregate_results([first, second])
     assert combined["ocd_1"].values["accuracy"] == pytest.approx([0.2, 0.5])
     assert combined["ocd_1"].mean("accuracy") == pytest.approx(0.35)

@@ -9,7 +9,7 @@ from conftest import text_batch, tiny_bert, tiny_mlp
 
 from ocd_hf import OCDConfig, OCDWrapper
 from ocd_hf.factorised import expand_factors, factorise_deltas
-from ocd_hf.overfit import overfit_deltas
+from ocd_hf.finetune import overfit_deltas
 
 FACTOR_DENOISER = {"hidden_dim": 16, "num_layers": 1, "embed_dim": 8}
 

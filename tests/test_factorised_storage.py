@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.harvest_fixtures import CASES, build_backbone, build_dataset
 
-from ocd_hf.deltas import load_deltas, load_harvest_metadata, materialise_deltas, shard_path, write_metadata
-from ocd_hf.evaluation import evaluate_ocd
+from ocd_hf import OCDWrapper
 from ocd_hf.factorised import RULE_FOR_OPTIMIZER, factorise_deltas
-from ocd_hf.harvest import check_factor_residuals, harvest_batch, harvest_deltas
-from ocd_hf.modeling_ocd import OCDWrapper
+from ocd_hf.methods.ocd.deltas import load_deltas, load_harvest_metadata, materialise_deltas, shard_path, write_metadata
+from ocd_hf.methods.ocd.evaluation import evaluate_ocd
+from ocd_hf.methods.ocd.harvest import check_factor_residuals, harvest_batch, harvest_deltas
+from ocd_hf.methods.ocd.training import HISTORY_NAME, choose_delta_mode, train_hypernetwork
 from ocd_hf.target import find_target_linear
-from ocd_hf.training import HISTORY_NAME, choose_delta_mode, train_hypernetwork
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from harvest_fixtures import CASES, build_backbone, build_dataset  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY_UNET = {
@@ -273,7 +270,7 @@ def test_nearest_neighbour_row_is_the_same_for_both_storages(bert_harvests):
 
 
 def test_hub_round_trip_of_factorised_storage(loopback_hub, bert_harvests):
-    from ocd_hf.hub import load_deltas_from_hub, push_deltas_to_hub
+    from ocd_hf.methods.ocd.hub import load_deltas_from_hub, push_deltas_to_hub
 
     path = bert_harvests["factorised"]
     push_deltas_to_hub(path, "ocd-deltas-factorised")

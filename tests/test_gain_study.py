@@ -4,16 +4,12 @@ back to their order, and the summary pairs every configuration with its own seed
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import gain_study
 import pytest
 import torch
+from conftest import tiny_deit
 from datasets import Dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-import gain_study  # noqa: E402
-from conftest import tiny_deit  # noqa: E402
 
 
 def test_cached_head_reproduces_the_full_models_logits():

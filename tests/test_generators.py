@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.harvest_fixtures import build_backbone, build_dataset
 from transformers import BertConfig, BertForSequenceClassification
 
-from ocd_hf.configuration_ocd import OCDConfig
-from ocd_hf.evaluation import evaluate_ocd
-from ocd_hf.harvest import harvest_deltas
-from ocd_hf.modeling_ocd import OCDWrapper
-from ocd_hf.overfit import overfit_deltas
+from ocd_hf import OCDWrapper
+from ocd_hf.finetune import overfit_deltas
+from ocd_hf.methods.ocd.configuration import OCDConfig
+from ocd_hf.methods.ocd.evaluation import evaluate_ocd
+from ocd_hf.methods.ocd.harvest import harvest_deltas
+from ocd_hf.methods.ocd.training import HISTORY_NAME, train_hypernetwork
 from ocd_hf.target import find_target_linear
-from ocd_hf.training import HISTORY_NAME, train_hypernetwork
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from harvest_fixtures import build_backbone, build_dataset  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SMALL = {"factor_denoiser_config": {"hidden_dim": 32, "num_layers": 1, "embed_dim": 16}, "condition_hidden_dim": 16}

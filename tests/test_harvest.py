@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict, Features, Image, Value
+from helpers import subprocess_env
+from helpers.harvest_fixtures import CASES, build_backbone, build_dataset
+from helpers.tolerances import adam_delta_atol
 from torch.nn import functional as F
 
-from ocd_hf.deltas import load_deltas, load_harvest_metadata, materialise_deltas, shard_path
-from ocd_hf.harvest import harvest_deltas, harvest_from_pretrained, rank1_energy
+from ocd_hf.methods.ocd.deltas import load_deltas, load_harvest_metadata, materialise_deltas, shard_path
+from ocd_hf.methods.ocd.harvest import harvest_deltas, harvest_from_pretrained, rank1_energy
 from ocd_hf.target import capture_conditioning, find_target_linear
 
 SCRIPTS = Path(__file__).parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-from harvest_fixtures import CASES, build_backbone, build_dataset  # noqa: E402
-from helpers.tolerances import adam_delta_atol  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_resume_after_sigkill_continues_from_last_complete_shard(tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, str(SCRIPTS / "harvest_worker.py"), "--case", "bert-intermediate", "--output-dir", str(out),
                "--num-samples", "10", "--batch-size", "2", "--shard-size", "3", "--die-after-shards", "2"]
-    killed = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     done = sorted(p.name for p in (out / "data").glob("train-*.arrow"))
     assert done == ["train-00000-of-00004.arrow", "train-00001-of-00004.arrow"]
@@ -208,7 +208,7 @@ def test_two_processes_harvest_the_same_dataset_as_one(tmp_path):
                "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPTS / "harvest_worker.py"),
                "--case", "bert-intermediate", "--output-dir", str(tmp_path / "two"), "--num-samples", "10",
                "--batch-size", "2", "--shard-size", "3", "--use-accelerator"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     launched = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT)
     assert launched.returncode == 0, launched.stderr[-3000:]
     two = load_deltas(tmp_path / "two")

@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DENOISER, text_batch, tiny_bert
 from huggingface_hub import CommitOperationAdd, DatasetCard, EvalResult, HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import (
     LocalEntryNotFoundError,
@@ -22,14 +23,14 @@ from huggingface_hub.errors import (
 from safetensors.torch import save_file
 from transformers import BertTokenizerFast
 
-import ocd_hf.modeling_ocd as modeling_ocd
-from conftest import TINY_DENOISER, text_batch, tiny_bert
+import ocd_hf.methods.ocd.modeling as modeling_ocd
 from ocd_hf import OCDWrapper
-from ocd_hf.deltas import load_deltas, load_harvest_metadata
-from ocd_hf.harvest import harvest_deltas
-from ocd_hf.evaluation import ResultRow, ResultsTable
-from ocd_hf.hub import load_deltas_from_hub, push_deltas_to_hub, push_hypernetwork_from_directory
-from ocd_hf.model_card import GENERATED_END, GENERATED_START, template_path
+from ocd_hf.cards import GENERATED_END, GENERATED_START, template_path
+from ocd_hf.cli import push_hypernetwork_from_directory
+from ocd_hf.methods.ocd.deltas import load_deltas, load_harvest_metadata
+from ocd_hf.methods.ocd.harvest import harvest_deltas
+from ocd_hf.methods.ocd.hub import load_deltas_from_hub, push_deltas_to_hub
+from ocd_hf.results import ResultRow, ResultsTable
 
 TINY_OCD = {"denoiser_config": TINY_DENOISER, "condition_hidden_dim": 16}
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "an", "example", "input", ".", "good", "bad", "tea"]

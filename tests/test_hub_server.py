@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest_hub import _refuse_non_loopback
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationCopy,
@@ -31,8 +32,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import get_session
-
-from conftest_hub import _refuse_non_loopback
 
 BINARY = bytes(range(256)) * 64  # has NUL bytes: uploaded through LFS
 

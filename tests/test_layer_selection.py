@@ -15,7 +15,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from ocd_hf.layer_selection import LayerRanking, kde_entropy, reinit_perturbation, select_layer
+from ocd_hf.methods.ocd.layer_selection import LayerRanking, kde_entropy, reinit_perturbation, select_layer
 from ocd_hf.target import linear_layers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,12 @@ from conftest import TINY_DENOISER
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from ocd_hf import LeNet5Config, LeNet5ForImageClassification, OCDConfig, OCDWrapper, find_target_linear
-from ocd_hf.modeling_ocd import load_pretrained_backbone
+from ocd_hf import LeNet5Config, LeNet5ForImageClassification, OCDConfig, OCDWrapper, find_target_linear, load_pretrained_backbone
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import lenet_ocd  # noqa: E402  (recipes/ is a folder of scripts, not a package)
-from data import load_image_classification  # noqa: E402
-from test_recipes_data import write_fashion_mnist  # noqa: E402
+import lenet_ocd  # recipes/ is on pytest's pythonpath
+from data import load_image_classification
+from test_recipes_data import write_fashion_mnist
 
 NAMES = ["cat", "dog", "fox"]
 TINY_LENET = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,11 @@ from ocd_hf import OCDWrapper
 from ocd_hf.backbones import SetFitBackbone
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 pytest.importorskip("setfit")
-import deit_ocd  # noqa: E402  (recipes/ is a folder of scripts, not a package)
-import setfit_ocd  # noqa: E402
-from test_backbones import WORDS, write_tiny_bert  # noqa: E402
-from test_recipes_data import write_fashion_mnist  # noqa: E402
+import deit_ocd  # recipes/ is on pytest's pythonpath
+import setfit_ocd
+from test_backbones import WORDS, write_tiny_bert
+from test_recipes_data import write_fashion_mnist
 
 # Every stage with the least work: 2 shots, 1 seed, 2 training steps, a handful of test rows.
 TINY_SETFIT = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import data as recipe_data  # noqa: E402  (recipes/ is a folder of scripts, not a package)
+import data as recipe_data  # recipes/ is on pytest's pythonpath
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,19 @@ import torch
 from conftest import TINY_DENOISER, tiny_bert
 from datasets import Array2D, Dataset, Features, Value
 from datasets import List as ListFeature
+from helpers import subprocess_env
 
-from ocd_hf.modeling_ocd import OCDWrapper
-from ocd_hf.overfit import overfit_deltas
+from ocd_hf import OCDWrapper
+from ocd_hf.finetune import overfit_deltas
+from ocd_hf.methods.ocd.training import (
+    CHECKPOINTS_DIR,
+    HISTORY_NAME,
+    TRAINING_STATE_NAME,
+    build_config,
+    list_checkpoints,
+    train_hypernetwork,
+)
 from ocd_hf.target import capture_conditioning, describe_backbone, find_target_linear
-from ocd_hf.training import CHECKPOINTS_DIR, HISTORY_NAME, TRAINING_STATE_NAME, build_config, list_checkpoints, train_hypernetwork
 
 TINY_OVERRIDES = {"delta_mode": "full", "denoiser_config": TINY_DENOISER, "condition_hidden_dim": 16}
 QUIET = {"progress": False, "learning_rate": 2e-3}
@@ -198,7 +205,7 @@ def test_factorised_mode_refuses_deltas_that_are_not_rank1(backbone, deltas, tmp
 
 
 def test_trains_from_a_harvested_directory_in_bfloat16(backbone, tmp_path):
-    from ocd_hf.harvest import harvest_deltas
+    from ocd_hf.methods.ocd.harvest import harvest_deltas
 
     generator = torch.Generator().manual_seed(0)
     source = Dataset.from_dict({
@@ -219,7 +226,7 @@ def test_two_process_ddp_run_writes_one_model(tmp_path):
     script = Path(__file__).parent / "scripts" / "train_ddp.py"
     # `accelerate launch --cpu --num_processes 2` starts a single process without mpirun; torchrun-style
     # launching (--multi_gpu) with ACCELERATE_USE_CPU gives two gloo processes on CPU.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -11,18 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
-from pathlib import Path
 
 import torch
+from helpers.harvest_fixtures import CASES, build_backbone, build_dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from harvest_fixtures import CASES, build_backbone, build_dataset  # noqa: E402
-
-from ocd_hf.deltas import ShardWriter  # noqa: E402
-from ocd_hf.harvest import harvest_deltas  # noqa: E402
+from ocd_hf.methods.ocd.harvest import harvest_deltas
+from ocd_hf.weight_datasets import ShardWriter
 
 
 def die_after_shards(count: int) -> None:

@@ -6,19 +6,15 @@ Usage: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 test
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from conftest import tiny_bert  # tests/ is on PYTHONPATH (see helpers.subprocess_env)
+from test_training import QUIET, TINY_OVERRIDES, harvest_tiny
+
+from ocd_hf.methods.ocd.training import train_hypernetwork
 
 torch.set_num_threads(1)
-TESTS_DIR = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS_DIR), str(TESTS_DIR.parent)]  # the test helpers and the ocd_hf checkout
-
-from conftest import tiny_bert  # noqa: E402
-from test_training import QUIET, TINY_OVERRIDES, harvest_tiny  # noqa: E402
-
-from ocd_hf.training import train_hypernetwork  # noqa: E402
 
 
 def main(output_dir: str) -> None:

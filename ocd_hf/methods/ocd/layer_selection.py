@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .overfit import LossFn, per_sample_task_loss
-from .target import backbone_task, find_target_linear, linear_layers, model_output_tensor
+from ...finetune import LossFn, per_sample_task_loss
+from ...target import backbone_task, find_target_linear, linear_layers, model_output_tensor
 
 PERTURBATIONS = ("gaussian", "reinit")
 BANDWIDTH_RULES = ("scott", "silverman")

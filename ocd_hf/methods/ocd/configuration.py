@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from .factorised import FACTOR_RULES
+from ...factorised import FACTOR_RULES
 
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     # The official OCD code: 1000 training steps, betas linspace(1e-6, 1e-2), epsilon prediction,
@@ -236,6 +236,6 @@ class OCDConfig(PretrainedConfig):
         Shapes are read from the layer; ``output_dim``, ``task`` and ``per_token`` are read from
         the backbone's config, or measured with one forward pass on ``example_inputs`` if given.
         """
-        from .target import describe_backbone
+        from ...target import describe_backbone
 
         return cls(**{**describe_backbone(backbone, target_module, example_inputs), **kwargs})

@@ -4,28 +4,33 @@ shift of one of its Linear layers, applied per sample in a single batched forwar
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-from dataclasses import dataclass
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
-import transformers
-from huggingface_hub import CommitInfo, ModelCard
-from safetensors.torch import load_file, save_file
+from huggingface_hub import ModelCard
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_ocd import OCDConfig
-from .factorised import expand_factors
-from .hub import CONFIG_NAME, WEIGHTS_NAME, push_hypernetwork_to_hub, resolve_file
-from .hypernetwork import OCDHypernetwork
-from .model_card import OCDModelCardData, render_model_card, write_model_card
-from .overfit import overfit_deltas, overfit_head_deltas
-from .target import (
+from ...backbones import load_pretrained_backbone
+from ...cards import GeneratorCardData
+from ...factorised import expand_factors
+from ...finetune import overfit_deltas, overfit_head_deltas
+from ...hub import resolve_file
+from ...modeling_utils import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    GeneratorHubMixin,
+    load_checked_state,
+    read_config,
+    read_weights,
+    save_generator,
+)
+from ...target import (
     Conditioning,
     capture_conditioning,
     delta_shift,
@@ -34,6 +39,10 @@ from .target import (
     layer_fingerprint,
     model_output_tensor,
 )
+from .configuration import OCDConfig
+from .hypernetwork import OCDHypernetwork
+from .model_card import ocd_card, write_model_card
+
 
 def check_backbone(config: OCDConfig, backbone: nn.Module, strict_fingerprint: bool = True) -> tuple[str, nn.Linear]:
     """Check that ``backbone`` has the target layer ``config`` was made for; return its name and module.
@@ -92,7 +101,7 @@ class OCDOutput(ModelOutput):
     mean_network_logits: torch.Tensor | None = None
 
 
-class OCDWrapper(PreTrainedModel):
+class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
     """A backbone with an OCD hypernetwork on one of its ``nn.Linear`` layers.
 
     Build it with :meth:`attach` (a new, untrained hypernetwork) or :meth:`from_pretrained`.
@@ -335,54 +344,22 @@ class OCDWrapper(PreTrainedModel):
 
         The model card is created, or updated when the directory already has one (sections written
         outside its generated block are kept). ``model_card_kwargs`` are fields of
-        :class:`~ocd_hf.model_card.OCDModelCardData` (``model_id``, ``eval_results``,
-        ``results_table``, ``training_config``, ``datasets``, ``license``, ...). Extra keyword
-        arguments of ``PreTrainedModel.save_pretrained`` are accepted and ignored, except
-        ``is_main_process``.
+        :class:`~ocd_hf.GeneratorCardData` (``model_id``, ``eval_results``, ``results_table``,
+        ``training_config``, ``datasets``, ``license``, ...). Extra keyword arguments of
+        ``PreTrainedModel.save_pretrained`` are accepted and ignored, except ``is_main_process``.
         """
         if not kwargs.get("is_main_process", True):
             return
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
-        card_data = OCDModelCardData.from_kwargs(model_card_kwargs)
-        os.makedirs(save_directory, exist_ok=True)
-        self.config.save_pretrained(save_directory)
-        save_file(self.hypernetwork_state_dict(), os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        card_data = GeneratorCardData.from_kwargs(model_card_kwargs)
+        save_generator(save_directory, self.config, self.hypernetwork_state_dict())
         write_model_card(self, save_directory, card_data)
 
     def model_card(self, **model_card_kwargs: Any) -> ModelCard:
-        """The model card of this hypernetwork; keyword arguments are fields of :class:`~ocd_hf.model_card.OCDModelCardData`."""
-        return render_model_card(self, OCDModelCardData.from_kwargs(model_card_kwargs))
+        """The model card of this hypernetwork; keyword arguments are fields of :class:`~ocd_hf.GeneratorCardData`."""
+        return ocd_card(self, GeneratorCardData.from_kwargs(model_card_kwargs))
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        revision: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        commit_message: str | None = None,
-        create_pr: bool = False,
-        model_card_kwargs: Mapping[str, Any] | None = None,
-        eval_results: list[Any] | None = None,
-        results_table: str | None = None,
-    ) -> CommitInfo:
-        """Upload ``config.json``, ``model.safetensors`` and ``README.md`` to ``repo_id`` in one commit.
-
-        Creates the repo (and branch ``revision``) if missing; an existing card keeps its
-        user-written sections. ``eval_results`` (``huggingface_hub.EvalResult`` list, the card's
-        ``model-index``) and ``results_table`` (markdown) describe measured results; other card
-        fields go in ``model_card_kwargs``. Returns the commit's ``CommitInfo``.
-        """
-        card_kwargs = dict(model_card_kwargs or {})
-        if eval_results is not None:
-            card_kwargs["eval_results"] = eval_results
-        if results_table is not None:
-            card_kwargs["results_table"] = results_table
-        return push_hypernetwork_to_hub(
-            self, repo_id, revision=revision, private=private, token=token, commit_message=commit_message,
-            create_pr=create_pr, model_card_kwargs=card_kwargs,
-        )
+    def default_commit_message(self) -> str:
+        return f"Upload OCD hypernetwork for {self.config.target_module}"
 
     @classmethod
     def from_pretrained(
@@ -420,8 +397,8 @@ class OCDWrapper(PreTrainedModel):
         config_file = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
         weights_file = resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub_kwargs)
         if config is None:
-            config = read_config(config_file)
-        state = read_hypernetwork_weights(weights_file)
+            config = read_config(OCDConfig, config_file)
+        state = read_weights(weights_file)
         if backbone is None:
             backbone = load_backbone(config, **backbone_kwargs)
         model = cls(config, backbone, strict_fingerprint=strict_fingerprint)
@@ -431,65 +408,7 @@ class OCDWrapper(PreTrainedModel):
 
     def load_hypernetwork_state(self, state: Mapping[str, torch.Tensor], source: str | os.PathLike = "the state dict") -> None:
         """Load a hypernetwork state dict, refusing missing, unexpected or misshapen tensors (nothing is loaded then)."""
-        expected = self.hypernetwork.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        misshapen = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-        if missing or unexpected or misshapen:
-            raise ValueError(
-                f"Hypernetwork weights in {source} do not match the config: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}, wrong shape {misshapen[:5]}. Were config.json and model.safetensors "
-                "saved together?"
-            )
-        self.hypernetwork.load_state_dict(state)
-
-
-def read_config(config_file: str | os.PathLike) -> OCDConfig:
-    """The ``OCDConfig`` in ``config_file``; ``ValueError`` naming the file if it is not valid JSON."""
-    try:
-        return OCDConfig.from_json_file(config_file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"Cannot read the OCD config {config_file}: {error}. The file is corrupt or truncated; save or push "
-            "the hypernetwork again (or pass force_download=True if it came from the Hub cache)."
-        ) from error
-
-
-def read_hypernetwork_weights(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a hypernetwork ``model.safetensors``; ``ValueError`` if it is corrupt, truncated or not finite."""
-    advice = "save or push the hypernetwork again (or pass force_download=True if it came from the Hub cache)"
-    try:
-        state = load_file(str(weights_file))
-    except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise ValueError(
-            f"Cannot read hypernetwork weights {weights_file}: {error}. The file is corrupt or truncated; {advice}."
-        ) from error
-    not_finite = sorted(name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all())
-    if not_finite:
-        raise ValueError(
-            f"Hypernetwork weights {weights_file} hold non-finite values in {not_finite[:5]}: the file is corrupt or "
-            f"the training diverged; {advice}."
-        )
-    return state
-
-
-def load_pretrained_backbone(name_or_path: str, class_name: str | None = None, **kwargs: Any) -> nn.Module:
-    """Load a backbone with the class named ``class_name`` from ``transformers`` or :mod:`ocd_hf.backbones`
-    (default: the first of its config's ``architectures``, else ``AutoModelForSequenceClassification``)."""
-    if class_name is None:
-        architectures = AutoConfig.from_pretrained(name_or_path, revision=kwargs.get("revision")).architectures or []
-        class_name = architectures[0] if architectures else "AutoModelForSequenceClassification"
-    model_class = getattr(transformers, class_name, None)
-    if model_class is None and class_name:
-        from . import backbones  # imported only when needed: it registers its classes with transformers
-
-        model_class = getattr(backbones, class_name, None)
-    if model_class is None or not hasattr(model_class, "from_pretrained"):
-        raise ValueError(
-            f"Cannot load backbone class {class_name!r}: it is neither a transformers class nor one of ocd_hf.backbones. "
-            "Load the backbone yourself and pass backbone=..."
-        )
-    return model_class.from_pretrained(name_or_path, **kwargs)
+        load_checked_state(self.hypernetwork, state, source)
 
 
 def load_backbone(config: OCDConfig, **kwargs: Any) -> nn.Module:

@@ -7,40 +7,39 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from accelerate import Accelerator
-from accelerate.data_loader import SeedableRandomSampler
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from datasets import Dataset
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .configuration_ocd import BACKBONE_FIELDS, OCDConfig
+from ...factorised import RULE_FOR_OPTIMIZER, expand_factors, factorise_deltas
+from ...target import find_target_linear
+from ...trainer import (
+    CHECKPOINTS_DIR,
+    HISTORY_NAME,
+    TRAINING_STATE_NAME,
+    GeneratorTrainer,
+    GeneratorTrainingArguments,
+    list_checkpoints,
+)
+from .configuration import BACKBONE_FIELDS, OCDConfig
 from .deltas import delta_storage, resolve_deltas, stored_factor_rule
-from .factorised import RULE_FOR_OPTIMIZER, expand_factors, factorise_deltas
 from .hypernetwork import OCDHypernetwork, delta_scale
-from .modeling_ocd import OCDWrapper
-from .target import find_target_linear
+from .modeling import OCDWrapper
+
+__all__ = ["CHECKPOINTS_DIR", "HISTORY_NAME", "TRAINING_STATE_NAME", "OCDTrainingArguments", "list_checkpoints", "train_hypernetwork"]
 
 logger = get_logger(__name__)
 
-HISTORY_NAME = "training_history.json"
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINING_STATE_NAME = "training_state.json"
-EMA_WEIGHTS_NAME = "ema.safetensors"
 SCALE_LOSSES = ("log_mse", "db")
 
 REQUIRED_BACKBONE_FIELDS = ("target_module", "in_features", "out_features", "output_dim")
@@ -311,6 +310,11 @@ def set_log_rho_statistics(config: OCDConfig, log_rho: torch.Tensor) -> None:
     config.log_rho_std = max(spread, MIN_LOG_RHO_STD)
 
 
+def tracker_config(args: GeneratorTrainingArguments) -> dict[str, Any]:
+    """The settings as trackers accept them (scalars and strings only)."""
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in vars(args).items()}
+
+
 # ----- the training objective ----------------------------------------------------------------------
 
 
@@ -341,13 +345,13 @@ class HypernetworkLoss(nn.Module):
         self.scale_loss = scale_loss
         self.scheduler = hypernetwork.make_scheduler()
 
-    def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         config = self.hypernetwork.config
         embedding = self.hypernetwork.embed_condition({c: batch[CONDITION_COLUMNS[c][0]].float() for c in config.condition_components})
         if config.generator == "label":
             logits = self.hypernetwork.label_logits(embedding).float()
             loss = F.cross_entropy(logits, batch["label"].long(), reduction="none")
-            return loss, torch.zeros_like(loss)
+            return {"denoise": loss, "scale": torch.zeros_like(loss)}
         clean, rho = denoiser_targets(self.hypernetwork, batch)
         if config.generator == "regression":
             generator_loss = (self.hypernetwork.regress(embedding).float() - clean).pow(2).flatten(1).mean(1)
@@ -365,400 +369,78 @@ class HypernetworkLoss(nn.Module):
         else:
             rho_pred = torch.exp(config.log_rho_mean + config.log_rho_std * standardised)
             scale = 10.0 * torch.log10((rho_pred - rho).pow(2) / rho.pow(2) + DB_EPSILON)
-        return generator_loss, scale
-
-
-# ----- settings and loop state ---------------------------------------------------------------------
+        return {"denoise": generator_loss, "scale": scale}
 
 
 @dataclass
-class TrainingArguments:
-    """Hyperparameters of :func:`train_hypernetwork` (see its docstring), validated on creation."""
+class OCDTrainingArguments(GeneratorTrainingArguments):
+    """The training loop's settings plus OCD's scale loss (see :func:`train_hypernetwork`)."""
 
-    num_steps: int | None = None
-    num_epochs: int | None = None
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    gradient_accumulation_steps: int | None = None
-    max_grad_norm: float | None = 1.0
-    ema_decay: float | None = 0.9999
-    ema_power: float = 0.75
-    scale_loss: str = "log_mse"
-    scale_loss_weight: float = 1.0
-    validation_fraction: float = 0.1
-    logging_steps: int = 10
-    validation_steps: int | None = None
-    checkpointing_steps: int | None = None
-    checkpoints_total_limit: int | None = None
-    seed: int = 0
-    progress: bool = True
+    scale_loss: str = field(default="log_mse", metadata={
+        "help": "log_mse: MSE on the standardised log ρ the scale net predicts; db: the paper's 10·log10((ρ̂−ρ)²/ρ² + 1e-8), "
+        "unbounded below with a gradient ∝ 1/|ρ̂−ρ| that explodes when ρ is nearly constant (Adam deltas)",
+        "choices": list(SCALE_LOSSES)})
+    scale_loss_weight: float = field(default=1.0, metadata={"help": "weight of the scale loss added to the denoising loss"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.scale_loss not in SCALE_LOSSES:
             raise ValueError(f"scale_loss must be one of {SCALE_LOSSES}, got {self.scale_loss!r}.")
-        if self.num_steps is not None and self.num_epochs is not None:
-            raise ValueError("Pass num_steps or num_epochs, not both.")
-        positive = ("num_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "validation_steps",
-                    "checkpointing_steps", "checkpoints_total_limit")
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}.")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}.")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}.")
-
-
-@dataclass
-class TrainingState:
-    """What a checkpoint stores besides Accelerate's state: the step, the history, the open logging window."""
-
-    global_step: int = 0
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-    window_denoise: float = 0.0
-    window_scale: float = 0.0
-    window_batches: int = 0
-
-
-# ----- checkpoints -----------------------------------------------------------------------------------
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The checkpoints written under ``output_dir``, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    found = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=checkpoint_step)
-
-
-def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | None) -> Path | None:
-    """The checkpoint directory to resume from: ``"latest"`` (``None`` if there is none yet) or an explicit path."""
-    if resume_from_checkpoint is None:
-        return None
-    if str(resume_from_checkpoint) == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume_from_checkpoint)
-    if not (path / TRAINING_STATE_NAME).is_file():
-        raise ValueError(
-            f"resume_from_checkpoint={str(path)!r} is not a checkpoint written by train_hypernetwork (no {TRAINING_STATE_NAME}); "
-            f"pass 'latest' or a directory like {Path(output_dir) / CHECKPOINTS_DIR / (CHECKPOINT_PREFIX + '100')}."
-        )
-    return path
-
-
-# ----- the training loop -----------------------------------------------------------------------------
-
-
-def make_loader(dataset: Dataset, batch_size: int, seed: int | None) -> DataLoader:
-    """A DataLoader over a torch-formatted dataset; shuffled with a per-epoch seed (``seed + epoch``) if ``seed`` is given."""
-    sampler = SeedableRandomSampler(dataset, data_seed=seed) if seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-
-
-class HypernetworkTrainer:
-    """The Accelerate training loop of one hypernetwork: AdamW, LR schedule, gradient accumulation and
-    clipping, EMA, periodic logging and validation, and checkpoints that resume exactly.
-
-    Exact resumption: Accelerate's checkpoint restores the weights, optimizer, LR schedule and RNGs;
-    the trainer adds the loop state (JSON), the EMA weights and each process's noise generator
-    (safetensors), and skips the batches of the current epoch already seen (the data order is
-    ``seed + epoch``).
-    """
-
-    def __init__(
-        self,
-        hypernetwork: OCDHypernetwork,
-        train_set: Dataset,
-        validation_set: Dataset | None,
-        args: TrainingArguments,
-        accelerator: Accelerator,
-        output_dir: str | os.PathLike,
-    ) -> None:
-        self.hypernetwork = hypernetwork
-        self.args = args
-        self.accelerator = accelerator
-        self.output_dir = Path(output_dir)
-        self.accumulation = accelerator.gradient_accumulation_steps
-        batches_per_epoch = math.ceil(len(train_set) / (args.batch_size * accelerator.num_processes))
-        steps_per_epoch = math.ceil(batches_per_epoch / self.accumulation)
-        self.total_steps = args.num_steps if args.num_steps is not None else steps_per_epoch * (args.num_epochs or 10)
-        optimizer = torch.optim.AdamW(hypernetwork.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-        # Accelerate steps a prepared scheduler once per process per optimizer step.
-        schedule = get_scheduler(
-            args.lr_scheduler,
-            optimizer,
-            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=self.total_steps * accelerator.num_processes,
-        )
-        loaders = [make_loader(train_set, args.batch_size, args.seed)]
-        if validation_set is not None:
-            loaders.append(make_loader(validation_set, args.batch_size, None))
-        prepared = accelerator.prepare(HypernetworkLoss(hypernetwork, args.scale_loss), optimizer, schedule, *loaders)
-        self.loss, self.optimizer, self.schedule, self.train_loader = prepared[:4]
-        self.validation_loader = prepared[4] if validation_set is not None else None
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accumulation)
-        self.parameters = list(hypernetwork.parameters())
-        self.ema = None
-        if args.ema_decay is not None:
-            self.ema = EMAModel(self.parameters, decay=args.ema_decay, use_ema_warmup=True, power=args.ema_power)
-        self.generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
-        self.state = TrainingState()
-
-    def train(self, resume_from_checkpoint: str | os.PathLike | None = None) -> TrainingState:
-        """Run (or resume) training to ``total_steps``; the hypernetwork ends with the EMA weights, in eval mode."""
-        checkpoint = resolve_checkpoint(self.output_dir, resume_from_checkpoint)
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
-            logger.info(f"Resumed from {checkpoint} at step {self.state.global_step}", main_process_only=True)
-        elif resume_from_checkpoint is not None:
-            logger.info(f"No checkpoint under {self.output_dir}; training from scratch.", main_process_only=True)
-        show = self.args.progress and self.accelerator.is_local_main_process
-        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="Training", disable=not show)
-        self.loss.train()
-        epoch = self.state.global_step // self.steps_per_epoch
-        while self.state.global_step < self.total_steps:
-            for batch in self.epoch_batches(epoch):
-                self.training_step(batch)
-                if self.accelerator.sync_gradients:
-                    self.after_optimizer_step(bar)
-                    if self.state.global_step >= self.total_steps:
-                        break
-            epoch += 1
-        bar.close()
-        self.accelerator.wait_for_everyone()
-        if self.ema is not None:
-            self.ema.copy_to(self.parameters)
-        self.hypernetwork.eval()
-        return self.state
-
-    def epoch_batches(self, epoch: int) -> DataLoader:
-        """The batches of ``epoch`` not yet trained on (all of them, except in the epoch a run resumes in)."""
-        self.train_loader.set_epoch(epoch)
-        seen = (self.state.global_step - epoch * self.steps_per_epoch) * self.accumulation
-        return self.accelerator.skip_first_batches(self.train_loader, seen) if seen else self.train_loader
-
-    def training_step(self, batch: Mapping[str, torch.Tensor]) -> None:
-        """Forward and backward one batch; the optimizer steps when the accumulation window closes."""
-        with self.accelerator.accumulate(self.loss):
-            denoise, scale = self.loss(batch, self.generator)
-            self.accelerator.backward(denoise.mean() + self.args.scale_loss_weight * scale.mean())
-            if self.accelerator.sync_gradients and self.args.max_grad_norm is not None:
-                self.accelerator.clip_grad_norm_(self.loss.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
-            self.schedule.step()
-            self.optimizer.zero_grad()
-        self.state.window_denoise += float(denoise.detach().mean())
-        self.state.window_scale += float(scale.detach().mean())
-        self.state.window_batches += 1
-
-    def after_optimizer_step(self, bar: tqdm) -> None:
-        """Count the step, update the EMA, and log, validate and checkpoint when due."""
-        state, args = self.state, self.args
-        state.global_step += 1
-        bar.update(1)
-        if self.ema is not None:
-            self.ema.step(self.parameters)
-        finished = state.global_step >= self.total_steps
-        entry: dict[str, Any] = {}
-        if state.global_step % args.logging_steps == 0 or finished:
-            entry.update(self.close_window())
-        if self.validation_loader is not None and (state.global_step % (args.validation_steps or args.logging_steps) == 0 or finished):
-            entry.update(self.validate())
-        if entry:
-            entry = {"step": state.global_step, "epoch": round(state.global_step / self.steps_per_epoch, 4), **entry}
-            state.log_history.append(entry)
-            self.accelerator.log(entry, step=state.global_step)
-            bar.set_postfix({key: f"{value:.4g}" for key, value in entry.items() if key.endswith("loss")})
-        if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
-            self.save_checkpoint()
-
-    def close_window(self) -> dict[str, float]:
-        """Mean training losses over the batches since the last log (all processes), then reset."""
-        state = self.state
-        sums = torch.tensor([state.window_denoise, state.window_scale], device=self.accelerator.device)
-        sums = self.accelerator.reduce(sums, "mean") / state.window_batches
-        state.window_denoise, state.window_scale, state.window_batches = 0.0, 0.0, 0
-        return {"denoise_loss": float(sums[0]), "scale_loss": float(sums[1]), "learning_rate": self.schedule.get_last_lr()[0]}
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Validation losses of the EMA weights (those that are saved), with noise drawn from a fixed seed
-        so that values compare across steps."""
-        if self.ema is not None:
-            self.ema.store(self.parameters)
-            self.ema.copy_to(self.parameters)
-        generator = torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed + self.accelerator.process_index)
-        self.loss.eval()
-        denoise, scale = [], []
-        for batch in self.validation_loader:
-            batch_denoise, batch_scale = self.loss(batch, generator)
-            denoise.append(self.accelerator.gather_for_metrics(batch_denoise))
-            scale.append(self.accelerator.gather_for_metrics(batch_scale))
-        self.loss.train()
-        if self.ema is not None:
-            self.ema.restore(self.parameters)
-        return {"val_denoise_loss": float(torch.cat(denoise).mean()), "val_scale_loss": float(torch.cat(scale).mean())}
-
-    def save_checkpoint(self) -> Path:
-        """``accelerator.save_state`` to ``checkpoints/checkpoint-<step>`` plus the loop state, the EMA weights
-        and each process's noise generator; keeps at most ``checkpoints_total_limit`` checkpoints."""
-        accelerator, limit = self.accelerator, self.args.checkpoints_total_limit
-        if accelerator.is_main_process and limit is not None:
-            existing = list_checkpoints(self.output_dir)
-            for old in existing[: max(0, len(existing) - limit + 1)]:
-                shutil.rmtree(old)
-        path = self.output_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(path))
-        save_file({"state": self.generator.get_state()}, str(path / f"noise_generator_{accelerator.process_index}.safetensors"))
-        if accelerator.is_main_process:
-            ema_state = {}
-            if self.ema is not None:
-                shadow = {str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)}
-                save_file(shadow, str(path / EMA_WEIGHTS_NAME))
-                ema_state = {key: value for key, value in self.ema.state_dict().items() if key != "shadow_params"}
-            (path / TRAINING_STATE_NAME).write_text(json.dumps({**asdict(self.state), "ema": ema_state}, indent=2))
-        accelerator.wait_for_everyone()
-        logger.info(f"Saved checkpoint {path}", main_process_only=True)
-        return path
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Inverse of :meth:`save_checkpoint`."""
-        accelerator = self.accelerator
-        generator_file = path / f"noise_generator_{accelerator.process_index}.safetensors"
-        if not generator_file.is_file():
-            raise ValueError(
-                f"Checkpoint {path} has no noise generator for process {accelerator.process_index}: it was written by fewer "
-                "processes. Resume with the number of processes that wrote it."
-            )
-        if self.ema is not None and not (path / EMA_WEIGHTS_NAME).is_file():
-            raise ValueError(f"Checkpoint {path} holds no EMA weights but ema_decay is set; resume with ema_decay=None.")
-        accelerator.load_state(str(path))
-        saved = json.loads((path / TRAINING_STATE_NAME).read_text())
-        ema_state = saved.pop("ema")
-        self.state = TrainingState(**saved)
-        self.generator.set_state(load_file(str(generator_file))["state"])
-        if self.ema is not None:
-            shadow = load_file(str(path / EMA_WEIGHTS_NAME))
-            self.ema.load_state_dict({**ema_state, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-            self.ema.to(accelerator.device)
-
-    def history(self, num_train: int, num_validation: int) -> dict[str, Any]:
-        """The JSON written to ``training_history.json``."""
-        return {
-            "global_step": self.state.global_step,
-            "num_steps": self.total_steps,
-            "steps_per_epoch": self.steps_per_epoch,
-            "num_train_deltas": num_train,
-            "num_validation_deltas": num_validation,
-            "num_processes": self.accelerator.num_processes,
-            "total_batch_size": self.args.batch_size * self.accelerator.num_processes * self.accumulation,
-            "settings": {**asdict(self.args), "gradient_accumulation_steps": self.accumulation},
-            "log_history": self.state.log_history,
-        }
 
 
 def train_hypernetwork(
     deltas: str | os.PathLike | tuple[Dataset, Mapping[str, Any]],
     backbone: nn.Module,
     output_dir: str | os.PathLike,
+    args: OCDTrainingArguments | None = None,
     *,
     config_overrides: Mapping[str, Any] | None = None,
-    num_steps: int | None = None,
-    num_epochs: int | None = None,
-    batch_size: int = 32,
-    learning_rate: float = 1e-4,
-    weight_decay: float = 0.0,
-    lr_scheduler: str = "constant",
-    lr_warmup_steps: int = 0,
-    gradient_accumulation_steps: int | None = None,
-    max_grad_norm: float | None = 1.0,
-    ema_decay: float | None = 0.9999,
-    ema_power: float = 0.75,
-    scale_loss: str = "log_mse",
-    scale_loss_weight: float = 1.0,
-    validation_fraction: float = 0.1,
-    logging_steps: int = 10,
-    validation_steps: int | None = None,
-    checkpointing_steps: int | None = None,
-    checkpoints_total_limit: int | None = None,
     resume_from_checkpoint: str | os.PathLike | None = None,
-    seed: int = 0,
     accelerator: Accelerator | None = None,
-    progress: bool = True,
+    **training_kwargs: Any,
 ) -> OCDWrapper:
     """Train an OCD hypernetwork for ``backbone`` on harvested deltas; save it to ``output_dir`` and return it.
 
     Args:
-        deltas: a delta dataset directory (read with :func:`ocd_hf.deltas.load_deltas`) or a
+        deltas: a delta dataset directory (read with :func:`ocd_hf.load_deltas`) or a
             ``(datasets.Dataset, harvest metadata)`` pair, in full or factorised storage. Factorised
             storage trains a factorised hypernetwork directly on the stored factors; a full-mode
             hypernetwork on it expands each batch to ``u vᵀ`` (a ``batch × out × in`` tensor per batch).
         backbone: the model the deltas were harvested from (its target layer is checked, never trained).
         output_dir: receives ``config.json`` + ``model.safetensors`` (via ``save_pretrained``),
             ``training_history.json`` and ``checkpoints/checkpoint-<step>``.
+        args: the training settings (:class:`OCDTrainingArguments`: steps, batch size, optimizer,
+            EMA, validation, checkpoints, trackers, scale loss). Or pass its fields as keyword
+            arguments (``num_steps=300, batch_size=16``); not both.
         config_overrides: any of ``delta_mode``, ``generator``, ``label_combination``, ``factor_rule``, ``denoiser_config``,
             ``scheduler_config``, ``num_inference_steps``, ``condition_hidden_dim``,
             ``condition_components``, ``delta_normalization``. With ``delta_mode="factorised"``
             the factor rule defaults to the harvest optimizer's (Adam: ``"sign"``, SGD: ``"input"``).
-        num_steps / num_epochs: length of training in optimizer steps or in passes over the
-            training split (give at most one; default 10 epochs).
-        batch_size: deltas per process and per forward; an optimizer step sees
-            ``batch_size × processes × gradient_accumulation_steps`` deltas.
-        learning_rate / weight_decay: AdamW (the paper: Adam, lr 1e-4).
-        lr_scheduler / lr_warmup_steps: a ``diffusers.optimization.get_scheduler`` schedule.
-        gradient_accumulation_steps: batches per optimizer step (default: the accelerator's, else 1).
-        max_grad_norm: gradient clipping (``None`` disables it).
-        ema_decay: upper bound of the EMA decay (``None`` disables EMA). The decay warms up as
-            ``1 − (1 + step)^−ema_power``: the official constant 0.9999 averages over ~10 000 steps and
-            would leave an EMA still dominated by the random initialisation in any CPU-sized run,
-            whereas the warm-up averages over the last ~``step^ema_power`` steps (32 at step 100,
-            180 at step 1 000), so the EMA is useful at every run length. The power 3/4 is
-            diffusers' recommendation for runs shorter than a few hundred thousand steps.
-        scale_loss: ``"log_mse"`` (default): MSE on the standardised ``log ρ`` the scale net predicts.
-            ``"db"``: the paper's ``10·log10((ρ̂−ρ)²/ρ² + 1e-8)``, unbounded below and with a gradient
-            ∝ 1/|ρ̂−ρ| that explodes once ρ̂ is close, which happens at once when ρ is nearly constant
-            (Adam deltas: every element moves by ±lr); the log MSE is smooth and well scaled there.
-        scale_loss_weight: weight of the scale loss added to the denoising loss.
-        validation_fraction: share of the deltas held out; their denoising and scale losses are
-            logged (with the EMA weights, i.e. the weights that are saved).
-        logging_steps: log the mean training losses every so many optimizer steps.
-        validation_steps: validate every so many steps (default: at every logging step) and at the end.
-        checkpointing_steps: ``accelerator.save_state`` every so many steps (``None``: never).
-        checkpoints_total_limit: keep at most this many checkpoints.
         resume_from_checkpoint: ``"latest"`` (the newest under ``output_dir``; starts afresh if none)
             or a checkpoint directory. The step count, data order, noise, optimizer, LR schedule and
             EMA continue exactly where they stopped.
-        seed: seeds the initialisation, the data order, the noise and the validation split.
-        accelerator: an ``Accelerator`` to use (default: a new one).
-        progress: show progress bars (main process only).
+        accelerator: an ``Accelerator`` to use (default: a new one, logging to ``args.report_to``).
 
     Returns:
         The trained :class:`OCDWrapper` (EMA weights in its hypernetwork), in eval mode.
     """
-    args = TrainingArguments(
-        num_steps=num_steps, num_epochs=num_epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
-        lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps, gradient_accumulation_steps=gradient_accumulation_steps,
-        max_grad_norm=max_grad_norm, ema_decay=ema_decay, ema_power=ema_power, scale_loss=scale_loss,
-        scale_loss_weight=scale_loss_weight, validation_fraction=validation_fraction, logging_steps=logging_steps,
-        validation_steps=validation_steps, checkpointing_steps=checkpointing_steps,
-        checkpoints_total_limit=checkpoints_total_limit, seed=seed, progress=progress,
-    )
+    if args is not None and training_kwargs:
+        raise TypeError(f"Pass the training settings as args= or as keyword arguments, not both (got {sorted(training_kwargs)}).")
+    known = {f.name for f in fields(OCDTrainingArguments)}
+    unknown = sorted(set(training_kwargs) - known)
+    if unknown:
+        raise TypeError(f"Unknown training arguments {unknown}; OCDTrainingArguments has {sorted(known)}.")
+    args = args or OCDTrainingArguments(**training_kwargs)
+    seed, progress, gradient_accumulation_steps = args.seed, args.progress, args.gradient_accumulation_steps
     dataset, metadata = resolve_deltas(deltas)
     config = build_config(metadata, config_overrides, dataset)
     check_deltas(dataset, config, backbone)
     dataset = select_training_columns(dataset, training_columns(config, stores_factors(dataset)))
     created_accelerator = accelerator is None
     if accelerator is None:
-        accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps or 1)
+        accelerator = Accelerator(
+            gradient_accumulation_steps=gradient_accumulation_steps or 1, log_with=args.report_to or None, project_dir=output_dir,
+        )
     elif gradient_accumulation_steps is not None and gradient_accumulation_steps != accelerator.gradient_accumulation_steps:
         raise ValueError(
             f"gradient_accumulation_steps={gradient_accumulation_steps} differs from the accelerator's "
@@ -766,7 +448,9 @@ def train_hypernetwork(
         )
     show_progress = progress and accelerator.is_local_main_process
 
-    train_set, validation_set = split_deltas(dataset, validation_fraction, seed)
+    if created_accelerator and args.report_to:
+        accelerator.init_trackers("ocd-hf", config=tracker_config(args))
+    train_set, validation_set = split_deltas(dataset, args.validation_fraction, seed)
     log_rho, condition_values = scan_deltas(train_set, config, progress=show_progress)
     if validation_set is not None:
         scan_deltas(validation_set, config, progress=show_progress)
@@ -777,18 +461,22 @@ def train_hypernetwork(
     for component, encoder in wrapper.hypernetwork.encoders.items():
         encoder.set_statistics(condition_values[component].to(encoder.mean.device))
 
-    trainer = HypernetworkTrainer(wrapper.hypernetwork, train_set, validation_set, args, accelerator, output_dir)
+    loss_module = HypernetworkLoss(wrapper.hypernetwork, args.scale_loss)
+    trainer = GeneratorTrainer(
+        wrapper.hypernetwork, loss_module, train_set, validation_set, args, accelerator, output_dir,
+        loss_weights={"scale": args.scale_loss_weight},
+    )
     num_validation = 0 if validation_set is None else len(validation_set)
     logger.info(
         f"Training on {len(train_set)} deltas ({num_validation} held out) for {trainer.total_steps} steps of "
-        f"{batch_size * accelerator.num_processes * trainer.accumulation} deltas, delta_mode {config.delta_mode!r}",
+        f"{args.batch_size * accelerator.num_processes * trainer.accumulation} deltas, delta_mode {config.delta_mode!r}",
         main_process_only=True,
     )
     trainer.train(resume_from_checkpoint)
     wrapper.eval()
     if accelerator.is_main_process:
         wrapper.save_pretrained(output_dir)
-        history = trainer.history(len(train_set), num_validation)
+        history = trainer.history(len(train_set), num_validation, item_name="deltas")
         (Path(output_dir) / HISTORY_NAME).write_text(json.dumps(history, indent=2))
         logger.info(f"Saved the hypernetwork and {HISTORY_NAME} to {output_dir}", main_process_only=True)
     accelerator.wait_for_everyone()

@@ -14,8 +14,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn import functional as F
 
-from .configuration_ocd import OCDConfig
-from .target import Conditioning
+from ...target import Conditioning
+from .configuration import OCDConfig
 
 
 def delta_scale(deltas: torch.Tensor, normalization: str) -> torch.Tensor:

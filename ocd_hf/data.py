@@ -1,0 +1,89 @@
+"""The batching contract shared by harvests and evaluations: ``(inputs, labels)`` batches from a list,
+a DataLoader or a ``datasets.Dataset``, and float columns of a dataset as tensors."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from torch.utils.data import DataLoader
+
+Batch = tuple[dict[str, Any], torch.Tensor]
+
+
+def column_tensor(dataset: Dataset, rows: slice | list[int], column: str) -> torch.Tensor:
+    """One column of some rows as a float32 tensor, through the dataset's own format or transform
+    (``load_deltas`` decodes bfloat16-stored deltas with a transform)."""
+    subset = dataset.select_columns([column])
+    if subset.format["type"] is None:
+        subset = subset.with_format("numpy")
+    values = subset[rows][column]
+    if isinstance(values, torch.Tensor):
+        return values.float()
+    if isinstance(values, list) and values and isinstance(values[0], torch.Tensor):
+        return torch.stack(values).float()
+    return torch.as_tensor(np.asarray(values, dtype=np.float32))
+
+
+def split_batch(batch: Any) -> Batch:
+    """``(inputs, labels)`` from an ``(inputs, labels)`` pair or a dict holding ``labels`` or ``label``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping):
+        return dict(batch[0]), torch.as_tensor(batch[1])
+    if isinstance(batch, Mapping):
+        inputs = dict(batch)
+        for key in ("labels", "label"):
+            if key in inputs:
+                return inputs, torch.as_tensor(inputs.pop(key))
+    raise ValueError(
+        "Each batch must be an (inputs_dict, labels) pair or a dict with a 'labels' (or 'label') entry; "
+        f"got {type(batch).__name__}."
+    )
+
+
+def iterate_batches(
+    data: Iterable[Any] | Dataset,
+    backbone: nn.Module,
+    collate_fn: Callable[[list[dict]], Any] | None = None,
+    batch_size: int = 32,
+    label_column: str = "label",
+) -> Iterable[Any]:
+    """Batches from a list/DataLoader of batches, or from a ``datasets.Dataset``.
+
+    A ``Dataset`` without ``collate_fn`` keeps the label column and the columns the backbone's
+    ``forward`` accepts, as torch tensors (equal lengths needed: pad first or pass a
+    ``DataCollatorWithPadding``). With ``collate_fn`` the rows are passed to it unchanged.
+    """
+    if not isinstance(data, Dataset):
+        return data
+    if label_column not in data.column_names:
+        raise ValueError(f"The dataset has no label column {label_column!r} (columns: {data.column_names}); pass label_column=.")
+    if collate_fn is not None:
+        return DataLoader(data, batch_size=batch_size, collate_fn=collate_fn)
+    accepted = inspect.signature(backbone.forward).parameters
+    inputs = [c for c in data.column_names if c in accepted and c not in (label_column, "labels")]
+    if not inputs:
+        raise ValueError(
+            f"No column of the dataset ({data.column_names}) is an input of {type(backbone).__name__}.forward; "
+            "tokenize/preprocess it first or pass collate_fn=."
+        )
+    table = data.with_format("torch", columns=[*inputs, label_column])
+
+    def collate(rows: list[dict]) -> Batch:
+        try:
+            stacked = {c: torch.stack([row[c] for row in rows]) for c in inputs}
+        except RuntimeError as error:
+            raise ValueError(
+                f"Cannot stack the dataset's columns {inputs} into a batch ({error}); pad them to equal length or pass "
+                "collate_fn=transformers.DataCollatorWithPadding(tokenizer)."
+            ) from error
+        return stacked, torch.stack([row[label_column] for row in rows])
+
+    return DataLoader(table, batch_size=batch_size, collate_fn=collate)
+
+
+def to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -1,0 +1,778 @@
+"""Harvest: for every sample of a dataset, the weight delta of one Linear layer fine-tuned on that
+sample alone, with the conditioning ``I(x)``, written shard by shard into a resumable delta dataset.
+
+The math is :func:`ocd_hf.overfit.overfit_deltas` (a whole batch of independent single-sample
+fine-tunings at once). A layer that sees one vector per sample has rank-1 deltas ``u vᵀ`` whose
+right factor ``v`` follows from its input (:mod:`ocd_hf.factorised`); the harvest measures this on
+every sample and can then store ``u`` alone (``delta_storage``).
+
+Under ``accelerate launch`` every process harvests every ``num_processes``-th shard and the main
+process validates the whole dataset at the end, so the result does not depend on the number of
+processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from torch import nn
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from ...backbones import load_pretrained_backbone
+from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
+from ...finetune import OPTIMIZERS, LossFn, overfit_deltas
+from ...harvest import harvest_shards
+from ...target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
+from .deltas import (
+    DELTA_COLUMNS,
+    DELTA_STORAGES,
+    HARVEST_METADATA_NAME,
+    check_delta_dtype,
+    delta_features,
+    finalize_delta_dataset,
+    load_deltas,
+    load_harvest_metadata,
+    prepare_output_dir,
+    round_to_storage,
+)
+from .model_card import write_delta_dataset_card
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+CollateFn = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+FitFoldFn = Callable[[int, list[int]], nn.Module]
+LABEL_INPUT_NAMES = ("labels", "label")
+TASK_LOSS_NAMES = {"classification": "cross_entropy", "regression": "squared_error"}
+STORAGE_CHOICES = ("auto", *DELTA_STORAGES)
+# Largest relative residual ‖Δ − u vᵀ‖/‖Δ‖ accepted for factorised storage. Measured (Adam, lr 5e-4,
+# 3 steps): heads of random-weight models reach 1.4e-2 (SetFit-like 384 -> 2, 4000 samples) and 1.6e-2
+# (DeiT head, 2000 samples) where a tiny |x_j| puts a gradient entry near Adam's eps; SGD stays below
+# 1e-6. Deltas that are not rank-1 with the rule (per-token layers, the wrong rule) are at 0.3-1.
+DEFAULT_FACTOR_TOLERANCE = 5e-2
+# "auto" factorises only if the first batch stays below this share of the tolerance: the residuals
+# have a long tail (above), and a later sample beyond the tolerance would stop the harvest midway.
+AUTO_MARGIN = 0.1
+MAX_LISTED_SAMPLES = 10
+
+
+def rank1_energy(deltas: torch.Tensor) -> torch.Tensor:
+    """``σ₁² / Σσᵢ²`` of every matrix of a ``(batch, out, in)`` tensor, batched.
+
+    1 means exactly rank-1. An all-zero delta counts as rank-1 (energy 1). ``σ₁²`` is the largest
+    eigenvalue of the float64 Gram matrix of the unit-norm delta on its smaller side (2-6x faster
+    than ``svdvals`` on CPU); ``svdvals`` is the fallback if that eigensolver does not converge.
+    """
+    deltas = deltas.double()
+    total = deltas.pow(2).sum((-2, -1))
+    unit = deltas / total.sqrt().clamp_min(torch.finfo(torch.float64).tiny)[..., None, None]
+    transposed = unit.transpose(-1, -2)
+    gram = unit @ transposed if unit.shape[-2] <= unit.shape[-1] else transposed @ unit
+    try:
+        top = torch.linalg.eigvalsh(gram)[..., -1]
+    except torch.linalg.LinAlgError:
+        top = torch.linalg.svdvals(unit)[..., 0].pow(2)
+    return torch.where(total > 0, top.clamp(0, 1), torch.ones_like(top)).float()
+
+
+def factor_rule_for(optimizer: str, per_token: bool, target_module: str) -> str:
+    """The right-factor rule of ``optimizer``'s deltas for factorised storage; refuses layers and
+    optimizers whose deltas are not ``u vᵀ`` with a known ``v``."""
+    if per_token:
+        raise ValueError(
+            f"delta_storage='factorised' needs a layer that sees one vector per sample (a head or an MLP layer); "
+            f"{target_module!r} is applied to every token (its input has a token dimension), so its deltas are not "
+            "rank-1. Use delta_storage='full' (or 'auto', which picks it)."
+        )
+    if optimizer not in RULE_FOR_OPTIMIZER:
+        raise ValueError(
+            f"delta_storage='factorised' needs an optimizer whose rank-1 deltas have a known right factor "
+            f"({sorted(RULE_FOR_OPTIMIZER)}); {optimizer!r} has none. Use delta_storage='full'."
+        )
+    return RULE_FOR_OPTIMIZER[optimizer]
+
+
+def _listed(ids: torch.Tensor, values: torch.Tensor) -> str:
+    pairs = [f"{int(i)}: {float(v):.3g}" for i, v in zip(ids[:MAX_LISTED_SAMPLES], values[:MAX_LISTED_SAMPLES])]
+    more = f" and {ids.numel() - MAX_LISTED_SAMPLES} more" if ids.numel() > MAX_LISTED_SAMPLES else ""
+    return "{" + ", ".join(pairs) + "}" + more
+
+
+def check_factor_residuals(ids: torch.Tensor, residuals: torch.Tensor, tolerance: float, rule: str, strict: bool = True) -> None:
+    """Refuse factorised storage of samples whose delta is not ``u vᵀ`` within ``tolerance``, naming them;
+    with ``strict=False`` (storage chosen by ``"auto"``) warn instead: the harvest, already committed to
+    factorised shards, completes, and each sample's residual stays in ``factor_residual``."""
+    bad = residuals > tolerance
+    if bad.any() and not strict:
+        warnings.warn(
+            f"{int(bad.sum())} sample(s) exceed factor_tolerance={tolerance:g} with factor_rule {rule!r} (sample id: residual "
+            f"{_listed(ids[bad], residuals[bad])}); stored as factors all the same (delta_storage='auto' chose factorised "
+            "storage on the first batch). Their residuals are in the 'factor_residual' column; harvest with "
+            "delta_storage='full' for exact deltas.",
+            stacklevel=4,
+        )
+    elif bad.any():
+        raise ValueError(
+            f"delta_storage='factorised' would lose part of the deltas of {int(bad.sum())} sample(s): their relative "
+            f"residual ‖Δ − u vᵀ‖/‖Δ‖ with factor_rule {rule!r} exceeds factor_tolerance={tolerance:g} "
+            f"(sample id: residual {_listed(ids[bad], residuals[bad])}). Their deltas are not rank-1 with that right "
+            "factor. Harvest with delta_storage='full' (in a new output_dir), or pass a larger factor_tolerance if "
+            "that loss is acceptable."
+        )
+
+
+class FirstForward:
+    """The target layer's input/output and the backbone's output in the first forward pass of a block."""
+
+    def __init__(self) -> None:
+        self.layer_io: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.outputs: Any = None
+
+    def conditioning(self, attention_mask: torch.Tensor | None) -> Conditioning:
+        """``I(x)`` pooled as :func:`~ocd_hf.target.capture_conditioning` pools it."""
+        if self.layer_io is None or self.outputs is None:
+            raise RuntimeError("No forward pass of the backbone through the target layer was recorded.")
+        layer_input, layer_output = self.layer_io
+        model_output = model_output_tensor(self.outputs)
+        return Conditioning(
+            layer_input=pool_tokens(layer_input, attention_mask),
+            layer_output=pool_tokens(layer_output, attention_mask),
+            model_output=pool_tokens(model_output, attention_mask),
+            raw_input=layer_input,
+            outputs=self.outputs,
+            target_is_output=layer_output is model_output,
+        )
+
+
+@contextlib.contextmanager
+def record_first_forward(backbone: nn.Module, layer: nn.Linear) -> Iterator[FirstForward]:
+    """Record :class:`FirstForward` during the block; later passes (with deltas injected) are ignored."""
+    first = FirstForward()
+
+    def on_layer(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if first.layer_io is None:
+            first.layer_io = (args[0], output)
+
+    def on_backbone(module: nn.Module, args: tuple, output: Any) -> None:
+        if first.outputs is None:
+            first.outputs = output
+
+    handles = [layer.register_forward_hook(on_layer), backbone.register_forward_hook(on_backbone)]
+    try:
+        yield first
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def harvest_batch(
+    backbone: nn.Module,
+    layer: nn.Linear,
+    inputs: Mapping[str, Any],
+    labels: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    task: str,
+    optimizer: str = "adam",
+    lr: float = 5e-4,
+    steps: int = 3,
+    loss_fn: LossFn | None = None,
+    store_trajectory: bool = False,
+    dtype: str = "float32",
+    delta_storage: str = "full",
+    factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
+    strict_tolerance: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Delta-dataset columns for one batch, and the ids of the samples skipped as non-finite.
+
+    ``I(x)`` is taken from the un-finetuned backbone (which must be in eval mode) during the first
+    forward pass of :func:`~ocd_hf.overfit.overfit_deltas`, its unmodified base pass, so it costs no
+    extra forward. A sample with any non-finite value (delta, trajectory, conditioning or loss) is left out.
+
+    ``delta_storage="full"`` stores ``delta``; ``rho`` and ``rank1_energy`` describe it as stored
+    (after rounding to ``dtype``). ``"factorised"`` stores the least-squares left factor
+    ``delta_factor`` of ``Δ ≈ u vᵀ`` (``v`` from the layer input by the optimizer's rule, see
+    :data:`~ocd_hf.factorised.RULE_FOR_OPTIMIZER`) and ``factor_residual``, the relative residual
+    ``‖Δ − u vᵀ‖/‖Δ‖`` measured on the real delta (the largest over the delta and every trajectory
+    step); ``rho`` is the RMS of the stored ``u vᵀ``. Raises ``ValueError`` if a residual exceeds
+    ``factor_tolerance`` (``None``: no check), or only warns with ``strict_tolerance=False``.
+    """
+    with record_first_forward(backbone, layer) as first:
+        result = overfit_deltas(
+            backbone, layer, inputs, labels, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
+            return_trajectory=store_trajectory,
+        )
+    cond = first.conditioning(inputs.get("attention_mask"))
+    columns = {
+        "id": ids,
+        "label": labels,
+        "layer_input": cond.layer_input.float(),
+        "layer_output": cond.layer_output.float(),
+        "model_output": cond.model_output.float(),
+        "loss_before": result.loss_before.float(),
+        "loss_after": result.loss_after.float(),
+    }
+    rule = None
+    if delta_storage == "full":
+        columns["delta"] = round_to_storage(result.deltas, dtype)
+        if store_trajectory:
+            columns["trajectory"] = round_to_storage(result.trajectory, dtype)
+    else:
+        rule = factor_rule_for(optimizer, cond.per_token, "the target layer")
+        factors, residual = factorise_deltas(result.deltas, cond.raw_input, rule)
+        columns["delta_factor"] = round_to_storage(factors, dtype)
+        if store_trajectory:
+            flat = result.trajectory.flatten(0, 1)
+            step_factors, step_residual = factorise_deltas(flat, cond.raw_input.repeat_interleave(steps, dim=0), rule)
+            columns["trajectory_factor"] = round_to_storage(step_factors.view(-1, steps, flat.shape[1]), dtype)
+            residual = torch.maximum(residual, step_residual.view(-1, steps).amax(1))
+        columns["factor_residual"] = residual.float()
+    columns = {name: value.detach().cpu() for name, value in columns.items()}
+    finite = torch.ones(ids.shape[0], dtype=torch.bool)
+    for value in columns.values():
+        if value.is_floating_point():
+            finite &= torch.isfinite(value.reshape(value.shape[0], -1)).all(1)
+    columns = {name: value[finite] for name, value in columns.items()}
+    if delta_storage == "full":
+        columns["rho"] = columns["delta"].pow(2).mean((1, 2)).sqrt()
+        columns["rank1_energy"] = rank1_energy(columns["delta"])
+    else:
+        if factor_tolerance is not None:
+            check_factor_residuals(columns["id"], columns["factor_residual"], factor_tolerance, rule, strict_tolerance)
+        factors, right = columns["delta_factor"], right_factor(columns["layer_input"], rule)
+        columns["rho"] = factors.norm(dim=1) * right.norm(dim=1) / math.sqrt(factors.shape[1] * right.shape[1])  # RMS of u vᵀ
+    return columns, ids[~finite]
+
+
+class SampleReader:
+    """Turns rows ``[start, end)`` of a ``datasets.Dataset`` into ``(backbone inputs, labels)``.
+
+    With ``collate_fn``, it receives the batch dict ``dataset[start:end]`` (in the dataset's
+    current format, e.g. lists of strings for a text column) and returns the backbone's inputs.
+    Without it, the columns ``input_columns`` (default: the dataset columns that are arguments of
+    ``backbone.forward``, such as ``input_ids``/``attention_mask`` or ``pixel_values``) are stacked
+    as tensors. A ``labels``/label entry in the collated inputs is dropped.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        backbone: nn.Module,
+        task: str,
+        label_column: str = "label",
+        input_columns: list[str] | None = None,
+        collate_fn: CollateFn | None = None,
+    ) -> None:
+        if not isinstance(dataset, Dataset):
+            raise TypeError(
+                f"dataset must be a datasets.Dataset (map-style, so a harvest can resume), got {type(dataset).__name__}. "
+                "Convert with datasets.Dataset.from_dict / from_generator, or materialise an IterableDataset first."
+            )
+        if len(dataset) == 0:
+            raise ValueError("dataset is empty: there is nothing to harvest.")
+        if label_column not in dataset.column_names:
+            raise ValueError(
+                f"label_column {label_column!r} is not a column of the dataset (columns: {dataset.column_names}). "
+                "Pass label_column= with the column holding the labels."
+            )
+        self.dataset = dataset
+        self.label_column = label_column
+        self.collate_fn = collate_fn
+        self.labels = self._read_labels(task)
+        self.input_columns = None if collate_fn is not None else self._input_columns(backbone, input_columns)
+        self.device = next(backbone.parameters()).device
+        if self.input_columns is not None:
+            # numpy, not torch: 3x faster on nested-list columns (e.g. pixel_values made by .map).
+            self.formatted = dataset.with_format("numpy", columns=self.input_columns)
+
+    def _read_labels(self, task: str) -> torch.Tensor:
+        labels = np.asarray(self.dataset.select_columns([self.label_column]).with_format("numpy")[:][self.label_column])
+        if labels.ndim != 1:
+            raise ValueError(
+                f"label_column {self.label_column!r} must hold one scalar label per row, got shape {labels.shape}."
+            )
+        if task == "classification":
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(
+                    f"The backbone is a classifier but label_column {self.label_column!r} has dtype {labels.dtype}; "
+                    "class labels must be integers (for regression, configure the backbone with num_labels=1)."
+                )
+            return torch.from_numpy(labels.astype(np.int64))
+        if not np.issubdtype(labels.dtype, np.number):
+            raise ValueError(f"Regression labels in {self.label_column!r} must be numbers, got dtype {labels.dtype}.")
+        return torch.from_numpy(labels.astype(np.float32))
+
+    def _input_columns(self, backbone: nn.Module, input_columns: list[str] | None) -> list[str]:
+        columns = self.dataset.column_names
+        if input_columns is not None:
+            unknown = [name for name in input_columns if name not in columns]
+            if unknown:
+                raise ValueError(f"input_columns {unknown} are not columns of the dataset (columns: {columns}).")
+            return list(input_columns)
+        parameters = inspect.signature(backbone.forward).parameters
+        found = [name for name in columns if name in parameters and name not in (self.label_column, *LABEL_INPUT_NAMES)]
+        if not found:
+            raise ValueError(
+                f"None of the dataset columns {columns} is an input of {type(backbone).__name__}.forward "
+                f"(arguments: {[name for name in parameters if name != 'kwargs']}). Tokenize/preprocess the dataset, "
+                "pass input_columns=, or pass collate_fn=(batch dict -> dict of input tensors)."
+            )
+        return found
+
+    @property
+    def labels_sha256(self) -> str:
+        return hashlib.sha256(self.labels.numpy().tobytes()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __call__(self, start: int, end: int) -> tuple[dict[str, Any], torch.Tensor]:
+        if self.collate_fn is not None:
+            inputs = dict(self.collate_fn(self.dataset[start:end]))
+        else:
+            batch = self.formatted[start:end]
+            ragged = [name for name, value in batch.items() if not (isinstance(value, np.ndarray) and value.dtype.kind in "biuf")]
+            if ragged:
+                raise ValueError(
+                    f"Columns {ragged} have rows of different lengths or non-numeric values and cannot be stacked. "
+                    "Pad them when preprocessing (e.g. tokenizer(..., padding='max_length')) or pass "
+                    "collate_fn=transformers.DataCollatorWithPadding(tokenizer)."
+                )
+            inputs = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in batch.items()}
+        inputs = {
+            name: value.to(self.device) if isinstance(value, torch.Tensor) else value
+            for name, value in inputs.items()
+            if name not in (self.label_column, *LABEL_INPUT_NAMES)
+        }
+        return inputs, self.labels[start:end]
+
+
+def loss_name(loss: LossFn | None, task: str) -> str:
+    """How the harvest loss is recorded in the metadata."""
+    if loss is None:
+        return TASK_LOSS_NAMES[task]
+    return f"{getattr(loss, '__module__', '')}.{getattr(loss, '__qualname__', type(loss).__name__)}".lstrip(".")
+
+
+def harvest_deltas(
+    backbone: nn.Module,
+    dataset: Dataset,
+    target_module: str,
+    output_dir: str | os.PathLike,
+    *,
+    label_column: str = "label",
+    input_columns: list[str] | None = None,
+    collate_fn: CollateFn | None = None,
+    batch_size: int = 32,
+    optimizer: str = "adam",
+    lr: float = 5e-4,
+    steps: int = 3,
+    loss: LossFn | None = None,
+    store_trajectory: bool = False,
+    dtype: str = "float32",
+    delta_storage: str = "auto",
+    factor_tolerance: float = DEFAULT_FACTOR_TOLERANCE,
+    shard_size: int = 1024,
+    cross_fit: int | None = None,
+    fit_fold: FitFoldFn | None = None,
+    accelerator: "Accelerator | PartialState | None" = None,
+    base_model_name_or_path: str | None = None,
+    base_model_revision: str | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """Fine-tune ``target_module`` of ``backbone`` on every sample of ``dataset`` alone; store the deltas.
+
+    For each row ``s = (x, y)``: ``Δ_s = θ_s − θ`` after ``steps`` steps of ``optimizer`` (defaults:
+    the official OCD settings, Adam, lr 5e-4, 3 steps) on the layer's weight only, plus ``I(x)``
+    from the un-finetuned model. Rows are written to ``output_dir`` shard by shard (``shard_size``
+    rows each, memory bounded by one batch); see :mod:`ocd_hf.deltas` for the layout and columns.
+
+    Calling again with the same arguments after an interruption resumes from the last complete
+    shard; a directory made with another backbone, layer or settings is refused. Samples with
+    non-finite values are skipped with a warning and listed in the metadata (``skipped_ids``).
+    Under ``accelerate launch`` each process harvests every ``num_processes``-th shard; pass the
+    ``Accelerator`` (or ``PartialState``) in use, or one is created. The backbone is moved to its
+    device and run in eval mode.
+
+    Args:
+        loss: per-sample loss ``(model output, labels) -> (batch,)``; default the task loss
+            (cross-entropy for classification, squared error for a backbone with ``num_labels=1``).
+        dtype: ``"float32"`` (exact deltas) or ``"bfloat16"`` (half the size, stored bit-exactly).
+        delta_storage: ``"full"`` stores each ``(out, in)`` delta; ``"factorised"`` stores its left
+            factor ``u`` (``out`` numbers) of ``Δ = u vᵀ``, ``v`` following from the layer input by
+            the optimizer's rule (Adam: ``sign(x)``, SGD: ``x``), and the residual of that
+            factorisation measured on every sample; it is refused for a per-token layer and for any
+            sample whose residual exceeds ``factor_tolerance``. ``"auto"`` picks ``"factorised"``
+            when the layer sees one vector per sample and the first batch's residuals are all within
+            a tenth of ``factor_tolerance`` (the residuals have a long tail; a later sample beyond the
+            tolerance is then stored with a warning, not refused), else ``"full"``; the
+            decision is recorded in the metadata (``storage_decision``) and the card. A resumed
+            ``"auto"`` harvest keeps its storage.
+        factor_tolerance: the largest relative residual ``‖Δ − u vᵀ‖/‖Δ‖`` factorised storage accepts.
+        cross_fit: ``K >= 2`` harvests out of fold, like stacking: row ``i`` of ``dataset`` belongs to
+            fold ``i % K``, and its delta and conditioning come from the model ``fit_fold(k, rows)``
+            returns for its fold — a model trained without those rows — instead of ``backbone``. The
+            deltas then carry the errors the model makes on data it has not seen, rather than "sharpen
+            what you already predict". ``backbone`` (trained on everything) is still the model the
+            hypernetwork is trained for and applied to; its layer is what the metadata describes.
+        fit_fold: ``(fold index, row indices of dataset in that fold) -> model`` of the same
+            architecture trained without those rows (needed with ``cross_fit``). Called at most once
+            per fold and process, only for folds with rows left to harvest; make it deterministic
+            (seeded) so that a resumed harvest rebuilds the same fold models.
+        base_model_name_or_path / base_model_revision: recorded in the metadata and card; default
+            the backbone's ``config._name_or_path`` / ``config._commit_hash``.
+
+    Returns:
+        The delta dataset, loaded with :func:`ocd_hf.deltas.load_deltas`.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")
+    check_delta_dtype(dtype)
+    if delta_storage not in STORAGE_CHOICES:
+        raise ValueError(f"delta_storage must be one of {STORAGE_CHOICES}, got {delta_storage!r}.")
+    if not (isinstance(factor_tolerance, (int, float)) and 0 <= factor_tolerance < math.inf):
+        raise ValueError(f"factor_tolerance must be a finite number >= 0, got {factor_tolerance!r}.")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("steps", steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    check_cross_fit(cross_fit, fit_fold, len(dataset) if isinstance(dataset, Dataset) else None)
+    state = accelerator if accelerator is not None else PartialState()
+    output_dir = Path(output_dir)
+    name, layer = find_target_linear(backbone, target_module)
+    backbone.to(state.device)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        reader = SampleReader(
+            dataset, backbone, task=backbone_task(backbone), label_column=label_column, input_columns=input_columns,
+            collate_fn=collate_fn,
+        )
+        first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
+        try:
+            description = describe_backbone(backbone, name, example_inputs=first_inputs)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"{type(backbone).__name__} failed on the first batch, built from inputs {sorted(first_inputs)}: {error}. "
+                "Pass input_columns= with the model's input columns, or collate_fn= to build its inputs."
+            ) from error
+        settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
+        storage, decision = choose_delta_storage(
+            delta_storage, backbone, layer, first_inputs, first_labels, name, output_dir, description["per_token"],
+            factor_tolerance, **settings,
+        )
+        factor_settings = {}
+        if storage == "factorised":
+            factor_settings = {
+                "factor_rule": RULE_FOR_OPTIMIZER[optimizer], "factor_tolerance": factor_tolerance,
+                "factor_tolerance_strict": delta_storage == "factorised",  # "auto" warns: it cannot switch storage midway
+            }
+        config = getattr(backbone, "config", None)
+        metadata = {
+            "format_version": 1,
+            **description,
+            "base_model_name_or_path": base_model_name_or_path or description["base_model_name_or_path"],
+            "base_model_revision": base_model_revision or getattr(config, "_commit_hash", None),
+            "harvest_config": {
+                "optimizer": optimizer,
+                "lr": lr,
+                "steps": steps,
+                "loss": loss_name(loss, description["task"]),
+                "dtype": dtype,
+                "store_trajectory": store_trajectory,
+                "shard_size": shard_size,
+                "conditioning": "un-finetuned model; per-token tensors averaged over valid tokens",
+                "delta_storage": storage,
+                **factor_settings,
+                "cross_fit": cross_fit,
+            },
+            "storage_decision": decision,
+            "source": {"num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256},
+            "num_shards": math.ceil(len(reader) / shard_size),
+        }
+        prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
+        state.wait_for_everyone()
+        models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
+        _harvest_shards(models, reader, output_dir, metadata, state, batch_size, loss, progress)
+    finally:
+        backbone.train(was_training)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        final = finalize_delta_dataset(output_dir, metadata)
+        write_delta_dataset_card(output_dir, final)
+    state.wait_for_everyone()
+    return load_deltas(output_dir)
+
+
+def choose_delta_storage(
+    requested: str,
+    backbone: nn.Module,
+    layer: nn.Linear,
+    inputs: Mapping[str, Any],
+    labels: torch.Tensor,
+    target_module: str,
+    output_dir: str | os.PathLike,
+    per_token: bool,
+    factor_tolerance: float,
+    **overfit_settings: Any,
+) -> tuple[str, dict[str, Any]]:
+    """The storage of a harvest (``"full"`` or ``"factorised"``) and a record of how it was chosen.
+
+    ``"factorised"`` is checked (per-token layers and optimizers without a factor rule are refused);
+    ``"auto"`` keeps the storage of a harvest it resumes in ``output_dir``, else overfits the first
+    batch (``inputs``, ``labels``) and factorises when the layer sees one vector per sample and every
+    residual is within ``AUTO_MARGIN × factor_tolerance`` (a margin for the samples not yet seen).
+    """
+    optimizer = overfit_settings["optimizer"]
+    if requested != "auto":
+        if requested == "factorised":
+            factor_rule_for(optimizer, per_token, target_module)
+        return requested, {"requested": requested, "reason": "requested"}
+    existing = Path(output_dir) / HARVEST_METADATA_NAME
+    if existing.is_file():
+        previous = load_harvest_metadata(output_dir)
+        if "storage_decision" in previous:
+            return previous["harvest_config"]["delta_storage"], previous["storage_decision"]
+    decision: dict[str, Any] = {"requested": "auto"}
+    if per_token:
+        return "full", {**decision, "reason": "the layer is applied to every token, so its deltas are not rank-1"}
+    if optimizer not in RULE_FOR_OPTIMIZER:
+        return "full", {**decision, "reason": f"optimizer {optimizer!r} has no right-factor rule"}
+    ids = torch.arange(labels.shape[0])
+    columns, _ = harvest_batch(
+        backbone, layer, inputs, labels, ids, delta_storage="factorised", factor_tolerance=None, **overfit_settings
+    )
+    residuals = columns["factor_residual"]
+    if residuals.numel() == 0:
+        return "full", {**decision, "reason": "no finite delta in the first batch to measure the rank on"}
+    worst, threshold = float(residuals.max()), AUTO_MARGIN * factor_tolerance
+    decision.update({"first_batch_size": int(residuals.numel()), "first_batch_max_residual": worst, "threshold": threshold})
+    rule = RULE_FOR_OPTIMIZER[optimizer]
+    measured = f"the first batch's largest relative residual ‖Δ − u vᵀ‖/‖Δ‖ is {worst:.2e}"
+    if worst <= threshold:
+        reason = f"rank-1 with factor_rule {rule!r}: {measured} <= {threshold:g} ({AUTO_MARGIN:g} × factor_tolerance)"
+        return "factorised", {**decision, "reason": reason}
+    reason = f"not rank-1 with factor_rule {rule!r}: {measured} > {threshold:g} ({AUTO_MARGIN:g} × factor_tolerance)"
+    return "full", {**decision, "reason": reason}
+
+
+def check_cross_fit(cross_fit: int | None, fit_fold: "FitFoldFn | None", num_rows: int | None) -> None:
+    """Refuse a cross-fitting request that cannot work, naming the fix."""
+    if cross_fit is None:
+        if fit_fold is not None:
+            raise ValueError("fit_fold= is only used with cross_fit=K (K >= 2 folds); pass cross_fit= or drop fit_fold=.")
+        return
+    if not isinstance(cross_fit, int) or isinstance(cross_fit, bool) or cross_fit < 2:
+        raise ValueError(f"cross_fit must be an integer >= 2 (the number of folds), got {cross_fit!r}.")
+    if num_rows is not None and cross_fit > num_rows:
+        raise ValueError(f"cross_fit={cross_fit} folds need at least as many rows, but the dataset has {num_rows}.")
+    if not callable(fit_fold):
+        raise ValueError(
+            "cross_fit=K needs fit_fold=(fold index, held-out row indices) -> a model of the same architecture trained "
+            "without those rows."
+        )
+
+
+class FoldModels:
+    """Which model harvests each row: ``backbone``, or with ``cross_fit=K`` the model of the row's fold
+    (row ``i`` is in fold ``i % K``), built on first use by ``fit_fold`` and checked against the base."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layer: nn.Linear,
+        target_module: str,
+        num_rows: int,
+        cross_fit: int | None,
+        fit_fold: "FitFoldFn | None",
+        device: torch.device,
+    ) -> None:
+        self.backbone, self.layer, self.target_module = backbone, layer, target_module
+        self.num_rows, self.cross_fit, self.fit_fold, self.device = num_rows, cross_fit, fit_fold, device
+        self.fold_models: dict[int, tuple[nn.Module, nn.Linear]] = {}
+
+    def fold_model(self, fold: int) -> tuple[nn.Module, nn.Linear]:
+        if fold not in self.fold_models:
+            model = self.fit_fold(fold, list(range(fold, self.num_rows, self.cross_fit)))
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"fit_fold({fold}, ...) must return the fold's model (an nn.Module), got {type(model).__name__}.")
+            _, layer = find_target_linear(model, self.target_module)
+            if layer.weight.shape != self.layer.weight.shape:
+                raise ValueError(
+                    f"fit_fold({fold}, ...) returned a model whose {self.target_module!r} has weight shape "
+                    f"{tuple(layer.weight.shape)}, the base model's has {tuple(self.layer.weight.shape)}: it must be the same architecture."
+                )
+            model.to(self.device).eval()
+            self.fold_models[fold] = (model, layer)
+        return self.fold_models[fold]
+
+    def groups(self, ids: torch.Tensor) -> Iterator[tuple[nn.Module, nn.Linear, torch.Tensor]]:
+        """``(model, its target layer, positions in ids)`` for every model that harvests some of ``ids``."""
+        if self.cross_fit is None:
+            yield self.backbone, self.layer, torch.arange(ids.shape[0])
+            return
+        folds = ids % self.cross_fit
+        for fold in folds.unique().tolist():
+            yield (*self.fold_model(fold), torch.nonzero(folds == fold).flatten())
+
+
+def select_rows(inputs: Mapping[str, Any], rows: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """The ``rows`` of every batched tensor input (all of them when ``rows`` is the whole batch)."""
+    if rows.shape[0] == batch_size:
+        return dict(inputs)
+    selected = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+            selected[name] = value[rows.to(value.device)]
+        elif isinstance(value, torch.Tensor) or not hasattr(value, "__len__"):
+            selected[name] = value
+        else:
+            raise TypeError(
+                f"Cross-fitting splits each batch by fold, but input {name!r} is a {type(value).__name__}; return tensors "
+                "from collate_fn."
+            )
+    return selected
+
+
+def merge_parts(parts: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One batch's columns from the parts harvested by different fold models, in id order."""
+    if len(parts) == 1:
+        return parts[0]
+    columns = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
+    order = torch.argsort(columns["id"])
+    return {name: value[order] for name, value in columns.items()}, torch.cat([part[1] for part in parts])
+
+
+def _harvest_shards(
+    models: "FoldModels",
+    reader: SampleReader,
+    output_dir: Path,
+    metadata: Mapping[str, Any],
+    state: Any,
+    batch_size: int,
+    loss: LossFn | None,
+    progress: bool,
+) -> None:
+    """Harvest this process's missing shards, one atomic shard file at a time."""
+    settings = metadata["harvest_config"]
+    features = delta_features(
+        in_features=metadata["in_features"],
+        out_features=metadata["out_features"],
+        output_dim=metadata["output_dim"],
+        task=metadata["task"],
+        dtype=settings["dtype"],
+        trajectory_steps=settings["steps"] if settings["store_trajectory"] else None,
+        storage=settings["delta_storage"],
+    )
+
+    def harvest_rows(start: int, end: int) -> dict[str, torch.Tensor]:
+        inputs, labels = reader(start, end)
+        ids = torch.arange(start, end)
+        parts = [
+            harvest_batch(
+                model, layer, select_rows(inputs, rows, end - start), labels[rows], ids[rows], task=metadata["task"],
+                optimizer=settings["optimizer"], lr=settings["lr"], steps=settings["steps"], loss_fn=loss,
+                store_trajectory=settings["store_trajectory"], dtype=settings["dtype"],
+                delta_storage=settings["delta_storage"], factor_tolerance=settings.get("factor_tolerance"),
+                strict_tolerance=settings.get("factor_tolerance_strict", True),
+            )
+            for model, layer, rows in models.groups(ids)
+        ]
+        columns, skipped = merge_parts(parts)
+        if skipped.numel():
+            warnings.warn(
+                f"Skipped {skipped.numel()} sample(s) with non-finite deltas or conditioning: ids "
+                f"{skipped.tolist()}. They are listed in harvest.json (skipped_ids).",
+                stacklevel=4,
+            )
+        return columns
+
+    harvest_shards(
+        output_dir, metadata, features, harvest_rows, state=state, batch_size=batch_size, weight_columns=DELTA_COLUMNS,
+        progress=progress, description=f"Harvesting {metadata['target_module']}",
+    )
+
+
+def load_source_dataset(name_or_path: str, config_name: str | None = None, split: str = "train") -> Dataset:
+    """One split of a dataset: a ``save_to_disk`` directory (``Dataset`` or ``DatasetDict``), else ``load_dataset``."""
+    path = Path(name_or_path)
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        loaded = load_from_disk(str(path))
+    else:
+        loaded = load_dataset(name_or_path, config_name, split=split)
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"Split {split!r} not found in {name_or_path!r}; it has {list(loaded)}. Pass split=.")
+        loaded = loaded[split]
+    return loaded
+
+
+def harvest_from_pretrained(
+    model_name_or_path: str,
+    dataset_name_or_path: str,
+    target_module: str,
+    output_dir: str | os.PathLike,
+    *,
+    model_revision: str | None = None,
+    model_class: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_column: str | None = None,
+    image_column: str | None = None,
+    label_column: str = "label",
+    max_length: int = 128,
+    max_samples: int | None = None,
+    batch_size: int = 32,
+    optimizer: str = "adam",
+    lr: float = 5e-4,
+    steps: int = 3,
+    dtype: str = "float32",
+    delta_storage: str = "auto",
+    factor_tolerance: float = DEFAULT_FACTOR_TOLERANCE,
+    shard_size: int = 1024,
+    store_trajectory: bool = False,
+    progress: bool = True,
+) -> Dataset:
+    """:func:`harvest_deltas` from names: the entry point of ``ocd-hf harvest``.
+
+    Loads the backbone (``model_class``, default the first of ``config.architectures``, from
+    ``transformers`` or :mod:`ocd_hf.backbones`), the ``split`` of the dataset (a Hub id, a
+    ``load_dataset`` builder path or a ``save_to_disk`` directory; the first ``max_samples`` rows),
+    and builds the inputs with the model's tokenizer (``text_column``) or image processor
+    (``image_column``), or takes the dataset's own input columns.
+    """
+    if text_column is not None and image_column is not None:
+        raise ValueError("Pass text_column or image_column, not both.")
+    backbone = load_pretrained_backbone(model_name_or_path, model_class, revision=model_revision)
+    dataset = load_source_dataset(dataset_name_or_path, dataset_config, split)
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    collate_fn = None
+    if text_column is not None:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, revision=model_revision)
+
+        def collate_fn(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+            return tokenizer(batch[text_column], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+    elif image_column is not None:
+        processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=model_revision)
+
+        def collate_fn(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+            return processor(batch[image_column], return_tensors="pt")
+
+    return harvest_deltas(
+        backbone, dataset, target_module, output_dir, label_column=label_column, collate_fn=collate_fn,
+        batch_size=batch_size, optimizer=optimizer, lr=lr, steps=steps, store_trajectory=store_trajectory, dtype=dtype,
+        delta_storage=delta_storage, factor_tolerance=factor_tolerance, shard_size=shard_size,
+        base_model_name_or_path=model_name_or_path, base_model_revision=model_revision, progress=progress,
+    )

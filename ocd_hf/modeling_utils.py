@@ -1,0 +1,116 @@
+"""Saving, loading and pushing shared by every generator: safetensors weights checked before anything
+is built, a JSON config, the card, and one Hub commit per push.
+
+A generator (a ``transformers.PreTrainedModel``) mixes in :class:`GeneratorHubMixin` and supplies
+``save_pretrained`` (through :func:`save_generator`) and the files it writes; ``push_to_hub`` then
+uploads exactly those files in one commit, keeping a card's user-written sections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import torch
+from huggingface_hub import CommitInfo
+from safetensors.torch import load_file, save_file
+from transformers import PretrainedConfig
+
+from .cards import CARD_NAME
+from .hub import push_saved_directory
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+SAVE_ADVICE = "save or push the model again (or pass force_download=True if it came from the Hub cache)"
+
+
+def read_config(config_class: type[PretrainedConfig], config_file: str | os.PathLike) -> PretrainedConfig:
+    """The ``config_class`` config in ``config_file``; ``ValueError`` naming the file if it is not valid JSON."""
+    try:
+        return config_class.from_json_file(config_file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"Cannot read the config {config_file}: {error}. The file is corrupt or truncated; {SAVE_ADVICE}.") from error
+
+
+def read_weights(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a ``model.safetensors``; ``ValueError`` if it is corrupt, truncated or not finite."""
+    try:
+        state = load_file(str(weights_file))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"Cannot read weights {weights_file}: {error}. The file is corrupt or truncated; {SAVE_ADVICE}.") from error
+    not_finite = sorted(name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all())
+    if not_finite:
+        raise ValueError(
+            f"Weights {weights_file} hold non-finite values in {not_finite[:5]}: the file is corrupt or the training "
+            f"diverged; {SAVE_ADVICE}."
+        )
+    return state
+
+
+def load_checked_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Load ``state`` into ``module``, refusing missing, unexpected or misshapen tensors (nothing is loaded then)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or misshapen:
+        raise ValueError(
+            f"Weights in {source} do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {misshapen[:5]}. Were {CONFIG_NAME} and {WEIGHTS_NAME} saved together?"
+        )
+    module.load_state_dict(state)
+
+
+def save_generator(save_directory: str | os.PathLike, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (``state`` made contiguous on CPU) into ``save_directory``."""
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
+    os.makedirs(save_directory, exist_ok=True)
+    config.save_pretrained(save_directory)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+class GeneratorHubMixin:
+    """``push_to_hub`` for a generator whose ``save_pretrained(directory, model_card_kwargs=...)`` writes
+    :attr:`hub_files`; the card is rendered with the repo id so its usage snippet loads from the Hub."""
+
+    hub_files: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+
+    def default_commit_message(self) -> str:
+        return f"Upload {type(self).__name__}"
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        model_card_kwargs: Mapping[str, Any] | None = None,
+        eval_results: list[Any] | None = None,
+        results_table: str | None = None,
+    ) -> CommitInfo:
+        """Upload the saved files to ``repo_id`` in one commit.
+
+        Creates the repo (and branch ``revision``) if missing; an existing card keeps its
+        user-written sections. ``eval_results`` (``huggingface_hub.EvalResult`` list, the card's
+        ``model-index``) and ``results_table`` (markdown) describe measured results; other card
+        fields go in ``model_card_kwargs``. Returns the commit's ``CommitInfo``.
+        """
+        card_kwargs = dict(model_card_kwargs or {})
+        if eval_results is not None:
+            card_kwargs["eval_results"] = eval_results
+        if results_table is not None:
+            card_kwargs["results_table"] = results_table
+
+        def save(directory: str, full_repo_id: str) -> None:
+            self.save_pretrained(directory, model_card_kwargs={**card_kwargs, "model_id": full_repo_id})
+
+        return push_saved_directory(
+            save, repo_id, allow_patterns=self.hub_files, commit_message=commit_message or self.default_commit_message(),
+            revision=revision, private=private, token=token, create_pr=create_pr,
+        )

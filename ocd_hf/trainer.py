@@ -1,0 +1,342 @@
+"""The Accelerate training loop shared by every generator: AdamW, an LR schedule, gradient
+accumulation and clipping, EMA (diffusers' ``EMAModel``), periodic logging (trackers through
+``report_to``) and validation, and checkpoints that resume exactly.
+
+A method supplies the module to train and a loss module whose ``forward(batch, generator)`` returns
+its named per-sample losses ``{name: (batch,)}``; the trainer minimises their weighted sum and logs
+each as ``<name>_loss`` (``val_<name>_loss`` on the validation split). Nothing here names a method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import SeedableRandomSampler
+from accelerate.logging import get_logger
+from datasets import Dataset
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+logger = get_logger(__name__)
+
+HISTORY_NAME = "training_history.json"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_STATE_NAME = "training_state.json"
+EMA_WEIGHTS_NAME = "ema.safetensors"
+
+
+@dataclass
+class GeneratorTrainingArguments:
+    """Settings of a generator's training loop, validated on creation; ``HfArgumentParser`` builds the
+    command line from it (``ocd-hf train --help``). Methods subclass it to add their own settings."""
+
+    num_steps: int | None = field(default=None, metadata={"help": "optimizer steps (give num_steps or num_epochs; default 10 epochs)"})
+    num_epochs: int | None = field(default=None, metadata={"help": "passes over the training split"})
+    batch_size: int = field(default=32, metadata={
+        "help": "items per process and forward; a step sees batch_size × processes × gradient_accumulation_steps"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_scheduler: str = field(default="constant", metadata={"help": "a diffusers.optimization.get_scheduler schedule"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "warm-up steps of the LR schedule"})
+    gradient_accumulation_steps: int | None = field(default=None, metadata={
+        "help": "batches per optimizer step (default: the accelerator's, else 1)"})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "gradient clipping (None disables it)"})
+    ema_decay: float | None = field(default=0.9999, metadata={
+        "help": "upper bound of the EMA decay (None disables EMA); it warms up as 1 − (1 + step)^−ema_power, so the EMA "
+        "averages the last ~step^ema_power steps and is useful at every run length (a constant 0.9999 would stay "
+        "dominated by the initialisation in any CPU-sized run)"})
+    ema_power: float = field(default=0.75, metadata={"help": "EMA warm-up power (diffusers' choice for short runs)"})
+    validation_fraction: float = field(default=0.1, metadata={
+        "help": "share of the data held out; its losses are logged with the EMA weights (those that are saved)"})
+    logging_steps: int = field(default=10, metadata={"help": "log the mean training losses every so many steps"})
+    validation_steps: int | None = field(default=None, metadata={
+        "help": "validate every so many steps (default: at every logging step) and at the end"})
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "accelerator.save_state every so many steps"})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep at most this many checkpoints"})
+    seed: int = field(default=0, metadata={"help": "seeds the initialisation, the data order, the noise and the validation split"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (main process only)"})
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "Accelerate trackers to log to (e.g. tensorboard, wandb); used when the trainer creates the Accelerator"})
+
+    def __post_init__(self) -> None:
+        if self.num_steps is not None and self.num_epochs is not None:
+            raise ValueError("Pass num_steps or num_epochs, not both.")
+        positive = ("num_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "validation_steps",
+                    "checkpointing_steps", "checkpoints_total_limit")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}.")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}.")
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint stores besides Accelerate's state: the step, the history, the open logging window."""
+
+    global_step: int = 0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    window_sums: dict[str, float] = field(default_factory=dict)
+    window_batches: int = 0
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints written under ``output_dir``, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    found = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | None) -> Path | None:
+    """The checkpoint directory to resume from: ``"latest"`` (``None`` if there is none yet) or an explicit path."""
+    if resume_from_checkpoint is None:
+        return None
+    if str(resume_from_checkpoint) == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not (path / TRAINING_STATE_NAME).is_file():
+        raise ValueError(
+            f"resume_from_checkpoint={str(path)!r} is not a checkpoint written by an ocd-hf trainer (no {TRAINING_STATE_NAME}); "
+            f"pass 'latest' or a directory like {Path(output_dir) / CHECKPOINTS_DIR / (CHECKPOINT_PREFIX + '100')}."
+        )
+    return path
+
+
+def make_loader(dataset: Dataset, batch_size: int, seed: int | None) -> DataLoader:
+    """A DataLoader over a torch-formatted dataset; shuffled with a per-epoch seed (``seed + epoch``) if ``seed`` is given."""
+    sampler = SeedableRandomSampler(dataset, data_seed=seed) if seed is not None else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+class GeneratorTrainer:
+    """The Accelerate training loop of one generator: AdamW, LR schedule, gradient accumulation and
+    clipping, EMA, periodic logging and validation, and checkpoints that resume exactly.
+
+    ``model`` holds the trained parameters (saved, averaged by the EMA); ``loss`` is the module
+    Accelerate prepares (DDP wraps it), usually holding ``model``: ``loss(batch, generator)`` returns
+    named per-sample losses, minimised as ``Σ loss_weights[name] · mean`` (weight 1 by default).
+
+    Exact resumption: Accelerate's checkpoint restores the weights, optimizer, LR schedule and RNGs;
+    the trainer adds the loop state (JSON), the EMA weights and each process's noise generator
+    (safetensors), and skips the batches of the current epoch already seen (the data order is
+    ``seed + epoch``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        train_set: Dataset,
+        validation_set: Dataset | None,
+        args: GeneratorTrainingArguments,
+        accelerator: Accelerator,
+        output_dir: str | os.PathLike,
+        loss_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_weights = dict(loss_weights or {})
+        self.args = args
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.accumulation = accelerator.gradient_accumulation_steps
+        batches_per_epoch = math.ceil(len(train_set) / (args.batch_size * accelerator.num_processes))
+        steps_per_epoch = math.ceil(batches_per_epoch / self.accumulation)
+        self.total_steps = args.num_steps if args.num_steps is not None else steps_per_epoch * (args.num_epochs or 10)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        # Accelerate steps a prepared scheduler once per process per optimizer step.
+        schedule = get_scheduler(
+            args.lr_scheduler,
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=self.total_steps * accelerator.num_processes,
+        )
+        loaders = [make_loader(train_set, args.batch_size, args.seed)]
+        if validation_set is not None:
+            loaders.append(make_loader(validation_set, args.batch_size, None))
+        prepared = accelerator.prepare(loss, optimizer, schedule, *loaders)
+        self.loss, self.optimizer, self.schedule, self.train_loader = prepared[:4]
+        self.validation_loader = prepared[4] if validation_set is not None else None
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accumulation)
+        self.parameters = list(model.parameters())
+        self.ema = None
+        if args.ema_decay is not None:
+            self.ema = EMAModel(self.parameters, decay=args.ema_decay, use_ema_warmup=True, power=args.ema_power)
+        self.generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+        self.state = TrainingState()
+
+    def train(self, resume_from_checkpoint: str | os.PathLike | None = None) -> TrainingState:
+        """Run (or resume) training to ``total_steps``; the model ends with the EMA weights, in eval mode."""
+        checkpoint = resolve_checkpoint(self.output_dir, resume_from_checkpoint)
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+            logger.info(f"Resumed from {checkpoint} at step {self.state.global_step}", main_process_only=True)
+        elif resume_from_checkpoint is not None:
+            logger.info(f"No checkpoint under {self.output_dir}; training from scratch.", main_process_only=True)
+        show = self.args.progress and self.accelerator.is_local_main_process
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="Training", disable=not show)
+        self.loss.train()
+        epoch = self.state.global_step // self.steps_per_epoch
+        while self.state.global_step < self.total_steps:
+            for batch in self.epoch_batches(epoch):
+                self.training_step(batch)
+                if self.accelerator.sync_gradients:
+                    self.after_optimizer_step(bar)
+                    if self.state.global_step >= self.total_steps:
+                        break
+            epoch += 1
+        bar.close()
+        self.accelerator.wait_for_everyone()
+        if self.ema is not None:
+            self.ema.copy_to(self.parameters)
+        self.model.eval()
+        return self.state
+
+    def epoch_batches(self, epoch: int) -> DataLoader:
+        """The batches of ``epoch`` not yet trained on (all of them, except in the epoch a run resumes in)."""
+        self.train_loader.set_epoch(epoch)
+        seen = (self.state.global_step - epoch * self.steps_per_epoch) * self.accumulation
+        return self.accelerator.skip_first_batches(self.train_loader, seen) if seen else self.train_loader
+
+    def training_step(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Forward and backward one batch; the optimizer steps when the accumulation window closes."""
+        with self.accelerator.accumulate(self.loss):
+            losses = self.loss(batch, self.generator)
+            total = sum(self.loss_weights.get(name, 1.0) * value.mean() for name, value in losses.items())
+            self.accelerator.backward(total)
+            if self.accelerator.sync_gradients and self.args.max_grad_norm is not None:
+                self.accelerator.clip_grad_norm_(self.loss.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad()
+        for name, value in losses.items():
+            self.state.window_sums[name] = self.state.window_sums.get(name, 0.0) + float(value.detach().mean())
+        self.state.window_batches += 1
+
+    def after_optimizer_step(self, bar: tqdm) -> None:
+        """Count the step, update the EMA, and log, validate and checkpoint when due."""
+        state, args = self.state, self.args
+        state.global_step += 1
+        bar.update(1)
+        if self.ema is not None:
+            self.ema.step(self.parameters)
+        finished = state.global_step >= self.total_steps
+        entry: dict[str, Any] = {}
+        if state.global_step % args.logging_steps == 0 or finished:
+            entry.update(self.close_window())
+        if self.validation_loader is not None and (state.global_step % (args.validation_steps or args.logging_steps) == 0 or finished):
+            entry.update(self.validate())
+        if entry:
+            entry = {"step": state.global_step, "epoch": round(state.global_step / self.steps_per_epoch, 4), **entry}
+            state.log_history.append(entry)
+            self.accelerator.log(entry, step=state.global_step)
+            bar.set_postfix({key: f"{value:.4g}" for key, value in entry.items() if key.endswith("loss")})
+        if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
+            self.save_checkpoint()
+
+    def close_window(self) -> dict[str, float]:
+        """Mean training losses over the batches since the last log (all processes), then reset."""
+        state = self.state
+        names = sorted(state.window_sums)
+        sums = torch.tensor([state.window_sums[name] for name in names], device=self.accelerator.device)
+        means = self.accelerator.reduce(sums, "mean") / state.window_batches
+        state.window_sums, state.window_batches = {}, 0
+        return {**{f"{name}_loss": float(mean) for name, mean in zip(names, means)}, "learning_rate": self.schedule.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation losses of the EMA weights (those that are saved), with noise drawn from a fixed seed
+        so that values compare across steps."""
+        if self.ema is not None:
+            self.ema.store(self.parameters)
+            self.ema.copy_to(self.parameters)
+        generator = torch.Generator(device=self.accelerator.device).manual_seed(self.args.seed + self.accelerator.process_index)
+        self.loss.eval()
+        gathered: dict[str, list[torch.Tensor]] = {}
+        for batch in self.validation_loader:
+            for name, value in self.loss(batch, generator).items():
+                gathered.setdefault(name, []).append(self.accelerator.gather_for_metrics(value))
+        self.loss.train()
+        if self.ema is not None:
+            self.ema.restore(self.parameters)
+        return {f"val_{name}_loss": float(torch.cat(values).mean()) for name, values in sorted(gathered.items())}
+
+    def save_checkpoint(self) -> Path:
+        """``accelerator.save_state`` to ``checkpoints/checkpoint-<step>`` plus the loop state, the EMA weights
+        and each process's noise generator; keeps at most ``checkpoints_total_limit`` checkpoints."""
+        accelerator, limit = self.accelerator, self.args.checkpoints_total_limit
+        if accelerator.is_main_process and limit is not None:
+            existing = list_checkpoints(self.output_dir)
+            for old in existing[: max(0, len(existing) - limit + 1)]:
+                shutil.rmtree(old)
+        path = self.output_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(path))
+        save_file({"state": self.generator.get_state()}, str(path / f"noise_generator_{accelerator.process_index}.safetensors"))
+        if accelerator.is_main_process:
+            ema_state = {}
+            if self.ema is not None:
+                shadow = {str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)}
+                save_file(shadow, str(path / EMA_WEIGHTS_NAME))
+                ema_state = {key: value for key, value in self.ema.state_dict().items() if key != "shadow_params"}
+            (path / TRAINING_STATE_NAME).write_text(json.dumps({**asdict(self.state), "ema": ema_state}, indent=2))
+        accelerator.wait_for_everyone()
+        logger.info(f"Saved checkpoint {path}", main_process_only=True)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Inverse of :meth:`save_checkpoint`."""
+        accelerator = self.accelerator
+        generator_file = path / f"noise_generator_{accelerator.process_index}.safetensors"
+        if not generator_file.is_file():
+            raise ValueError(
+                f"Checkpoint {path} has no noise generator for process {accelerator.process_index}: it was written by fewer "
+                "processes. Resume with the number of processes that wrote it."
+            )
+        if self.ema is not None and not (path / EMA_WEIGHTS_NAME).is_file():
+            raise ValueError(f"Checkpoint {path} holds no EMA weights but ema_decay is set; resume with ema_decay=None.")
+        accelerator.load_state(str(path))
+        saved = json.loads((path / TRAINING_STATE_NAME).read_text())
+        ema_state = saved.pop("ema")
+        self.state = TrainingState(**saved)
+        self.generator.set_state(load_file(str(generator_file))["state"])
+        if self.ema is not None:
+            shadow = load_file(str(path / EMA_WEIGHTS_NAME))
+            self.ema.load_state_dict({**ema_state, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+            self.ema.to(accelerator.device)
+
+    def history(self, num_train: int, num_validation: int, item_name: str = "samples") -> dict[str, Any]:
+        """The JSON written to ``training_history.json``."""
+        return {
+            "global_step": self.state.global_step,
+            "num_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            f"num_train_{item_name}": num_train,
+            f"num_validation_{item_name}": num_validation,
+            "num_processes": self.accelerator.num_processes,
+            "total_batch_size": self.args.batch_size * self.accelerator.num_processes * self.accumulation,
+            "settings": {**asdict(self.args), "gradient_accumulation_steps": self.accumulation},
+            "log_history": self.state.log_history,
+        }
+
+
