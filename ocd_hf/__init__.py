@@ -19,8 +19,10 @@ from .cards import GeneratorCardData
 from .factorised import expand_factors, factorise_deltas
 from .finetune import overfit_deltas
 from .methods.ocd import (
+    CONDITION_COMPONENTS,
     DEFAULT_FACTOR_TOLERANCE,
     FACTOR_DENOISER_CONFIG,
+    GENERATOR_TYPES,
     PAPER_DENOISER_CONFIG,
     LayerRanking,
     OCDConfig,
@@ -61,6 +63,8 @@ AutoModel.register(OCDConfig, OCDWrapper)
 
 __version__ = "0.1.0"
 __all__ = [
+    "CONDITION_COMPONENTS",
+    "GENERATOR_TYPES",
     "Conditioning",
     "DEFAULT_FACTOR_TOLERANCE",
     "FACTOR_DENOISER_CONFIG",

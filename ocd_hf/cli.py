@@ -29,6 +29,7 @@ from transformers import HfArgumentParser
 
 from .backbones import load_pretrained_backbone
 from .cards import eval_results_from_table
+from .finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS
 from .methods.ocd import PAPER_DENOISER_CONFIG, OCDTrainingArguments, OCDWrapper, evaluate_ocd
 from .methods.ocd.model_card import default_task_type
 from .results import ResultsTable, aggregate_results
@@ -107,7 +108,7 @@ class TrainCommandArguments:
     delta_mode: Literal["auto", "full", "factorised"] = field(default="auto", metadata={
         "help": "auto: factorised where the harvested deltas are rank-1, else full"})
     denoiser: Literal["small", "paper"] = field(default="small", metadata={"help": "UNet size in full mode"})
-    generator: Literal["diffusion", "regression", "label"] = field(default="diffusion", metadata={
+    generator_type: Literal["diffusion", "regression", "label"] = field(default="diffusion", metadata={
         "help": "diffusion (the paper), regression (deterministic MLP) or label (q(y|I(x)) over exact per-label deltas)"})
     conditioning: list[str] | None = field(default=None, metadata={
         "help": "condition components of I(x) among input, activation, output (default: all three)"})
@@ -127,7 +128,7 @@ def run_train(args: argparse.Namespace) -> None:
     from .methods.ocd import train_hypernetwork
 
     command = dataclass_from_namespace(TrainCommandArguments, args)
-    overrides: dict = {"num_inference_steps": command.num_inference_steps, "generator": command.generator}
+    overrides: dict = {"num_inference_steps": command.num_inference_steps, "generator_type": command.generator_type}
     if command.conditioning:
         overrides["condition_components"] = command.conditioning
     if command.delta_mode != "auto":
@@ -191,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     harvest.add_argument("--target-module", required=True, help="exact name, dotted suffix or regex of an nn.Linear")
     harvest.add_argument("--output-dir", required=True)
     harvest.add_argument("--batch-size", type=int, default=32)
-    harvest.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    harvest.add_argument("--lr", type=float, default=5e-4)
-    harvest.add_argument("--steps", type=int, default=3)
+    harvest.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=DEFAULT_OPTIMIZER)
+    harvest.add_argument("--lr", type=float, default=DEFAULT_LR)
+    harvest.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     harvest.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     harvest.add_argument("--shard-size", type=int, default=1024)
     harvest.add_argument("--store-trajectory", action="store_true")

@@ -19,6 +19,20 @@ from .target import inject_deltas, model_output_tensor, record_layer_io
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+# The single-sample fine-tuning of the official OCD code: Adam on the layer's weight, lr 5e-4, 3 steps.
+DEFAULT_OPTIMIZER = "adam"
+DEFAULT_LR = 5e-4
+DEFAULT_STEPS = 3
+
+
+def finetune_settings(recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``optimizer``, ``lr`` and ``steps`` from ``recorded`` (e.g. a harvest's settings), the defaults where absent."""
+    recorded = recorded or {}
+    return {
+        "optimizer": recorded.get("optimizer", DEFAULT_OPTIMIZER),
+        "lr": float(recorded.get("lr", DEFAULT_LR)),
+        "steps": int(recorded.get("steps", DEFAULT_STEPS)),
+    }
 
 
 def per_sample_task_loss(task: str) -> LossFn:
@@ -46,9 +60,9 @@ def overfit_deltas(
     inputs: Mapping[str, Any],
     labels: torch.Tensor,
     task: str = "classification",
-    optimizer: str = "adam",
-    lr: float = 5e-4,
-    steps: int = 3,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    lr: float = DEFAULT_LR,
+    steps: int = DEFAULT_STEPS,
     loss_fn: LossFn | None = None,
     return_trajectory: bool = False,
 ) -> OverfitResult:
@@ -89,9 +103,9 @@ def overfit_head_deltas(
     base_output: torch.Tensor,
     labels: torch.Tensor,
     task: str = "classification",
-    optimizer: str = "adam",
-    lr: float = 5e-4,
-    steps: int = 3,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    lr: float = DEFAULT_LR,
+    steps: int = DEFAULT_STEPS,
     loss_fn: LossFn | None = None,
     return_trajectory: bool = False,
 ) -> OverfitResult:

@@ -104,6 +104,10 @@ def model_output_tensor(outputs: Any) -> torch.Tensor:
     raise ValueError(f"Cannot find an output tensor in the backbone's output of type {type(outputs).__name__}.")
 
 
+# The three components of I(x): the name a config lists -> the Conditioning field and dataset column holding it.
+CONDITION_FIELDS = {"input": "layer_input", "activation": "layer_output", "output": "model_output"}
+
+
 @dataclass
 class Conditioning:
     """``I(x)``: the target layer's input and output and the model's output, pooled per sample.
@@ -119,6 +123,10 @@ class Conditioning:
     raw_input: torch.Tensor
     outputs: Any
     target_is_output: bool = False
+
+    def components(self) -> dict[str, torch.Tensor]:
+        """The three pooled components of ``I(x)`` by component name (``"input"``, ``"activation"``, ``"output"``)."""
+        return {name: getattr(self, field) for name, field in CONDITION_FIELDS.items()}
 
     @property
     def per_token(self) -> bool:

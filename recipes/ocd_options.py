@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+# ocd_hf.GENERATOR_TYPES and ocd_hf.CONDITION_COMPONENTS, repeated because importing ocd_hf imports huggingface_hub,
+# which reads HF_HUB_OFFLINE once; tests/test_recipes.py checks that the two stay equal.
 GENERATORS = ("diffusion", "regression", "label")
 CONDITION_COMPONENTS = ("input", "activation", "output")
 
@@ -37,7 +39,7 @@ def add_ocd_arguments(
 
 def hypernetwork_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``config_overrides`` of ``train_hypernetwork`` from the parsed options."""
-    overrides: dict[str, Any] = {"delta_mode": args.delta_mode, "generator": args.generator}
+    overrides: dict[str, Any] = {"delta_mode": args.delta_mode, "generator_type": args.generator}
     if args.conditioning:
         overrides["condition_components"] = list(args.conditioning)
     return overrides

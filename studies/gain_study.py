@@ -43,6 +43,7 @@ from transformers import PretrainedConfig, PreTrainedModel  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 from ocd_hf import (  # noqa: E402
+    GENERATOR_TYPES,
     evaluate_ocd,
     find_target_linear,
     harvest_deltas,
@@ -51,7 +52,6 @@ from ocd_hf import (  # noqa: E402
     train_hypernetwork,
 )
 
-GENERATORS = ("diffusion", "regression", "label")
 OCD_ROW = {"diffusion": "ocd_ens", "regression": "ocd_1", "label": "ocd_1"}  # the row that scores each generator
 METRICS = ("accuracy", "cross_entropy")
 
@@ -355,14 +355,14 @@ def run_seed(task: Any, seed: int, args: argparse.Namespace, workdir: Path, reco
             )
             data.timings[f"harvest/{deltas_dir.name}"] = time.perf_counter() - tick
             for conditioning, components in CONDITIONING[harvest].items():
-                for generator in GENERATORS:
+                for generator in GENERATOR_TYPES:
                     key = f"{seed}/{config_key(harvest, conditioning, lr, generator)}"
                     if key in records["results"]:
                         continue
                     tick = time.perf_counter()
                     if generator != "label" or conditioning not in label_models:
                         overrides = {
-                            "generator": generator, "condition_components": components,
+                            "generator_type": generator, "condition_components": components,
                             "delta_mode": "factorised" if data.target != "fc2" else "auto",
                         }
                         model = train_hypernetwork(
@@ -463,7 +463,7 @@ def summarise(task_name: str, workdir: Path, output: Path) -> str:
         "test split (base and OCD rows, plus the bounds for the plain label generator):", "",
         "| generator | training (s) | test evaluation (s) |", "|---|---|---|",
     ]
-    for generator in GENERATORS:
+    for generator in GENERATOR_TYPES:
         runs = [run for key, run in results.items() if key.endswith(f"/{generator}") and "train_seconds" in run]
         trained = [run["train_seconds"] for run in runs if run["train_seconds"] > 1]  # a label model is trained once per harvest
         if runs:

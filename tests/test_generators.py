@@ -118,8 +118,8 @@ def test_regression_generator_learns_the_deltas_deterministically(tmp_path, delt
 
 
 def test_generator_settings_are_validated(tmp_path):
-    with pytest.raises(ValueError, match="generator must be one of"):
-        OCDConfig(generator="gan")
+    with pytest.raises(ValueError, match="generator_type must be one of"):
+        OCDConfig(generator_type="gan")
     with pytest.raises(ValueError, match="needs a classification backbone"):
         OCDConfig(generator="label", task="regression")
     with pytest.raises(ValueError, match="label_combination must be one of"):

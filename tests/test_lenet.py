@@ -222,7 +222,7 @@ def test_lenet_recipe_cross_fits_with_a_regression_generator(tmp_path, idx_dir):
     fold_models = [line for line in (output / "deltas" / "README.md").read_text().splitlines() if "Cross-fitting" in line]
     assert fold_models and "2 folds" in fold_models[0]
     config = json.loads((output / "hypernetwork" / "config.json").read_text())
-    assert config["generator"] == "regression" and config["condition_components"] == ["input", "output"]
+    assert config["generator_type"] == "regression" and config["condition_components"] == ["input", "output"]
     assert finite_metrics(json.loads((output / "evaluation" / "results.json").read_text()))
 
 

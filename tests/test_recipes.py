@@ -92,7 +92,7 @@ def test_setfit_recipe_cross_fits_the_head_with_a_label_generator(tmp_path, bert
     metadata = json.loads((output / "seed-0" / "head" / "deltas" / "harvest.json").read_text())
     assert metadata["harvest_config"]["cross_fit"] == 2
     config = json.loads((output / "seed-0" / "head" / "hypernetwork" / "config.json").read_text())
-    assert config["generator"] == "label" and config["condition_components"] == ["output"]
+    assert config["generator_type"] == "label" and config["condition_components"] == ["output"]
     assert "no_scale" not in rows_of(output / "head" / "results.json")
 
 
@@ -145,7 +145,7 @@ def test_deit_recipe_cross_fitted_label_generator_on_the_validation_split(tmp_pa
     metadata = json.loads((output / "deltas" / "harvest.json").read_text())
     assert metadata["harvest_config"]["cross_fit"] == 2
     config = json.loads((output / "hypernetwork" / "config.json").read_text())
-    assert config["generator"] == "label" and config["condition_components"] == ["output"]
+    assert config["generator_type"] == "label" and config["condition_components"] == ["output"]
     results = json.loads((output / "evaluation" / "results.json").read_text())
     assert results["metadata"]["num_examples"] == 4  # the validation split, carved from the training images
     assert "no_scale" not in rows_of(output / "evaluation" / "results.json")
@@ -181,3 +181,12 @@ def test_deit_recipe_pretrained_checkpoint_with_processor_and_new_labels(tmp_pat
     fine_tuned = model_class.from_pretrained(output / "backbone")
     assert fine_tuned.config.id2label == {0: "cat", 1: "dog", 2: "fox"}
     assert (output / "backbone" / "preprocessor_config.json").is_file()
+
+
+def test_recipe_options_list_the_library_choices():
+    import ocd_options
+
+    import ocd_hf
+
+    assert ocd_options.GENERATORS == ocd_hf.GENERATOR_TYPES
+    assert ocd_options.CONDITION_COMPONENTS == ocd_hf.CONDITION_COMPONENTS

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from ...factorised import FACTOR_RULES
+from ...target import CONDITION_FIELDS, describe_backbone
 
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     # The official OCD code: 1000 training steps, betas linspace(1e-6, 1e-2), epsilon prediction,
@@ -63,10 +64,10 @@ BACKBONE_FIELDS = (
     "base_layer_fingerprint",
 )
 DELTA_MODES = ("full", "factorised")
-GENERATORS = ("diffusion", "regression", "label")
+GENERATOR_TYPES = ("diffusion", "regression", "label")
 LABEL_COMBINATIONS = ("expectation", "sample")
 DELTA_NORMALIZATIONS = ("rms", "std")
-CONDITION_COMPONENTS = ("input", "activation", "output")
+CONDITION_COMPONENTS = tuple(CONDITION_FIELDS)
 TASKS = ("classification", "regression")
 
 
@@ -100,14 +101,15 @@ class OCDConfig(PretrainedConfig):
             right factor ``v`` follows ``factor_rule`` from the layer input (``"sign"`` for Adam
             deltas, ``"input"`` for SGD) — exact for layers that see one vector per sample.
         factor_rule: ``"sign"`` or ``"input"`` (see ``delta_mode``).
-        generator: what produces the delta from ``I(x)``. ``"diffusion"`` (the paper): the denoiser
+        generator_type: what produces the delta from ``I(x)``. ``"diffusion"`` (the paper): the denoiser
             and DDIM sampling, one delta per draw. ``"regression"``: a deterministic MLP trained with
             MSE to predict the (normalised) delta or factor, i.e. its conditional mean; every draw is
             the same. ``"label"`` (classification): an MLP predicting ``q(y | I(x))``; the delta is
             ``Σ_y q(y|x) Δ(x, y)`` (``label_combination="expectation"``) or ``Δ(x, y)`` with
             ``y ~ q`` per draw (``"sample"``), where ``Δ(x, y)`` is computed exactly at inference by
             the harvest's own fine-tuning (``harvest_config``) with label ``y``.
-        label_combination: ``"expectation"`` or ``"sample"`` (see ``generator``).
+        label_combination: ``"expectation"`` or ``"sample"`` (see ``generator_type``). A saved config's
+            former key ``generator`` is read as ``generator_type``.
         denoiser_config: keyword arguments of ``diffusers.UNet2DModel`` for full mode (sample size
             and conditioning are filled in by the wrapper).
         factor_denoiser_config: ``hidden_dim``, ``num_layers``, ``embed_dim`` of the MLP denoiser
@@ -140,7 +142,7 @@ class OCDConfig(PretrainedConfig):
         base_layer_fingerprint: str | None = None,
         delta_mode: str = "full",
         factor_rule: str = "sign",
-        generator: str = "diffusion",
+        generator_type: str = "diffusion",
         label_combination: str = "expectation",
         denoiser_config: dict[str, Any] | None = None,
         factor_denoiser_config: dict[str, Any] | None = None,
@@ -163,12 +165,13 @@ class OCDConfig(PretrainedConfig):
                 "delta_mode='factorised' needs a layer that sees one vector per sample (a head or MLP layer); "
                 f"{target_module!r} is applied to every token, so its deltas are not rank-1. Use delta_mode='full'."
             )
-        if generator not in GENERATORS:
-            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
-        if generator == "label" and task != "classification":
+        generator_type = kwargs.pop("generator", generator_type)  # the key configs saved before 0.2 use
+        if generator_type not in GENERATOR_TYPES:
+            raise ValueError(f"generator_type must be one of {GENERATOR_TYPES}, got {generator_type!r}.")
+        if generator_type == "label" and task != "classification":
             raise ValueError(
-                "generator='label' predicts a distribution over class labels and needs a classification backbone; "
-                f"got task {task!r}. Use generator='diffusion' or 'regression'."
+                "generator_type='label' predicts a distribution over class labels and needs a classification backbone; "
+                f"got task {task!r}. Use generator_type='diffusion' or 'regression'."
             )
         if label_combination not in LABEL_COMBINATIONS:
             raise ValueError(f"label_combination must be one of {LABEL_COMBINATIONS}, got {label_combination!r}.")
@@ -197,7 +200,7 @@ class OCDConfig(PretrainedConfig):
         self.base_layer_fingerprint = base_layer_fingerprint
         self.delta_mode = delta_mode
         self.factor_rule = factor_rule
-        self.generator = generator
+        self.generator_type = generator_type
         self.label_combination = label_combination
         self.denoiser_config = {**DEFAULT_DENOISER_CONFIG, **(denoiser_config or {})}
         self.factor_denoiser_config = {**FACTOR_DENOISER_CONFIG, **(factor_denoiser_config or {})}
@@ -210,6 +213,16 @@ class OCDConfig(PretrainedConfig):
         self.log_rho_std = float(log_rho_std)
         self.harvest_config = dict(harvest_config or {})
         super().__init__(**kwargs)
+
+    @property
+    def condition_sizes(self) -> dict[str, int]:
+        """The size of each component of ``I(x)`` (see :data:`ocd_hf.target.CONDITION_FIELDS`)."""
+        return {"input": self.in_features, "activation": self.out_features, "output": self.output_dim}
+
+    @property
+    def generator(self) -> str:
+        """Former name of :attr:`generator_type` (kept so code written for earlier releases still reads it)."""
+        return self.generator_type
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -236,6 +249,5 @@ class OCDConfig(PretrainedConfig):
         Shapes are read from the layer; ``output_dim``, ``task`` and ``per_token`` are read from
         the backbone's config, or measured with one forward pass on ``example_inputs`` if given.
         """
-        from ...target import describe_backbone
 
         return cls(**{**describe_backbone(backbone, target_module, example_inputs), **kwargs})

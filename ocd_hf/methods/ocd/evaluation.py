@@ -25,7 +25,7 @@ from ...data import column_tensor, iterate_batches, split_batch, to_device
 from ...factorised import expand_factors
 from ...finetune import overfit_deltas
 from ...results import MetricAccumulator, ResultRow, ResultsTable
-from ...target import Conditioning, model_output_tensor
+from ...target import CONDITION_FIELDS, Conditioning, model_output_tensor
 from .deltas import materialise_deltas, resolve_deltas
 from .modeling import OCDWrapper
 
@@ -71,7 +71,6 @@ def delta_cosine(deltas: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 # ----- nearest-neighbour ablation -----------------------------------------------------------------
 
-CONDITION_COLUMNS = {"input": "layer_input", "activation": "layer_output", "output": "model_output"}
 
 
 class NearestNeighbourDeltas:
@@ -90,13 +89,13 @@ class NearestNeighbourDeltas:
     def __init__(
         self,
         deltas: Dataset,
-        components: Sequence[str] = ("input", "activation", "output"),
+        components: Sequence[str] = tuple(CONDITION_FIELDS),
         chunk_size: int = 4096,
         progress: bool = False,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         self.delta_columns = ["delta_factor", "layer_input"] if "delta_factor" in deltas.column_names else ["delta"]
-        missing = [c for c in [*self.delta_columns, *(CONDITION_COLUMNS[c] for c in components)] if c not in deltas.column_names]
+        missing = [c for c in [*self.delta_columns, *(CONDITION_FIELDS[c] for c in components)] if c not in deltas.column_names]
         if missing:
             raise ValueError(
                 f"The delta dataset lacks the columns {missing}; pass a dataset in the delta-dataset format "
@@ -109,7 +108,7 @@ class NearestNeighbourDeltas:
         self.components = list(components)
         self.chunk_size = chunk_size
         starts = tqdm(range(0, len(deltas), chunk_size), desc="nearest-neighbour index", disable=not progress)
-        chunks = [{c: column_tensor(deltas, slice(start, start + chunk_size), CONDITION_COLUMNS[c]) for c in self.components} for start in starts]
+        chunks = [{c: column_tensor(deltas, slice(start, start + chunk_size), CONDITION_FIELDS[c]) for c in self.components} for start in starts]
         self.features = {c: torch.cat([chunk[c] for chunk in chunks]) for c in self.components}
         self.mean = {c: f.mean(0) for c, f in self.features.items()}
         self.std = {c: f.std(0, unbiased=False).clamp_min(1e-6) for c, f in self.features.items()}
@@ -124,7 +123,7 @@ class NearestNeighbourDeltas:
         return (values.float().cpu() - self.mean[component]) / self.std[component] / math.sqrt(values.shape[-1])
 
     def query_features(self, cond: Conditioning) -> torch.Tensor:
-        values = {"input": cond.layer_input, "activation": cond.layer_output, "output": cond.model_output}
+        values = cond.components()
         return torch.cat([self.standardise(c, values[c]) for c in self.components], dim=1)
 
     def nearest(self, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,7 +307,7 @@ class _RowEvaluator:
         batch = labels.shape[0]
         if any(r in self.rows for r in ("ocd_1", "ocd_ens", "ocd_mean", "no_scale")):
             draws = self.num_samples if any(r in self.rows for r in ("ocd_ens", "ocd_mean")) else 1
-            if self.model.config.generator == "label":
+            if self.model.config.generator_type == "label":
                 deltas = self.model.generate_deltas(cond, draws, self.generators[run], inputs=inputs)
             else:
                 unit = self.model.generate_deltas(cond, draws, self.generators[run], self.num_inference_steps, rho=1.0, inputs=inputs)
@@ -387,7 +386,7 @@ def evaluate_ocd(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     has_deltas, has_alternative = delta_dataset is not None, alternative_model is not None
-    generator = model.config.generator
+    generator = model.config.generator_type
     rows = _check_rows(
         rows or available_rows(task, has_deltas, has_alternative, generator), task, has_deltas, has_alternative, num_samples, generator
     )

@@ -31,7 +31,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from ...backbones import load_pretrained_backbone
 from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
-from ...finetune import OPTIMIZERS, LossFn, overfit_deltas
+from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
 from ...harvest import harvest_shards
 from ...target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
 from .deltas import (
@@ -184,9 +184,9 @@ def harvest_batch(
     ids: torch.Tensor,
     *,
     task: str,
-    optimizer: str = "adam",
-    lr: float = 5e-4,
-    steps: int = 3,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    lr: float = DEFAULT_LR,
+    steps: int = DEFAULT_STEPS,
     loss_fn: LossFn | None = None,
     store_trajectory: bool = False,
     dtype: str = "float32",
@@ -375,9 +375,9 @@ def harvest_deltas(
     input_columns: list[str] | None = None,
     collate_fn: CollateFn | None = None,
     batch_size: int = 32,
-    optimizer: str = "adam",
-    lr: float = 5e-4,
-    steps: int = 3,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    lr: float = DEFAULT_LR,
+    steps: int = DEFAULT_STEPS,
     loss: LossFn | None = None,
     store_trajectory: bool = False,
     dtype: str = "float32",
@@ -733,9 +733,9 @@ def harvest_from_pretrained(
     max_length: int = 128,
     max_samples: int | None = None,
     batch_size: int = 32,
-    optimizer: str = "adam",
-    lr: float = 5e-4,
-    steps: int = 3,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    lr: float = DEFAULT_LR,
+    steps: int = DEFAULT_STEPS,
     dtype: str = "float32",
     delta_storage: str = "auto",
     factor_tolerance: float = DEFAULT_FACTOR_TOLERANCE,

@@ -1,7 +1,7 @@
 """The OCD hypernetwork: condition encoders, a denoiser over the weight delta (a diffusers UNet
 over the padded matrix, or an MLP over the left factor of a rank-1 delta), a scale net, and DDIM
 sampling; or, in place of the diffusion, a deterministic regressor of the delta or a classifier over
-the labels whose exact deltas are combined (``config.generator``)."""
+the labels whose exact deltas are combined (``config.generator_type``)."""
 
 from __future__ import annotations
 
@@ -107,15 +107,15 @@ class OCDHypernetwork(nn.Module):
         super().__init__()
         self.config = config
         embed_dim = config.embed_dim
-        dims = {"input": config.in_features, "activation": config.out_features, "output": config.output_dim}
+        dims = config.condition_sizes
         self.encoders = nn.ModuleDict(
             {name: ConditionEncoder(dims[name], config.condition_hidden_dim, embed_dim) for name in config.condition_components}
         )
         mlp = {"hidden_dim": config.factor_denoiser_config["hidden_dim"], "num_layers": config.factor_denoiser_config["num_layers"]}
-        if config.generator == "label":
+        if config.generator_type == "label":
             self.label_head = ConditionMLP(embed_dim, size=config.output_dim, **mlp)
             return
-        if config.generator == "regression":
+        if config.generator_type == "regression":
             self.regressor = ConditionMLP(embed_dim, size=math.prod(self.denoiser_sample_shape()), **mlp)
         elif config.delta_mode == "factorised":
             self.denoiser = FactorDenoiser(config.out_features, **config.factor_denoiser_config)
@@ -139,7 +139,7 @@ class OCDHypernetwork(nn.Module):
     @staticmethod
     def condition_values(cond: Conditioning) -> dict[str, torch.Tensor]:
         """The three pooled components of ``I(x)`` by name."""
-        return {"input": cond.layer_input, "activation": cond.layer_output, "output": cond.model_output}
+        return cond.components()
 
     def embed_condition(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """``e = Σ E_c(I_c(x))`` over the configured components; ``(batch, embed_dim)``."""
@@ -161,7 +161,7 @@ class OCDHypernetwork(nn.Module):
     def to_denoiser_space(self, deltas: torch.Tensor) -> torch.Tensor:
         """Normalised deltas ``(batch, out, in)`` (or factors ``(batch, out)``) as the denoiser (or the
         regressor, which needs no padding) sees them."""
-        if self.factorised or self.config.generator == "regression":
+        if self.factorised or self.config.generator_type == "regression":
             return deltas
         height, width = self.config.sample_size
         out_f, in_f = deltas.shape[-2:]
@@ -169,7 +169,7 @@ class OCDHypernetwork(nn.Module):
 
     def from_denoiser_space(self, samples: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_denoiser_space` (crops the zero padding)."""
-        if self.factorised or self.config.generator == "regression":
+        if self.factorised or self.config.generator_type == "regression":
             return samples
         out_f, in_f = self.config.weight_shape
         return samples[:, 0, :out_f, :in_f]
@@ -178,7 +178,7 @@ class OCDHypernetwork(nn.Module):
         """Shape of one sample in denoiser space."""
         if self.factorised:
             return (self.config.out_features,)
-        return self.config.weight_shape if self.config.generator == "regression" else (1, *self.config.sample_size)
+        return self.config.weight_shape if self.config.generator_type == "regression" else (1, *self.config.sample_size)
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Predicted noise for noisy samples in denoiser space."""

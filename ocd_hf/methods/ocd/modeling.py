@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 from ...backbones import load_pretrained_backbone
 from ...cards import GeneratorCardData
 from ...factorised import expand_factors
-from ...finetune import overfit_deltas, overfit_head_deltas
+from ...finetune import finetune_settings, overfit_deltas, overfit_head_deltas
 from ...hub import resolve_file
 from ...modeling_utils import (
     CONFIG_NAME,
@@ -173,12 +173,12 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         hypernetwork = self.hypernetwork
         with self.hypernetwork_eval():
             embedding = hypernetwork.embed_condition(hypernetwork.condition_values(cond))
-            if self.config.generator == "label":
+            if self.config.generator_type == "label":
                 if rho is not None:
                     raise ValueError("A 'label' generator has no scale net: its deltas are exact, so rho= does not apply.")
                 return self.combine_label_deltas(hypernetwork.label_logits(embedding).softmax(-1), cond, inputs, num_samples, generator)
             scale = hypernetwork.predict_rho(embedding) if rho is None else torch.full_like(embedding[:, 0], rho)
-            if self.config.generator == "regression":
+            if self.config.generator_type == "regression":
                 deltas = hypernetwork.regress(embedding).repeat_interleave(num_samples, dim=0)
             else:
                 embedding = embedding.repeat_interleave(num_samples, dim=0)
@@ -189,8 +189,7 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
 
     def overfit_settings(self) -> dict[str, Any]:
         """The single-sample fine-tuning of the harvest (``config.harvest_config``; defaults Adam, lr 5e-4, 3 steps)."""
-        harvest = self.config.harvest_config or {}
-        return {"optimizer": harvest.get("optimizer", "adam"), "lr": float(harvest.get("lr", 5e-4)), "steps": int(harvest.get("steps", 3))}
+        return finetune_settings(self.config.harvest_config)
 
     def label_deltas(
         self, cond: Conditioning, inputs: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ...factorised import RULE_FOR_OPTIMIZER, expand_factors, factorise_deltas
-from ...target import find_target_linear
+from ...target import CONDITION_FIELDS, find_target_linear
 from ...trainer import (
     CHECKPOINTS_DIR,
     HISTORY_NAME,
@@ -46,7 +46,7 @@ REQUIRED_BACKBONE_FIELDS = ("target_module", "in_features", "out_features", "out
 # The OCDConfig fields a training run may choose; the rest come from the harvest or from the data.
 TRAINABLE_CONFIG_FIELDS = (
     "delta_mode",
-    "generator",
+    "generator_type",
     "label_combination",
     "factor_rule",
     "denoiser_config",
@@ -57,12 +57,6 @@ TRAINABLE_CONFIG_FIELDS = (
     "condition_components",
     "delta_normalization",
 )
-# Condition component name -> dataset column and the config field holding its size.
-CONDITION_COLUMNS = {
-    "input": ("layer_input", "in_features"),
-    "activation": ("layer_output", "out_features"),
-    "output": ("model_output", "output_dim"),
-}
 # Below this spread of log ρ (0.1 % relative) the scale is treated as a constant: standardising by a
 # tinier std would make the scale net fit floating-point noise (with Adam, ρ is nearly constant).
 MIN_LOG_RHO_STD = 1e-3
@@ -114,6 +108,8 @@ def build_config(
             "harvested from (write it with ocd_hf.deltas, or build it with OCDConfig.from_backbone(...).to_dict())."
         )
     overrides = dict(config_overrides or {})
+    if "generator" in overrides:  # the name earlier releases used
+        overrides["generator_type"] = overrides.pop("generator")
     if overrides.get("delta_mode", "auto") == "auto":
         overrides["delta_mode"] = choose_delta_mode(metadata, dataset) if dataset is not None else "full"
     refused = sorted(set(overrides) - set(TRAINABLE_CONFIG_FIELDS))
@@ -143,8 +139,8 @@ def training_columns(config: OCDConfig, factors_stored: bool = False) -> list[st
     """The dataset columns training reads: the stored delta (or factor), the conditioning, and what
     converting between the two needs (the layer input; the factorisation residual of stored factors).
     A ``"label"`` generator reads the labels and the conditioning only."""
-    conditioning = [CONDITION_COLUMNS[c][0] for c in config.condition_components]
-    if config.generator == "label":
+    conditioning = [CONDITION_FIELDS[c] for c in config.condition_components]
+    if config.generator_type == "label":
         return ["label", *conditioning]
     if factors_stored:
         columns = ["delta_factor", "factor_residual"] if config.delta_mode == "factorised" else ["delta_factor", "layer_input"]
@@ -181,12 +177,12 @@ def check_deltas(dataset: Dataset, config: OCDConfig, backbone: nn.Module) -> No
             f"The {name} have shape {tuple(first[stored].shape)} but the harvest metadata describes layer "
             f"{config.target_module!r} with weight shape {config.weight_shape}: the dataset and its metadata don't belong together."
         )
-    for column, size_field in CONDITION_COLUMNS.values():
-        size = getattr(config, size_field)
+    for component, size in config.condition_sizes.items():
+        column = CONDITION_FIELDS[component]
         if column in first and first[column].shape != (size,):
             raise ValueError(
                 f"Column {column!r} holds vectors of shape {tuple(first[column].shape)}, expected ({size},) "
-                f"({size_field} of the harvest metadata)."
+                f"(the {component} size of the harvest metadata)."
             )
     name, layer = find_target_linear(backbone, config.target_module)
     if (layer.out_features, layer.in_features) != config.weight_shape:
@@ -264,13 +260,13 @@ def scan_deltas(
     """
     if batch_size is None:
         batch_size = max(1, min(256, SCAN_BATCH_ELEMENTS // math.prod(config.weight_shape)))
-    columns = {component: CONDITION_COLUMNS[component][0] for component in config.condition_components}
+    columns = {component: CONDITION_FIELDS[component] for component in config.condition_components}
     log_rho, residuals, values = [], [], {component: [] for component in columns}
     batches = dataset.iter(batch_size=batch_size)
     for batch in tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc="Scanning deltas", disable=not progress):
         for component, column in columns.items():
             values[component].append(batch[column].float())
-        if config.generator == "label":
+        if config.generator_type == "label":
             check_labels(batch["label"], config.output_dim)
             continue
         deltas, residual = delta_targets(batch, config)
@@ -347,13 +343,13 @@ class HypernetworkLoss(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         config = self.hypernetwork.config
-        embedding = self.hypernetwork.embed_condition({c: batch[CONDITION_COLUMNS[c][0]].float() for c in config.condition_components})
-        if config.generator == "label":
+        embedding = self.hypernetwork.embed_condition({c: batch[CONDITION_FIELDS[c]].float() for c in config.condition_components})
+        if config.generator_type == "label":
             logits = self.hypernetwork.label_logits(embedding).float()
             loss = F.cross_entropy(logits, batch["label"].long(), reduction="none")
             return {"denoise": loss, "scale": torch.zeros_like(loss)}
         clean, rho = denoiser_targets(self.hypernetwork, batch)
-        if config.generator == "regression":
+        if config.generator_type == "regression":
             generator_loss = (self.hypernetwork.regress(embedding).float() - clean).pow(2).flatten(1).mean(1)
         else:
             noise = randn_tensor(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
@@ -454,7 +450,7 @@ def train_hypernetwork(
     log_rho, condition_values = scan_deltas(train_set, config, progress=show_progress)
     if validation_set is not None:
         scan_deltas(validation_set, config, progress=show_progress)
-    if config.generator != "label":
+    if config.generator_type != "label":
         set_log_rho_statistics(config, log_rho)
     set_seed(seed)
     wrapper = OCDWrapper(config, backbone)
