@@ -195,8 +195,8 @@ def _record_lines(records: Sequence[Sequence[str]]) -> bytes:
     return b"".join(json.dumps(list(record), ensure_ascii=False).encode() + b"\n" for record in records)
 
 
-def _open_text(path: Path, mode: str):
-    return gzip.open(path, mode + "t", encoding="utf-8") if path.suffix == ".gz" else open(path, mode, encoding="utf-8")
+def _open_text(path: Path, mode: str, gzipped: bool):
+    return gzip.open(path, mode + "t", encoding="utf-8") if gzipped else open(path, mode, encoding="utf-8")
 
 
 def load_debian_sections(snapshot_path: str | os.PathLike | None = None, *, dumpavail_path: str | os.PathLike | None = None) -> Dataset:
@@ -262,14 +262,14 @@ def _run_dumpavail() -> str:
 def _write_snapshot(path: Path, header: dict[str, Any], records: Sequence[tuple[str, str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    with _open_text(partial, "w") as handle:
+    with _open_text(partial, "w", gzipped=path.suffix == ".gz") as handle:
         handle.write(json.dumps(header, ensure_ascii=False) + "\n")
         handle.write(_record_lines(records).decode())
     os.replace(partial, path)
 
 
 def _read_snapshot(path: Path) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
-    with _open_text(path, "r") as handle:
+    with _open_text(path, "r", gzipped=path.suffix == ".gz") as handle:
         first = handle.readline()
         body = handle.read()
     try:
