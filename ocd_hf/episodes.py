@@ -33,7 +33,6 @@ import torch
 from datasets import ClassLabel, Dataset, Features, List, Value, concatenate_datasets
 from datasets import config as datasets_config
 from datasets.arrow_writer import ArrowWriter
-from datasets.fingerprint import Hasher
 
 DEFAULT_SPLIT_NAMES = ("train", "val", "test")
 EMBEDDING_CACHE_VERSION = 1
@@ -454,18 +453,6 @@ class EpisodeSampler:
         return episode if column is None else episode.with_features(self.distribution.features(column))
 
 
-def _encoder_key(encode_fn: Callable, encoder_id: str | None) -> str:
-    if encoder_id is not None:
-        return encoder_id
-    try:
-        return Hasher.hash(encode_fn)
-    except Exception as error:  # dill cannot pickle some callables (e.g. ones holding open handles)
-        raise ValueError(
-            f"embed_items: cannot derive an identity for encode_fn ({error}); pass encoder_id= naming the encoder "
-            "and its settings, e.g. encoder_id='sentence-transformers/all-MiniLM-L6-v2 normalize=True'."
-        ) from error
-
-
 def embed_items(
     dataset: Dataset,
     encode_fn: Callable[[Any], Any],
@@ -473,20 +460,25 @@ def embed_items(
     batch_size: int = 256,
     cache_dir: str | os.PathLike | None = None,
     *,
-    encoder_id: str | None = None,
+    encoder_id: str,
     output_column: str = "embedding",
 ) -> Dataset:
     """``dataset`` with an ``output_column`` of float32 embeddings (a fixed-length ``List``), one per row.
 
     ``encode_fn`` takes a batch of ``column`` values (a list of strings for a text column, else a numpy
     array ``(B, ...)``) and returns ``(B, d)`` (numpy, torch or nested lists). Embeddings are computed
-    once: they are written to ``cache_dir`` (default: the ``datasets`` cache) under a key made of the
-    encoder's identity, the dataset's fingerprint and ``column``, and reused memory-mapped on the next
-    call. The identity is ``encoder_id`` if given, else a hash of ``encode_fn`` (as ``Dataset.map``
-    does: its code and the objects it references, so a changed model gives a new key; a function
-    that mutates what it references, e.g. a call counter, needs ``encoder_id``). Any change to the
-    dataset changes its fingerprint and so recomputes.
+    once: they are written to ``cache_dir`` (default: the ``datasets`` cache) under a key made of
+    ``encoder_id``, the dataset's fingerprint and ``column``, and reused memory-mapped on the next call.
+    ``encoder_id`` names the encoder and every setting that changes its output (e.g.
+    ``"sentence-transformers/all-MiniLM-L6-v2 normalize=True"``): a hash of ``encode_fn`` is no
+    identity, since encoders change state on their first call (a SentenceTransformer's hash does).
+    Any change to the dataset changes its fingerprint and so recomputes.
     """
+    if not isinstance(encoder_id, str) or not encoder_id.strip():
+        raise ValueError(
+            f"embed_items: encoder_id must name the encoder and its settings, e.g. "
+            f"'sentence-transformers/all-MiniLM-L6-v2 normalize=True'; got {encoder_id!r}."
+        )
     if column not in dataset.column_names:
         raise ValueError(f"embed_items: the dataset has no column {column!r} (columns: {dataset.column_names}).")
     if output_column in dataset.column_names:
@@ -498,7 +490,7 @@ def embed_items(
         raise ValueError(f"embed_items: batch_size must be an integer >= 1, got {batch_size!r}.")
     if len(dataset) == 0:
         raise ValueError("embed_items: the dataset is empty.")
-    key = json.dumps([EMBEDDING_CACHE_VERSION, _encoder_key(encode_fn, encoder_id), dataset._fingerprint, column])
+    key = json.dumps([EMBEDDING_CACHE_VERSION, encoder_id, dataset._fingerprint, column])
     directory = Path(cache_dir) if cache_dir is not None else Path(datasets_config.HF_DATASETS_CACHE) / "ocd_hf_embeddings"
     path = directory / f"embeddings-{hashlib.sha256(key.encode()).hexdigest()[:24]}.arrow"
     if not path.exists():

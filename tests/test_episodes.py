@@ -288,15 +288,6 @@ def test_embedding_cache_is_reused_and_invalidated_when_the_dataset_changes(tmp_
     assert len(list(tmp_path.glob("embeddings-*.arrow"))) == 4 and not list(tmp_path.glob(".*partial"))
 
 
-def test_embedding_cache_key_from_the_function_when_no_encoder_id(tmp_path):
-    dataset = synthetic()
-    embed_items(dataset, encode, "text", cache_dir=tmp_path)
-    embed_items(dataset, encode, "text", cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("embeddings-*.arrow"))) == 1
-    embed_items(dataset, lambda texts: 2 * encode(texts), "text", cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("embeddings-*.arrow"))) == 2
-
-
 def test_embed_items_passes_image_batches_as_arrays(tmp_path):
     images = np.arange(6 * 4 * 4, dtype=np.float32).reshape(6, 4, 4)
     dataset = Dataset.from_dict(
@@ -340,3 +331,7 @@ def test_embed_items_changing_width_and_argument_errors(tmp_path):
         embed_items(synthetic(), encode, "text", cache_dir=tmp_path, encoder_id="x", output_column="label")
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         embed_items(synthetic(), encode, "text", batch_size=0, cache_dir=tmp_path, encoder_id="x")
+    with pytest.raises(ValueError, match=r"encoder_id must name the encoder and its settings, e.g. 'sentence-transformers/"):
+        embed_items(synthetic(), encode, "text", cache_dir=tmp_path, encoder_id=" ")
+    with pytest.raises(TypeError, match="encoder_id"):
+        embed_items(synthetic(), encode, "text", cache_dir=tmp_path)
