@@ -384,6 +384,8 @@ class Episode:
 
     def __getitem__(self, item: int | slice) -> Episode:
         """Episodes ``item`` (an int keeps a batch dimension of 1)."""
+        if isinstance(item, int) and not -len(self) <= item < len(self):
+            raise IndexError(f"episode {item} out of range for a batch of {len(self)}")
         index = slice(item, item + 1 or None) if isinstance(item, int) else item
         return Episode(**{f.name: None if (v := getattr(self, f.name)) is None else v[index] for f in dataclasses.fields(self)})
 

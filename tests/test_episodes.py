@@ -235,6 +235,8 @@ def test_episode_tensors_match_the_cached_embeddings_row_by_row(tmp_path):
     assert torch.equal(episode.query[..., 0].long(), episode.classes.gather(1, episode.query_labels))
     one = episode[2]
     assert len(one) == 1 and torch.equal(one.support[0], episode.support[2]) and torch.equal(episode[-1].classes[0], episode.classes[-1])
+    with pytest.raises(IndexError, match="episode 8 out of range for a batch of 8"):
+        episode[8]
 
 
 def test_sampler_errors_name_the_fix():
