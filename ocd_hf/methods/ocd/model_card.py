@@ -6,15 +6,13 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from huggingface_hub import DatasetCard, ModelCard
+from transformers import PreTrainedModel
 
 from ...cards import GeneratorCardData, bytes_text, render_dataset_card, render_model_card, write_card
 from .deltas import DATA_FILES_PATTERN, SPLIT, delta_storage
-
-if TYPE_CHECKING:
-    from .modeling import OCDWrapper
 
 MODEL_CARD_TEMPLATE = "ocd_model_card.md"
 DELTA_DATASET_CARD_TEMPLATE = "delta_dataset_card.md"
@@ -38,8 +36,8 @@ def backbone_inputs(backbone: Any) -> tuple[str, list[str]]:
     return "tensors", names[:1]
 
 
-def ocd_card(model: "OCDWrapper", card_data: GeneratorCardData | None = None) -> ModelCard:
-    """The model card of ``model`` (its config, backbone and hypernetwork) with what ``card_data`` adds."""
+def ocd_card(model: PreTrainedModel, card_data: GeneratorCardData | None = None) -> ModelCard:
+    """The model card of ``model``, an :class:`~ocd_hf.OCDWrapper` (its config, backbone and hypernetwork) with what ``card_data`` adds."""
     card_data = card_data or GeneratorCardData()
     config = model.config
     base_model = config.base_model_name_or_path
@@ -78,13 +76,13 @@ def ocd_card(model: "OCDWrapper", card_data: GeneratorCardData | None = None) ->
     )
 
 
-def default_task_type(model: "OCDWrapper") -> str:
+def default_task_type(model: PreTrainedModel) -> str:
     """A Hub task id for ``model``'s results: ``text-``, ``image-`` or ``tabular-`` + the config's task."""
     kind = {"text": "text", "image": "image"}.get(backbone_inputs(model.backbone)[0], "tabular")
     return f"{kind}-{model.config.task}"
 
 
-def write_model_card(model: "OCDWrapper", directory: str | os.PathLike, card_data: GeneratorCardData | None = None) -> Path:
+def write_model_card(model: PreTrainedModel, directory: str | os.PathLike, card_data: GeneratorCardData | None = None) -> Path:
     """Write ``directory/README.md`` for ``model``, updating the card already there if any."""
     return write_card(ocd_card(model, card_data), directory)
 
