@@ -297,7 +297,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self.hub.repo_state(kind, repo).is_file():  # the client reads `url` when exist_ok=True
                 error = f"You already created this {payload.get('type') or 'model'} repo"
                 return self._json({"error": error, "url": self.hub.web_url(kind, repo)}, 409)
-            state = {"private": payload.get("visibility") == "private", "createdAt": _now(), "refs": {}, "commits": {}}
+            private = payload.get("visibility") == "private" or payload.get("private") is True  # huggingface_hub 2.x / 1.x
+            state = {"private": private, "createdAt": _now(), "refs": {}, "commits": {}}
             _add_commit(state, "main", {}, "initial commit")
             self.hub.save(kind, repo, state)
         self._json({"url": self.hub.web_url(kind, repo), "name": repo, "id": repo})

@@ -16,11 +16,20 @@ from ocd_hf.finetune import overfit_deltas
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 setfit = pytest.importorskip("setfit")
 sentence_transformers = pytest.importorskip("sentence_transformers")
-st_modules = pytest.importorskip("sentence_transformers.sentence_transformer.modules")
+try:  # sentence-transformers >= 6; 5.x names the same modules sentence_transformers.models
+    from sentence_transformers.sentence_transformer import modules as st_modules
+except ImportError:
+    from sentence_transformers import models as st_modules
 from sklearn.linear_model import LogisticRegression  # noqa: E402  (setfit depends on scikit-learn)
 
 WORDS = ["good", "bad", "food", "taste", "great", "awful", "the", "was", "not", "very", "fine", "tea", "coffee", "sweet"]
 TEXTS = ["the food was good", "awful taste", "not very sweet tea , but fine coffee", "great"]
+
+
+def embedding_dimension(transformer) -> int:
+    """The word-embedding size of a sentence-transformers Transformer module (renamed in sentence-transformers 6)."""
+    getter = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+    return getter()
 
 
 def write_tiny_bert(directory: Path, hidden_size: int = 16, seed: int = 0) -> Path:
@@ -41,12 +50,12 @@ def write_tiny_bert(directory: Path, hidden_size: int = 16, seed: int = 0) -> Pa
 def tiny_setfit_model(bert_dir: Path, pooling: str = "mean", normalize: bool = True, temperature: float = 1.0, num_labels: int = 3):
     """A SetFitModel with a differentiable head on the tiny BERT (random weights: enough to compare outputs)."""
     transformer = st_modules.Transformer(str(bert_dir), max_seq_length=12)
-    modules = [transformer, st_modules.Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
+    modules = [transformer, st_modules.Pooling(embedding_dimension(transformer), pooling_mode=pooling)]
     if normalize:
         modules.append(st_modules.Normalize())
     body = sentence_transformers.SentenceTransformer(modules=modules, device="cpu")
     torch.manual_seed(1)
-    head = setfit.SetFitHead(in_features=transformer.get_embedding_dimension(), out_features=num_labels, temperature=temperature, device="cpu")
+    head = setfit.SetFitHead(in_features=embedding_dimension(transformer), out_features=num_labels, temperature=temperature, device="cpu")
     labels = [f"class_{i}" for i in range(num_labels)]
     return setfit.SetFitModel(model_body=body, model_head=head, labels=labels)
 

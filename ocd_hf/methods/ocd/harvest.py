@@ -297,7 +297,11 @@ class SampleReader:
             self.formatted = dataset.with_format("numpy", columns=self.input_columns)
 
     def _read_labels(self, task: str) -> torch.Tensor:
-        labels = np.asarray(self.dataset.select_columns([self.label_column]).with_format("numpy")[:][self.label_column])
+        # Read through Arrow: the numpy formatter of some datasets releases returns object arrays for float columns with NaN.
+        column = self.dataset.select_columns([self.label_column]).with_format("arrow")[:][self.label_column]
+        labels = column.to_numpy(zero_copy_only=False)
+        if labels.dtype == object and len(labels) and isinstance(labels[0], np.ndarray):
+            labels = np.stack(labels)  # one list per row: refused below
         if labels.ndim != 1:
             raise ValueError(
                 f"label_column {self.label_column!r} must hold one scalar label per row, got shape {labels.shape}."
