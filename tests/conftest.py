@@ -9,16 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from conftest_hub import loopback_hub  # noqa: F401  (the loopback Hub server fixture)
-from torch import nn
+from helpers.models import TinyMLPRegressor
+from helpers.models import tiny_mlp as helper_tiny_mlp
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
     DeiTConfig,
     DeiTForImageClassification,
-    PretrainedConfig,
-    PreTrainedModel,
 )
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -36,33 +34,6 @@ TINY_DENOISER = {
     "up_block_types": ["UpBlock2D", "UpBlock2D"],
     "norm_num_groups": 4,
 }
-
-
-class TinyMLPConfig(PretrainedConfig):
-    model_type = "ocd-test-mlp"
-
-    def __init__(self, input_dim: int = 6, hidden_dim: int = 12, num_labels: int = 1, **kwargs):
-        self.input_dim = input_dim
-        self.hidden_dim = hidden_dim
-        super().__init__(num_labels=num_labels, **kwargs)
-
-
-class TinyMLPRegressor(PreTrainedModel):
-    """A small tabular regression model: features -> hidden -> one value."""
-
-    config_class = TinyMLPConfig
-
-    def __init__(self, config: TinyMLPConfig):
-        super().__init__(config)
-        self.hidden = nn.Linear(config.input_dim, config.hidden_dim)
-        self.act = nn.ReLU()
-        self.regressor = nn.Linear(config.hidden_dim, config.num_labels)
-
-    def _init_weights(self, module):
-        pass
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        return SequenceClassifierOutput(logits=self.regressor(self.act(self.hidden(features))))
 
 
 def tiny_bert(num_labels: int = 3, seed: int = 0) -> BertForSequenceClassification:
@@ -83,8 +54,7 @@ def tiny_deit(seed: int = 0) -> DeiTForImageClassification:
 
 
 def tiny_mlp(seed: int = 0) -> TinyMLPRegressor:
-    torch.manual_seed(seed)
-    return TinyMLPRegressor(TinyMLPConfig()).eval()
+    return helper_tiny_mlp(seed, in_features=6, hidden_size=12, num_hidden_layers=1)
 
 
 def text_batch(batch: int = 4, length: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -109,7 +79,7 @@ BACKBONE_CASES = {
     "bert-head": (tiny_bert, "classifier", text_batch),
     "bert-per-token": (tiny_bert, "intermediate.dense", text_batch),
     "deit-head": (tiny_deit, "classifier", image_batch),
-    "mlp-regression": (tiny_mlp, "hidden", tabular_batch),
+    "mlp-regression": (tiny_mlp, "fc1", tabular_batch),
 }
 
 

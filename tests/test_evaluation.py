@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 from datasets import Array2D, Dataset, Features, List, Value
-from torch import nn
+from helpers.models import TinyMLPConfig, TinyMLPRegressor
 from torch.nn import functional as F
-from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers import BertConfig, BertForSequenceClassification
 
 from ocd_hf import OCDWrapper
 from ocd_hf.cli import evaluate_from_paths
@@ -35,27 +34,6 @@ TINY_OCD = {
     "log_rho_std": 0.1,
 }
 NUM_CLASSES = 3
-
-
-class TinyRegressorConfig(PretrainedConfig):
-    model_type = "tiny-regressor"
-
-    def __init__(self, num_features: int = 5, hidden_size: int = 8, **kwargs):
-        kwargs.setdefault("num_labels", 1)
-        super().__init__(**kwargs)
-        self.num_features = num_features
-        self.hidden_size = hidden_size
-
-
-class TinyRegressor(PreTrainedModel):
-    config_class = TinyRegressorConfig
-
-    def __init__(self, config: TinyRegressorConfig):
-        super().__init__(config)
-        self.net = nn.Sequential(nn.Linear(config.num_features, config.hidden_size), nn.ReLU(), nn.Linear(config.hidden_size, 1))
-
-    def forward(self, features, labels=None):
-        return SequenceClassifierOutput(logits=self.net(features))
 
 
 def delta_dataset(backbone, layer, inputs, labels, task):
@@ -274,9 +252,9 @@ def test_aggregate_results_mean_and_sd_over_models():
 @pytest.fixture(scope="module")
 def regression_setup():
     torch.manual_seed(1)
-    backbone = TinyRegressor(TinyRegressorConfig()).eval()
+    backbone = TinyMLPRegressor(TinyMLPConfig(in_features=5, hidden_size=8, num_hidden_layers=1)).eval()
     example = {"features": torch.randn(2, 5)}
-    model = OCDWrapper.attach(backbone, "net.0", example_inputs=example, **TINY_OCD)
+    model = OCDWrapper.attach(backbone, "fc1", example_inputs=example, **TINY_OCD)
     train_x, test_x = torch.randn(8, 5), torch.randn(9, 5)
     deltas, _ = delta_dataset(backbone, model.target_layer, {"features": train_x}, torch.randn(8), "regression")
     test_y = torch.randn(9)

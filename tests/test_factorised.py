@@ -41,7 +41,7 @@ def test_factorised_mode_is_refused_on_per_token_layers():
 
 @pytest.mark.parametrize("backbone_factory, target, inputs", [
     (tiny_bert, "classifier", text_batch()),
-    (tiny_mlp, "hidden", {"features": torch.randn(4, 6)}),
+    (tiny_mlp, "fc1", {"features": torch.randn(4, 6)}),
 ])
 def test_factorised_application_equals_the_materialised_delta(backbone_factory, target, inputs):
     backbone = backbone_factory()

@@ -8,46 +8,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from helpers.models import TinyMLPConfig, TinyMLPRegressor
 from matplotlib.image import imread
 from scipy.integrate import trapezoid
 from scipy.stats import gaussian_kde
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers import BertConfig, BertForSequenceClassification
 
 from ocd_hf.methods.ocd.layer_selection import LayerRanking, kde_entropy, reinit_perturbation, select_layer
 from ocd_hf.target import linear_layers
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = dict(num_draws=6, progress=False)
-
-
-class TinyMLPConfig(PretrainedConfig):
-    model_type = "tiny-mlp-regression"
-
-    def __init__(self, in_features: int = 5, hidden: int = 8, **kwargs):
-        kwargs.setdefault("num_labels", 1)
-        super().__init__(**kwargs)
-        self.in_features = in_features
-        self.hidden = hidden
-
-
-class TinyMLPRegressor(PreTrainedModel):
-    """Regression MLP with one Linear (``unused``) that the forward pass never calls."""
-
-    config_class = TinyMLPConfig
-
-    def __init__(self, config: TinyMLPConfig):
-        super().__init__(config)
-        self.fc1 = nn.Linear(config.in_features, config.hidden)
-        self.fc2 = nn.Linear(config.hidden, config.hidden)
-        self.head = nn.Linear(config.hidden, 1)
-        self.unused = nn.Linear(config.hidden, config.hidden)
-        self.post_init()
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        hidden = torch.relu(self.fc2(torch.relu(self.fc1(features))))
-        return SequenceClassifierOutput(logits=self.head(hidden))
 
 
 def tiny_bert() -> tuple[nn.Module, dict, torch.Tensor]:
@@ -61,7 +33,7 @@ def tiny_bert() -> tuple[nn.Module, dict, torch.Tensor]:
 
 def tiny_mlp() -> tuple[nn.Module, dict, torch.Tensor]:
     torch.manual_seed(0)
-    model = TinyMLPRegressor(TinyMLPConfig())
+    model = TinyMLPRegressor(TinyMLPConfig(in_features=5, hidden_size=8, unused_layer=True))
     return model, {"features": torch.randn(8, 5)}, torch.randn(8)
 
 

@@ -34,7 +34,7 @@ def test_from_backbone_infers_shapes():
     per_token = OCDConfig.from_backbone(backbone, "intermediate.dense")
     assert per_token.target_module == "bert.encoder.layer.0.intermediate.dense"
     assert per_token.per_token and per_token.weight_shape == (32, 16)
-    regression = OCDConfig.from_backbone(tiny_mlp(), "regressor", example_inputs={"features": torch.zeros(2, 6)})
+    regression = OCDConfig.from_backbone(tiny_mlp(), "head", example_inputs={"features": torch.zeros(2, 6)})
     assert regression.task == "regression" and regression.output_dim == 1
 
 
@@ -85,7 +85,7 @@ def test_forward_shapes_and_ensembling():
 
 def test_regression_ensemble_is_the_mean_prediction():
     backbone, inputs = tiny_mlp(), {"features": torch.randn(5, 6)}
-    ocd = attach(backbone, "hidden", inputs)
+    ocd = attach(backbone, "fc1", inputs)
     out = ocd(**inputs, num_samples=4, return_draws=True, generator=torch.Generator().manual_seed(0))
     assert ocd.config.task == "regression"
     assert out.draw_logits.shape == (5, 4, 1)

@@ -7,55 +7,22 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
     DeiTConfig,
     DeiTForImageClassification,
-    PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.modeling_outputs import SequenceClassifierOutput
 
-
-class TinyMLPConfig(PretrainedConfig):
-    model_type = "tiny-mlp-regressor"
-
-    def __init__(self, in_dim: int = 6, hidden_dim: int = 8, **kwargs) -> None:
-        self.in_dim = in_dim
-        self.hidden_dim = hidden_dim
-        kwargs.setdefault("num_labels", 1)
-        super().__init__(**kwargs)
-
-
-class TinyMLPForRegression(PreTrainedModel):
-    """A tabular regression model: ``features -> Linear -> ReLU -> Linear -> ReLU -> head``."""
-
-    config_class = TinyMLPConfig
-    base_model_prefix = "mlp"
-
-    def __init__(self, config: TinyMLPConfig) -> None:
-        super().__init__(config)
-        self.net = nn.Sequential(
-            nn.Linear(config.in_dim, config.hidden_dim),
-            nn.ReLU(),
-            nn.Linear(config.hidden_dim, config.hidden_dim),
-            nn.ReLU(),
-        )
-        self.head = nn.Linear(config.hidden_dim, 1)
-        self.post_init()
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        return SequenceClassifierOutput(logits=self.head(self.net(features)))
-
+from helpers.models import TinyMLPConfig, TinyMLPRegressor
 
 # name -> (backbone kind, target module)
 CASES = {
     "bert-classifier": ("bert", "classifier"),
     "bert-intermediate": ("bert", "intermediate.dense"),
     "deit-classifier": ("deit", "classifier"),
-    "mlp-regression": ("mlp", "net.2"),
+    "mlp-regression": ("mlp", "fc2"),
 }
 
 
@@ -73,7 +40,7 @@ def build_backbone(kind: str, seed: int = 0) -> PreTrainedModel:
         )
         return DeiTForImageClassification(config).eval()
     if kind == "mlp":
-        return TinyMLPForRegression(TinyMLPConfig()).eval()
+        return TinyMLPRegressor(TinyMLPConfig()).eval()
     raise ValueError(f"unknown backbone kind {kind!r}")
 
 
