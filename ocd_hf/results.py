@@ -22,6 +22,8 @@ from torch.nn import functional as F
 METRIC_FORMATS = {"flips_fixed": "{:.1f}", "flips_broken": "{:.1f}"}
 DEFAULT_PLOT_METRICS = {"classification": ("accuracy", "cross_entropy"), "regression": ("mse",)}
 BOUND_MARK = " †"
+INTERVALS = ("sd", "ci95")
+INTERVAL_NAMES = {"sd": "sd", "ci95": "95% CI"}
 KIND_COLOURS = {"reference": "0.55", "baseline": "0.35", "ablation": "tab:orange", "bound": "tab:green"}
 METHOD_COLOUR = "tab:blue"
 
@@ -42,6 +44,15 @@ class ResultRow:
     def mean(self, metric: str) -> float:
         return float(np.mean(self.values[metric]))
 
+    def ci95(self, metric: str) -> float:
+        """Half-width of the normal-approximation 95% confidence interval of the mean; ``nan`` for a single run."""
+        values = self.values[metric]
+        return 1.959963984540054 * self.sd(metric) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+    def spread(self, metric: str, interval: str) -> float:
+        """The ``±`` the table shows: the sd over runs (``"sd"``) or the 95% CI of the mean (``"ci95"``)."""
+        return self.ci95(metric) if interval == "ci95" else self.sd(metric)
+
     def sd(self, metric: str) -> float:
         """Sample standard deviation over runs; ``nan`` for a single run."""
         values = self.values[metric]
@@ -59,6 +70,11 @@ class ResultsTable:
     rows: list[ResultRow]
     metadata: dict[str, Any] = field(default_factory=dict)
     runs_label: str = "seeds"
+    interval: str = "sd"
+
+    def __post_init__(self) -> None:
+        if self.interval not in INTERVALS:
+            raise ValueError(f"interval must be one of {INTERVALS}, got {self.interval!r}.")
 
     def __getitem__(self, name: str) -> ResultRow:
         for row in self.rows:
@@ -85,7 +101,7 @@ class ResultsTable:
             }
             for row in self.rows
         ]
-        return {"runs_label": self.runs_label, "metadata": self.metadata, "rows": rows}
+        return {"runs_label": self.runs_label, "interval": self.interval, "metadata": self.metadata, "rows": rows}
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """The table as JSON text; also written to ``path`` if given."""
@@ -108,20 +124,21 @@ class ResultsTable:
             )
             for r in data["rows"]
         ]
-        return cls(rows, data.get("metadata", {}), data.get("runs_label", "seeds"))
+        return cls(rows, data.get("metadata", {}), data.get("runs_label", "seeds"), data.get("interval", "sd"))
 
     def to_markdown(self, metrics: Sequence[str] | None = None) -> str:
-        """A markdown table with ``mean ± sd`` per metric, the number of runs, and the bounds marked."""
+        """A markdown table with ``mean ± sd`` (or ``± 95% CI``) per metric, the number of runs, and the bounds marked."""
         metrics = list(metrics or self.metrics)
         header = ["row", "kind", f"n {self.runs_label}", *metrics]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.rows:
             name = row.name + (BOUND_MARK if row.kind == "bound" else "")
-            cells = [name, row.kind, str(row.num_runs)] + [_format_cell(row, m) for m in metrics]
+            cells = [name, row.kind, str(row.num_runs)] + [_format_cell(row, m, self.interval) for m in metrics]
             lines.append("| " + " | ".join(cells) + " |")
         notes = [f"- `{row.name}`: {row.description}" for row in self.rows]
         if any(row.kind == "bound" for row in self.rows):
-            notes.append(f"- {BOUND_MARK.strip()} bounds are not deployable methods: they overfit at test time and `oracle` uses the test labels.")
+            notes.append(f"- {BOUND_MARK.strip()} bounds are not deployable methods: they use test-time information (labels or overfitting).")
+        notes.append(f"- ± is the {INTERVAL_NAMES[self.interval]} over {self.runs_label}.")
         if "majority_accuracy" in self.metadata:
             notes.append(f"- majority-class accuracy on this split: {self.metadata['majority_accuracy']:.4f}")
         return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
@@ -140,7 +157,8 @@ class ResultsTable:
             has_base = any(row.name == "base" for row in rows)
             reference = self["base"].mean(metric) if has_base else 0.0
             positions = np.arange(len(rows))
-            errors = [0.0 if math.isnan(row.sd(metric)) else row.sd(metric) for row in rows]
+            spreads = [row.spread(metric, self.interval) for row in rows]
+            errors = [0.0 if math.isnan(spread) else spread for spread in spreads]
             heights = [row.mean(metric) - reference for row in rows]
             bars = axis.barh(positions, heights, xerr=errors, color=[KIND_COLOURS.get(r.kind, METHOD_COLOUR) for r in rows])
             for bar, row in zip(bars, rows):
@@ -150,7 +168,7 @@ class ResultsTable:
             axis.set_yticks(positions, [row.name + (BOUND_MARK if row.kind == "bound" else "") for row in rows])
             axis.invert_yaxis()
             axis.set_title(f"{metric} − base (base = {reference:.4g})" if has_base else metric)
-        figure.suptitle(self.metadata.get("title", "Evaluation") + f" (mean ± sd over {self.runs_label}; † bounds)")
+        figure.suptitle(self.metadata.get("title", "Evaluation") + f" (mean ± {INTERVAL_NAMES[self.interval]} over {self.runs_label}; † bounds)")
         figure.savefig(path, dpi=110)
         return Path(path)
 
@@ -172,12 +190,12 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _format_cell(row: ResultRow, metric: str) -> str:
+def _format_cell(row: ResultRow, metric: str, interval: str = "sd") -> str:
     if metric not in row.values:
         return "—"
     fmt = METRIC_FORMATS.get(metric, "{:.4f}")
-    mean, sd = row.mean(metric), row.sd(metric)
-    return fmt.format(mean) if math.isnan(sd) else f"{fmt.format(mean)} ± {fmt.format(sd)}"
+    mean, spread = row.mean(metric), row.spread(metric, interval)
+    return fmt.format(mean) if math.isnan(spread) else f"{fmt.format(mean)} ± {fmt.format(spread)}"
 
 
 def aggregate_results(results: Sequence[ResultsTable]) -> ResultsTable:

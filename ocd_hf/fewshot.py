@@ -1,0 +1,153 @@
+"""The few-shot head benchmark shared by every task-conditioned generator: the same fixed episodes for
+every row, accuracy as mean ± 95% CI over episodes, the paired difference to logistic regression, and
+the latency of producing one task's head, measured in the same run.
+
+A *head fitter* turns a batch of support sets into heads: ``fitter(support (E, N·K, d), labels (E, N·K),
+n_way) -> (E, N, d+1)`` (weights, then the bias column). The strongest simple baselines are here
+(logistic regression on the support, as SetFit's default head; nearest class centroid with cosine
+prototypes) and the bound that reads the query labels (marked †, never a method's accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .episodes import Episode
+from .results import ResultRow, ResultsTable
+
+HeadFitter = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+REFERENCE = "logistic_regression"
+Z_95 = 1.959963984540054
+
+
+def check_episodes(episodes: Episode) -> None:
+    """Refuse episodes without features or with a shape the fitters cannot read."""
+    if episodes.support is None or episodes.query is None:
+        raise ValueError("The episodes carry no features: sample them with a column (sampler.sample(E, column='embedding')).")
+    if episodes.support.dim() != 3:
+        raise ValueError(
+            f"Heads are fitted on embedding vectors: support must be (E, N·K, d), got {tuple(episodes.support.shape)}. "
+            "Embed the items first (ocd_hf.episodes.embed_items)."
+        )
+
+
+def head_logits(heads: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Logits ``(E, M, N)`` of heads ``(E, N, d+1)`` on features ``(E, M, d)``."""
+    return torch.einsum("emd,end->emn", features.to(heads.dtype), heads[..., :-1]) + heads[..., -1].unsqueeze(1)
+
+
+def episode_accuracy(heads: torch.Tensor, episodes: Episode) -> torch.Tensor:
+    """Query accuracy ``(E,)`` of one head per episode."""
+    predictions = head_logits(heads, episodes.query).argmax(-1)
+    return (predictions == episodes.query_labels.to(predictions.device)).float().mean(-1)
+
+
+def prototype_heads(support: torch.Tensor, labels: torch.Tensor, n_way: int, scale: float = 10.0) -> torch.Tensor:
+    """Nearest class centroid with cosine similarity, as a linear head: rows are the normalised class means
+    (``scale`` sets the softmax temperature, not the predictions); inputs are compared after normalisation
+    only when they are (MiniLM embeddings are)."""
+    one_hot = F.one_hot(labels.long(), n_way).to(support.dtype)  # (E, N·K, N)
+    centroids = torch.einsum("ekn,ekd->end", one_hot, support) / one_hot.sum(1).unsqueeze(-1)
+    weights = scale * F.normalize(centroids, dim=-1)
+    return torch.cat([weights, torch.zeros(*weights.shape[:2], 1, dtype=weights.dtype)], dim=-1)
+
+
+def logistic_regression_heads(support: torch.Tensor, labels: torch.Tensor, n_way: int, C: float = 1.0, max_iter: int = 1000) -> torch.Tensor:
+    """scikit-learn's ``LogisticRegression`` (SetFit's default head) fitted on each support set, as ``(E, N, d+1)`` heads."""
+    from sklearn.linear_model import LogisticRegression
+
+    heads = torch.zeros(support.shape[0], n_way, support.shape[-1] + 1, dtype=torch.float64)
+    for index, (x, y) in enumerate(zip(support.double().numpy(), labels.numpy())):
+        model = LogisticRegression(C=C, max_iter=max_iter).fit(x, y)
+        if n_way == 2:  # one decision function: classes get -f/2 and +f/2
+            weights = np.concatenate([-model.coef_ / 2, model.coef_ / 2])
+            bias = np.concatenate([-model.intercept_ / 2, model.intercept_ / 2])
+        else:
+            weights, bias = model.coef_, model.intercept_
+        heads[index] = torch.from_numpy(np.concatenate([weights, bias[:, None]], axis=1))
+    return heads
+
+
+def query_label_bound_heads(episodes: Episode) -> torch.Tensor:
+    """† Logistic regression fitted on the support AND the query items with their labels: an upper bound
+    that reads the test labels, never a method's accuracy."""
+    features = torch.cat([episodes.support, episodes.query], dim=1)
+    labels = torch.cat([episodes.support_labels, episodes.query_labels], dim=1)
+    return logistic_regression_heads(features, labels, episodes.n_way)
+
+
+def mean_ci95(values: torch.Tensor | np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95% confidence interval."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(Z_95 * values.std(ddof=1) / math.sqrt(values.size))
+
+
+def _timed(fitter: HeadFitter, episodes: Episode) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    heads = fitter(episodes.support, episodes.support_labels, episodes.n_way)
+    return heads, time.perf_counter() - start
+
+
+def evaluate_episodes(
+    episodes: Episode,
+    fitters: Mapping[str, HeadFitter],
+    *,
+    kinds: Mapping[str, str] | None = None,
+    descriptions: Mapping[str, str] | None = None,
+    include_baselines: bool = True,
+    include_bound: bool = True,
+    output_dir: str | os.PathLike | None = None,
+    title: str = "Few-shot heads",
+) -> ResultsTable:
+    """Query accuracy of every fitter's heads on the same ``episodes``, next to the baselines and the † bound.
+
+    Each row holds the per-episode accuracies (``accuracy``), their paired differences to logistic
+    regression (``diff_vs_logistic_regression``), and the wall time per task of producing the heads
+    for all episodes in one call (``ms_per_task``, one thread as set by the caller). The table reports
+    mean ± 95% CI over episodes. ``kinds`` marks a row ``"method"`` (default for ``fitters``),
+    ``"baseline"`` or ``"ablation"``.
+    """
+    check_episodes(episodes)
+    rows: dict[str, tuple[str, str, HeadFitter]] = {}
+    if include_baselines:
+        rows[REFERENCE] = ("baseline", "logistic regression on the support (SetFit's default head)", logistic_regression_heads)
+        rows["nearest_centroid"] = ("baseline", "nearest class centroid, cosine prototypes", prototype_heads)
+    for name, fitter in fitters.items():
+        rows[name] = ((kinds or {}).get(name, "method"), (descriptions or {}).get(name, name), fitter)
+    accuracies, seconds = {}, {}
+    for name, (_, _, fitter) in rows.items():
+        heads, seconds[name] = _timed(fitter, episodes)
+        if heads.shape != (len(episodes), episodes.n_way, episodes.support.shape[-1] + 1):
+            raise ValueError(
+                f"Head fitter {name!r} returned heads of shape {tuple(heads.shape)}; expected "
+                f"(episodes, n_way, d + 1) = {(len(episodes), episodes.n_way, episodes.support.shape[-1] + 1)}."
+            )
+        accuracies[name] = episode_accuracy(heads, episodes)
+    reference = accuracies.get(REFERENCE)
+    table_rows = []
+    for name, (kind, description, _) in rows.items():
+        values = {"accuracy": accuracies[name].tolist(), "ms_per_task": [1e3 * seconds[name] / len(episodes)]}
+        if reference is not None and name != REFERENCE:
+            values["diff_vs_logistic_regression"] = (accuracies[name] - reference).tolist()
+        table_rows.append(ResultRow(name, kind, description, values))
+    if include_bound:
+        bound = episode_accuracy(query_label_bound_heads(episodes), episodes)
+        description = "logistic regression on support + query WITH the query labels (uses test labels)"
+        table_rows.append(ResultRow("query_label_bound", "bound", description, {"accuracy": bound.tolist()}))
+    metadata = {
+        "task": "classification", "title": title, "num_episodes": len(episodes), "n_way": episodes.n_way,
+        "k_shot": episodes.k_shot, "q_queries": episodes.q_queries, "embedding_dim": int(episodes.support.shape[-1]),
+    }
+    table = ResultsTable(table_rows, metadata, runs_label="episodes", interval="ci95")
+    if output_dir is not None:
+        table.save(output_dir)
+    return table

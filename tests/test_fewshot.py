@@ -1,0 +1,91 @@
+"""The shared few-shot head benchmark on synthetic Gaussian-cluster tasks (offline, seconds)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from torch.nn import functional as F
+
+from ocd_hf.episodes import EpisodeSampler, TaskDistribution
+from ocd_hf.fewshot import (
+    episode_accuracy,
+    evaluate_episodes,
+    head_logits,
+    logistic_regression_heads,
+    mean_ci95,
+    prototype_heads,
+)
+from ocd_hf.results import ResultsTable
+
+
+def cluster_episodes(num_episodes: int = 40, n_way: int = 5, k_shot: int = 3, dim: int = 8, seed: int = 0):
+    """Episodes over 12 Gaussian clusters on the unit sphere (noisy: accuracy well below 100%)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(12, dim, generator=generator), dim=-1)
+    labels = torch.arange(12).repeat_interleave(30)
+    points = F.normalize(centres[labels] + 0.45 * torch.randn(len(labels), dim, generator=generator), dim=-1)
+    dataset = Dataset.from_dict({"embedding": points.tolist(), "label": labels.tolist()})
+    sampler = EpisodeSampler(TaskDistribution(dataset), n_way, k_shot, q_queries=5, seed=seed)
+    return sampler.sample(num_episodes, column="embedding")
+
+
+def test_logistic_regression_heads_predict_like_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    for n_way in (2, 5):
+        episodes = cluster_episodes(6, n_way=n_way)
+        heads = logistic_regression_heads(episodes.support, episodes.support_labels, n_way)
+        assert heads.shape == (6, n_way, 9)
+        ours = head_logits(heads, episodes.query).argmax(-1)
+        for index in range(6):
+            model = LogisticRegression(max_iter=1000).fit(episodes.support[index].double().numpy(), episodes.support_labels[index].numpy())
+            np.testing.assert_array_equal(ours[index].numpy(), model.predict(episodes.query[index].double().numpy()))
+
+
+def test_prototype_heads_are_the_nearest_cosine_centroid():
+    episodes = cluster_episodes(8)
+    heads = prototype_heads(episodes.support, episodes.support_labels, episodes.n_way)
+    centroids = episodes.support.reshape(8, 5, 3, -1).mean(2)  # labels are grouped: label j's K items are contiguous
+    expected = F.cosine_similarity(episodes.query.unsqueeze(2), centroids.unsqueeze(1), dim=-1).argmax(-1)
+    assert torch.equal(head_logits(heads, episodes.query).argmax(-1), expected)
+
+
+def test_every_row_is_scored_on_the_same_episodes_with_paired_differences(tmp_path):
+    episodes = cluster_episodes(40)
+    random_heads = lambda support, labels, n_way: torch.randn(support.shape[0], n_way, support.shape[-1] + 1,  # noqa: E731
+                                                              generator=torch.Generator().manual_seed(1))
+    table = evaluate_episodes(episodes, {"random": random_heads}, kinds={"random": "ablation"}, output_dir=tmp_path)
+    assert [row.name for row in table.rows] == ["logistic_regression", "nearest_centroid", "random", "query_label_bound"]
+    reference = np.array(table["logistic_regression"].values["accuracy"])
+    for name in ("nearest_centroid", "random"):
+        accuracy = np.array(table[name].values["accuracy"])
+        assert len(accuracy) == 40
+        np.testing.assert_allclose(table[name].values["diff_vs_logistic_regression"], accuracy - reference, atol=1e-6)
+    expected = episode_accuracy(prototype_heads(episodes.support, episodes.support_labels, 5), episodes)
+    np.testing.assert_allclose(table["nearest_centroid"].values["accuracy"], expected.numpy(), atol=1e-6)
+    assert 0.5 < reference.mean() < 0.99, "the synthetic tasks are learnable but not trivial"
+    assert abs(np.mean(table["random"].values["accuracy"]) - 0.2) < 0.08, "random heads are at chance"
+    assert table["query_label_bound"].kind == "bound"
+    assert np.mean(table["query_label_bound"].values["accuracy"]) >= reference.mean() - 0.01
+    mean, half = mean_ci95(reference)
+    assert half == pytest.approx(1.959963984540054 * reference.std(ddof=1) / math.sqrt(40))
+    assert table["logistic_regression"].ci95("accuracy") == pytest.approx(half)
+    markdown = (tmp_path / "results.md").read_text()
+    assert f"{mean:.4f} ± {half:.4f}" in markdown and "95% CI over episodes" in markdown and "query_label_bound †" in markdown
+    assert ResultsTable.from_json(tmp_path / "results.json").interval == "ci95"
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_bad_inputs_name_the_fix():
+    episodes = cluster_episodes(4)
+    with pytest.raises(ValueError, match="carry no features"):
+        evaluate_episodes(type(episodes)(episodes.support_index, episodes.query_index, episodes.classes), {})
+    wrong = lambda support, labels, n_way: torch.zeros(support.shape[0], n_way, 3)  # noqa: E731
+    with pytest.raises(ValueError, match=r"returned heads of shape \(4, 5, 3\)"):
+        evaluate_episodes(episodes, {"wrong": wrong}, include_baselines=False, include_bound=False)
+    with pytest.raises(ValueError, match="interval must be one of"):
+        ResultsTable([], interval="iqr")
