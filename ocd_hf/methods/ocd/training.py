@@ -51,6 +51,7 @@ TRAINABLE_CONFIG_FIELDS = (
     "factor_rule",
     "denoiser_config",
     "factor_denoiser_config",
+    "scheduler_class",
     "scheduler_config",
     "num_inference_steps",
     "condition_hidden_dim",
@@ -323,7 +324,8 @@ class HypernetworkLoss(nn.Module):
     ``denoise_loss`` / ``val_denoise_loss`` whatever the generator.
 
     For a batch of raw deltas it draws noise and uniform timesteps from ``generator``, noises the
-    denoiser targets with the diffusion scheduler's ``add_noise`` and returns the epsilon-prediction
+    denoiser targets with DDPM's ``add_noise`` (the forward process every sampling scheduler
+    assumes, :meth:`OCDHypernetwork.make_training_scheduler`) and returns the epsilon-prediction
     MSE and the scale loss, both ``(batch,)``. The denoiser and the scale net share the condition
     embedding and are trained jointly.
 
@@ -339,7 +341,7 @@ class HypernetworkLoss(nn.Module):
             raise ValueError(f"scale_loss must be one of {SCALE_LOSSES}, got {scale_loss!r}.")
         self.hypernetwork = hypernetwork
         self.scale_loss = scale_loss
-        self.scheduler = hypernetwork.make_scheduler()
+        self.scheduler = hypernetwork.make_training_scheduler()
 
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         config = self.hypernetwork.config
@@ -408,8 +410,8 @@ def train_hypernetwork(
         args: the training settings (:class:`OCDTrainingArguments`: steps, batch size, optimizer,
             EMA, validation, checkpoints, trackers, scale loss). Or pass its fields as keyword
             arguments (``num_steps=300, batch_size=16``); not both.
-        config_overrides: any of ``delta_mode``, ``generator``, ``label_combination``, ``factor_rule``, ``denoiser_config``,
-            ``scheduler_config``, ``num_inference_steps``, ``condition_hidden_dim``,
+        config_overrides: any of ``delta_mode``, ``generator_type``, ``label_combination``, ``factor_rule``, ``denoiser_config``,
+            ``scheduler_class`` (the sampler, e.g. ``"DPMSolverMultistepScheduler"``), ``scheduler_config``, ``num_inference_steps``, ``condition_hidden_dim``,
             ``condition_components``, ``delta_normalization``. With ``delta_mode="factorised"``
             the factor rule defaults to the harvest optimizer's (Adam: ``"sign"``, SGD: ``"input"``).
         resume_from_checkpoint: ``"latest"`` (the newest under ``output_dir``; starts afresh if none)
