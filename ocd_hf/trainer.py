@@ -249,7 +249,7 @@ class GeneratorTrainer:
         if entry:
             entry = {"step": state.global_step, "epoch": round(state.global_step / self.steps_per_epoch, 4), **entry}
             state.log_history.append(entry)
-            self.accelerator.log(entry, step=state.global_step)
+            self.accelerator.log({key: value for key, value in entry.items() if key != "step"}, step=state.global_step)
             bar.set_postfix({key: f"{value:.4g}" for key, value in entry.items() if key.endswith("loss")})
         if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
             self.save_checkpoint()

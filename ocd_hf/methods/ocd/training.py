@@ -307,9 +307,16 @@ def set_log_rho_statistics(config: OCDConfig, log_rho: torch.Tensor) -> None:
     config.log_rho_std = max(spread, MIN_LOG_RHO_STD)
 
 
-def tracker_config(args: GeneratorTrainingArguments) -> dict[str, Any]:
-    """The settings as trackers accept them (scalars and strings only)."""
-    return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in vars(args).items()}
+# The OCDConfig fields a tracker records next to the training settings, so that runs compare by them.
+TRACKED_CONFIG_FIELDS = ("target_module", "delta_mode", "generator_type", "scheduler_class", "num_inference_steps", "condition_components")
+
+
+def tracker_config(args: GeneratorTrainingArguments, config: OCDConfig | None = None) -> dict[str, Any]:
+    """The training settings (and the main choices of ``config``) as trackers accept them (scalars and strings only)."""
+    settings = dict(vars(args))
+    if config is not None:
+        settings.update({name: getattr(config, name) for name in TRACKED_CONFIG_FIELDS})
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in settings.items()}
 
 
 # ----- the training objective ----------------------------------------------------------------------
@@ -447,7 +454,7 @@ def train_hypernetwork(
     show_progress = progress and accelerator.is_local_main_process
 
     if created_accelerator and args.report_to:
-        accelerator.init_trackers("ocd-hf", config=tracker_config(args))
+        accelerator.init_trackers("ocd-hf", config=tracker_config(args, config))
     train_set, validation_set = split_deltas(dataset, args.validation_fraction, seed)
     log_rho, condition_values = scan_deltas(train_set, config, progress=show_progress)
     if validation_set is not None:
