@@ -23,6 +23,7 @@ from ocd_hf.methods.ocd.training import (
     CHECKPOINTS_DIR,
     HISTORY_NAME,
     TRAINING_STATE_NAME,
+    OCDTrainingArguments,
     build_config,
     list_checkpoints,
     train_hypernetwork,
@@ -314,6 +315,14 @@ def test_report_to_tensorboard_writes_the_logged_losses(backbone, deltas, tmp_pa
             assert value == pytest.approx(logged[step][tag], rel=1e-6), (tag, step)
     hparams = "".join(path.read_text() for path in tmp_path.rglob("hparams.yml"))
     assert "delta_mode: full" in hparams and "scheduler_class: DDIMScheduler" in hparams and "num_steps: 4" in hparams
+
+
+def test_a_tracker_that_is_not_installed_is_refused_not_dropped(backbone, deltas, tmp_path, monkeypatch):
+    monkeypatch.setattr("ocd_hf.trainer.get_available_trackers", lambda: [])
+    with pytest.raises(ValueError, match=r"\['tensorboard'\], not installed here \(pip install tensorboard\)"):
+        train_hypernetwork(deltas, backbone, tmp_path, config_overrides=TINY_OVERRIDES, num_steps=1, report_to=["tensorboard"], **QUIET)
+    assert OCDTrainingArguments(report_to="tensorboard").report_to == ["tensorboard"]  # transformers accepts a string too
+    assert OCDTrainingArguments(report_to=["none"]).report_to == []
 
 
 def test_the_sampling_scheduler_is_a_training_override(backbone, deltas, tmp_path):

@@ -29,6 +29,7 @@ from ...trainer import (
     TRAINING_STATE_NAME,
     GeneratorTrainer,
     GeneratorTrainingArguments,
+    check_trackers,
     list_checkpoints,
 )
 from .configuration import BACKBONE_FIELDS, OCDConfig
@@ -443,6 +444,7 @@ def train_hypernetwork(
     dataset = select_training_columns(dataset, training_columns(config, stores_factors(dataset)))
     created_accelerator = accelerator is None
     if accelerator is None:
+        check_trackers(args.report_to)
         accelerator = Accelerator(
             gradient_accumulation_steps=gradient_accumulation_steps or 1, log_with=args.report_to or None, project_dir=output_dir,
         )
