@@ -31,6 +31,7 @@ from .backbones import load_pretrained_backbone
 from .cards import eval_results_from_table
 from .finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS
 from .methods.ocd import PAPER_DENOISER_CONFIG, OCDTrainingArguments, OCDWrapper, evaluate_ocd
+from .methods.ocd.configuration import DEFAULT_SCHEDULER_CLASS, SAMPLING_SCHEDULERS
 from .methods.ocd.model_card import default_task_type
 from .results import ResultsTable, aggregate_results
 from .trainer import HISTORY_NAME
@@ -112,7 +113,10 @@ class TrainCommandArguments:
         "help": "diffusion (the paper), regression (deterministic MLP) or label (q(y|I(x)) over exact per-label deltas)"})
     conditioning: list[str] | None = field(default=None, metadata={
         "help": "condition components of I(x) among input, activation, output (default: all three)"})
-    num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps when sampling"})
+    scheduler_class: str = field(default=DEFAULT_SCHEDULER_CLASS, metadata={
+        "help": "the diffusers scheduler that samples (training noises with DDPM's forward process whatever it is)",
+        "choices": list(SAMPLING_SCHEDULERS)})
+    num_inference_steps: int = field(default=10, metadata={"help": "scheduler steps when sampling"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": '"latest" or a checkpoint directory'})
 
 
@@ -128,7 +132,9 @@ def run_train(args: argparse.Namespace) -> None:
     from .methods.ocd import train_hypernetwork
 
     command = dataclass_from_namespace(TrainCommandArguments, args)
-    overrides: dict = {"num_inference_steps": command.num_inference_steps, "generator_type": command.generator_type}
+    overrides: dict = {
+        "num_inference_steps": command.num_inference_steps, "generator_type": command.generator_type, "scheduler_class": command.scheduler_class,
+    }
     if command.conditioning:
         overrides["condition_components"] = command.conditioning
     if command.delta_mode != "auto":

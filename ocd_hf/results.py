@@ -2,8 +2,9 @@
 
 A :class:`ResultsTable` holds rows (the method's, its ablations, baselines and bounds) with each
 metric's values over runs (sampling seeds, models or training seeds); it renders as JSON, a markdown
-table (``mean ± sd``, bounds marked †) and a PNG plot. :class:`MetricAccumulator` sums a row's
-metrics batch by batch. Nothing here names a method: a row's ``kind`` says what it is.
+table (``mean ± sd``, bounds marked †) and a PNG plot (with a reliability diagram for
+classification). :class:`MetricAccumulator` sums a row's metrics batch by batch, calibration
+(ECE, Brier score) included. Nothing here names a method: a row's ``kind`` says what it is.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ INTERVALS = ("sd", "ci95")
 INTERVAL_NAMES = {"sd": "sd", "ci95": "95% CI"}
 KIND_COLOURS = {"reference": "0.55", "baseline": "0.35", "ablation": "tab:orange", "bound": "tab:green"}
 METHOD_COLOUR = "tab:blue"
+CALIBRATION_BINS = 15
+METRIC_NOTES = {
+    "ece": "expected calibration error: Σ_b (n_b/N) |accuracy_b − confidence_b| over {bins} equal-width bins of the top-label confidence",
+    "brier": "Brier score: mean over samples of Σ_c (p_c − 1[y = c])² (0 to 2)",
+}
 
 
 @dataclass
@@ -139,20 +145,27 @@ class ResultsTable:
         if any(row.kind == "bound" for row in self.rows):
             notes.append(f"- {BOUND_MARK.strip()} bounds are not deployable methods: they use test-time information (labels or overfitting).")
         notes.append(f"- ± is the {INTERVAL_NAMES[self.interval]} over {self.runs_label}.")
+        for metric, note in METRIC_NOTES.items():
+            if metric in metrics:
+                notes.append(f"- {metric}: " + note.format(bins=self.metadata.get("calibration_bins", CALIBRATION_BINS)))
         if "majority_accuracy" in self.metadata:
             notes.append(f"- majority-class accuracy on this split: {self.metadata['majority_accuracy']:.4f}")
         return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
     def plot(self, path: str | os.PathLike, metrics: Sequence[str] | None = None) -> Path:
         """Save a bar chart as PNG: one panel per metric, each row's difference from ``base`` (the
-        effects are small next to the metric itself), error bars = sd over runs, bounds hatched."""
+        effects are small next to the metric itself), error bars = sd over runs, bounds hatched; and,
+        when the metadata holds reliability diagrams (classification), a reliability panel for
+        ``base`` and the best generated row (:meth:`best_generated_row`)."""
         from matplotlib.figure import Figure
 
         task = self.metadata.get("task", "classification")
         metrics = [m for m in (metrics or DEFAULT_PLOT_METRICS.get(task, ())) if m in self.metrics] or self.metrics[:2]
-        figure = Figure(figsize=(4.5 * len(metrics), 0.45 * len(self.rows) + 1.5), layout="constrained")
+        reliability = self.reliability_rows()
+        panels = len(metrics) + (1 if reliability else 0)
+        figure = Figure(figsize=(4.5 * panels, max(0.45 * len(self.rows) + 1.5, 4.0 if reliability else 0.0)), layout="constrained")
         for index, metric in enumerate(metrics):
-            axis = figure.add_subplot(1, len(metrics), index + 1)
+            axis = figure.add_subplot(1, panels, index + 1)
             rows = [row for row in self.rows if metric in row.values]
             has_base = any(row.name == "base" for row in rows)
             reference = self["base"].mean(metric) if has_base else 0.0
@@ -168,9 +181,44 @@ class ResultsTable:
             axis.set_yticks(positions, [row.name + (BOUND_MARK if row.kind == "bound" else "") for row in rows])
             axis.invert_yaxis()
             axis.set_title(f"{metric} − base (base = {reference:.4g})" if has_base else metric)
+        if reliability:
+            self._plot_reliability(figure.add_subplot(1, panels, panels), reliability)
         figure.suptitle(self.metadata.get("title", "Evaluation") + f" (mean ± {INTERVAL_NAMES[self.interval]} over {self.runs_label}; † bounds)")
         figure.savefig(path, dpi=110)
         return Path(path)
+
+    def best_generated_row(self, metric: str = "accuracy") -> ResultRow | None:
+        """The generated row (a kind that is not a reference, baseline, ablation or bound) with the best
+        mean ``metric`` (ties: the lower cross-entropy), or ``None`` if there is none."""
+        rows = [row for row in self.rows if row.kind not in KIND_COLOURS and metric in row.values]
+        if not rows:
+            return None
+        cross_entropy = lambda row: row.mean("cross_entropy") if "cross_entropy" in row.values else 0.0  # noqa: E731
+        return max(rows, key=lambda row: (row.mean(metric), -cross_entropy(row)))
+
+    def reliability_rows(self) -> dict[str, dict[str, list]]:
+        """The reliability diagrams the plot draws: ``base``'s and the best generated row's, where the
+        metadata holds them (``metadata["reliability"]``, one per classification row)."""
+        diagrams = self.metadata.get("reliability") or {}
+        best = self.best_generated_row()
+        names = ["base"] + ([best.name] if best is not None else [])
+        return {name: diagrams[name] for name in names if name in diagrams}
+
+    def _plot_reliability(self, axis: Any, diagrams: dict[str, dict[str, list]]) -> None:
+        axis.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="0.6", linewidth=0.8, label="perfect calibration")
+        for name, diagram in diagrams.items():
+            row = self[name]
+            points = [(c, a, n) for c, a, n in zip(diagram["confidence"], diagram["accuracy"], diagram["count"]) if n > 0]
+            confidence, accuracy, count = (np.array(v, dtype=float) for v in zip(*points)) if points else ([], [], [])
+            colour = KIND_COLOURS.get(row.kind, METHOD_COLOUR)
+            ece = f", ECE {row.mean('ece'):.3f}" if "ece" in row.values else ""
+            axis.plot(confidence, accuracy, marker="o", color=colour, label=f"{name}{ece}")
+            if points:
+                axis.scatter(confidence, accuracy, s=200 * count / count.sum(), color=colour, alpha=0.3)
+        bins = len(next(iter(diagrams.values()))["count"])
+        axis.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), xlabel="confidence (top label)", ylabel="accuracy",
+                 title=f"reliability ({bins} bins; marker area ∝ samples)")
+        axis.legend(loc="upper left", fontsize="small")
 
     def save(self, output_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``results.json``, ``results.md`` and ``results.png`` into ``output_dir``."""
@@ -213,6 +261,13 @@ def aggregate_results(results: Sequence[ResultsTable]) -> ResultsTable:
             for metric in row.values:
                 merged.values.setdefault(metric, []).append(row.mean(metric))
     metadata = {"task": tasks.pop(), "num_models": len(results), "models": [r.metadata for r in results]}
+    diagrams: dict[str, list[dict[str, list]]] = {}
+    for table in results:
+        for name, diagram in (table.metadata.get("reliability") or {}).items():
+            diagrams.setdefault(name, []).append(diagram)
+    if diagrams:  # every model's predictions pooled, bin by bin
+        metadata["calibration_bins"] = results[0].metadata.get("calibration_bins", CALIBRATION_BINS)
+        metadata["reliability"] = {name: pool_reliability(parts) for name, parts in diagrams.items()}
     return ResultsTable(list(rows.values()), metadata, runs_label="models")
 
 
@@ -236,15 +291,49 @@ def count_flips(base_predictions: torch.Tensor, predictions: torch.Tensor, label
     return FlipCounts(int(flipped.sum()), int((flipped & ~base_correct & correct).sum()), int((flipped & base_correct & ~correct).sum()))
 
 
-class MetricAccumulator:
-    """Running sums of one row's metrics over batches (no per-sample Python work)."""
+def reliability_diagram(counts: torch.Tensor, confidence_sums: torch.Tensor, correct_sums: torch.Tensor) -> dict[str, list]:
+    """A JSON-ready reliability diagram from per-bin sums: the ``count`` of samples in each equal-width
+    bin of the top-label confidence (bin ``b`` holds ``[b/B, (b+1)/B)``, the last one includes 1), their
+    mean ``confidence`` and their ``accuracy`` (``None`` for an empty bin)."""
+    counts, confidence_sums, correct_sums = (torch.as_tensor(v, dtype=torch.float64).cpu() for v in (counts, confidence_sums, correct_sums))
+    mean = lambda sums: [float(s / n) if n > 0 else None for s, n in zip(sums.tolist(), counts.tolist())]  # noqa: E731
+    return {"count": [int(n) for n in counts.tolist()], "confidence": mean(confidence_sums), "accuracy": mean(correct_sums)}
 
-    def __init__(self, task: str, num_classes: int) -> None:
+
+def pool_reliability(diagrams: Sequence[dict[str, list]]) -> dict[str, list]:
+    """One reliability diagram of all the samples of several (runs, models), bin by bin."""
+    counts = torch.tensor([d["count"] for d in diagrams], dtype=torch.float64)
+    sums = {key: torch.tensor([[v or 0.0 for v in d[key]] for d in diagrams], dtype=torch.float64) * counts for key in ("confidence", "accuracy")}
+    return reliability_diagram(counts.sum(0), sums["confidence"].sum(0), sums["accuracy"].sum(0))
+
+
+def expected_calibration_error(diagram: dict[str, list]) -> float:
+    """``Σ_b (n_b / N) |accuracy_b − confidence_b|`` of a reliability diagram."""
+    total = sum(diagram["count"])
+    gaps = (n * abs(a - c) for n, a, c in zip(diagram["count"], diagram["accuracy"], diagram["confidence"]) if n > 0)
+    return float(sum(gaps) / total) if total else float("nan")
+
+
+class MetricAccumulator:
+    """Running sums of one row's metrics over batches (no per-sample Python work).
+
+    Classification: accuracy, balanced accuracy, cross-entropy and calibration — the expected
+    calibration error over ``num_bins`` equal-width bins of the top-label confidence and the
+    multi-class Brier score, both on ``softmax(outputs)`` (the probabilities the cross-entropy
+    scores). Per-bin counts, confidence and correct sums are kept as tensors, so any split of the
+    data into batches gives the same metrics.
+    """
+
+    def __init__(self, task: str, num_classes: int, num_bins: int = CALIBRATION_BINS) -> None:
+        if num_bins < 1:
+            raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
         self.task = task
         self.num_classes = num_classes
+        self.num_bins = num_bins
         self.count = 0
         self.sums: dict[str, float] = {}
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long) if task == "classification" else None
+        self.bins = {key: torch.zeros(num_bins, dtype=torch.float64) for key in ("count", "confidence", "correct")}
 
     def _add(self, name: str, value: float) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + float(value)
@@ -261,8 +350,16 @@ class MetricAccumulator:
             self._add("mse", (outputs.reshape(labels.shape[0], -1) - target).pow(2).mean(1).sum())
             return
         predictions = outputs.argmax(-1)
-        self._add("correct", (predictions == labels).sum())
-        self._add("cross_entropy", F.cross_entropy(outputs, labels, reduction="sum"))
+        correct = predictions == labels
+        self._add("correct", correct.sum())
+        log_probs = F.log_softmax(outputs, dim=-1)
+        self._add("cross_entropy", F.nll_loss(log_probs, labels, reduction="sum"))
+        probs = log_probs.double().exp()
+        self._add("brier", (probs - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)).pow(2).sum())
+        confidence = probs.gather(-1, predictions.unsqueeze(-1)).squeeze(-1)
+        index = (confidence * self.num_bins).long().clamp(0, self.num_bins - 1)
+        for key, weights in (("count", None), ("confidence", confidence), ("correct", correct.double())):
+            self.bins[key] += torch.bincount(index, weights=weights, minlength=self.num_bins).double().cpu()
         self.confusion += torch.bincount(labels * self.num_classes + predictions, minlength=self.num_classes**2).view(
             self.num_classes, self.num_classes
         ).cpu()
@@ -284,6 +381,8 @@ class MetricAccumulator:
             recall = self.confusion.diag()[support > 0].double() / support[support > 0]
             metrics["balanced_accuracy"] = float(recall.mean())
             metrics["cross_entropy"] = self.sums["cross_entropy"] / n
+            metrics["ece"] = float((self.bins["correct"] - self.bins["confidence"]).abs().sum()) / n
+            metrics["brier"] = self.sums["brier"] / n
             if "flipped" in self.sums:
                 metrics["flip_rate"] = self.sums["flipped"] / n
                 metrics["flips_fixed"] = self.sums["flips_fixed"]
@@ -291,3 +390,9 @@ class MetricAccumulator:
         if "delta_cosine" in self.sums:
             metrics["delta_cosine"] = self.sums["delta_cosine"] / n
         return metrics
+
+    def reliability(self) -> dict[str, list]:
+        """The reliability diagram of everything seen (:func:`reliability_diagram`); classification only."""
+        if self.task != "classification":
+            raise ValueError("A reliability diagram needs class probabilities: the task is regression.")
+        return reliability_diagram(self.bins["count"], self.bins["confidence"], self.bins["correct"])

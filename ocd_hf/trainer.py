@@ -21,6 +21,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import SeedableRandomSampler
 from accelerate.logging import get_logger
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
 from datasets import Dataset
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -69,7 +71,7 @@ class GeneratorTrainingArguments:
     seed: int = field(default=0, metadata={"help": "seeds the initialisation, the data order, the noise and the validation split"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar (main process only)"})
     report_to: list[str] = field(default_factory=list, metadata={
-        "help": "Accelerate trackers to log to (e.g. tensorboard, wandb); used when the trainer creates the Accelerator"})
+        "help": "Accelerate trackers to log to (e.g. tensorboard, wandb; none: no tracker); used when the trainer creates the Accelerator"})
 
     def __post_init__(self) -> None:
         if self.num_steps is not None and self.num_epochs is not None:
@@ -84,6 +86,19 @@ class GeneratorTrainingArguments:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}.")
+        report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        self.report_to = [name for name in report_to if name != "none"]  # transformers' spelling of "no tracker"
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Refuse trackers that are not installed: Accelerate would drop them silently and log nothing."""
+    available = {str(tracker) for tracker in get_available_trackers()}
+    missing = [name for name in report_to if name != "all" and name in set(LoggerType.list()) and name not in available]
+    if missing:
+        raise ValueError(
+            f"report_to={report_to} asks for {missing}, not installed here (pip install {' '.join(missing)}); "
+            f"the trackers available are {sorted(available) or 'none'}."
+        )
 
 
 @dataclass
@@ -249,7 +264,7 @@ class GeneratorTrainer:
         if entry:
             entry = {"step": state.global_step, "epoch": round(state.global_step / self.steps_per_epoch, 4), **entry}
             state.log_history.append(entry)
-            self.accelerator.log(entry, step=state.global_step)
+            self.accelerator.log({key: value for key, value in entry.items() if key != "step"}, step=state.global_step)
             bar.set_postfix({key: f"{value:.4g}" for key, value in entry.items() if key.endswith("loss")})
         if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
             self.save_checkpoint()

@@ -66,3 +66,21 @@ def test_cli_errors_are_reported_without_a_traceback(workspace, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "ocd-hf harvest: error:" in error and "matches no module" in error and "classifier" in error
+
+
+def test_train_passes_the_scheduler_class_and_trackers(monkeypatch, tmp_path):
+    calls = {}
+
+    def fake_train(deltas, backbone, output_dir, args, config_overrides, resume_from_checkpoint):
+        calls.update(args=args, overrides=config_overrides)
+
+    monkeypatch.setattr("ocd_hf.methods.ocd.train_hypernetwork", fake_train)
+    monkeypatch.setattr("ocd_hf.cli.load_model", lambda args: None)
+    main(["train", "--model", "m", "--deltas", "d", "--output-dir", str(tmp_path), "--scheduler-class", "DPMSolverMultistepScheduler",
+          "--report-to", "tensorboard"])
+    assert calls["overrides"]["scheduler_class"] == "DPMSolverMultistepScheduler"
+    assert calls["args"].report_to == ["tensorboard"]
+    main(["train", "--model", "m", "--deltas", "d", "--output-dir", str(tmp_path)])
+    assert calls["overrides"]["scheduler_class"] == "DDIMScheduler" and calls["args"].report_to == []
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "m", "--deltas", "d", "--output-dir", str(tmp_path), "--scheduler-class", "NoSuchScheduler"])

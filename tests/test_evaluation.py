@@ -161,6 +161,43 @@ def test_files_are_written(bert_results):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
+def test_every_classification_row_reports_calibration(bert_setup, bert_results):
+    """``ece`` and ``brier`` in every row, the base row's equal to a direct computation, each row's
+    reliability diagram in the metadata (seeds pooled), in results.md and drawn in results.png."""
+    table, output_dir = bert_results
+    for row in table.rows:
+        assert all(0.0 <= v <= 1.0 for v in row.values["ece"]) and all(0.0 <= v <= 2.0 for v in row.values["brier"]), row.name
+        assert len(row.values["ece"]) == len(row.values["brier"]) == row.num_runs
+    with torch.no_grad():
+        probs = bert_setup["backbone"](**bert_setup["test"]).logits.double().softmax(-1)
+    labels = bert_setup["test_labels"]
+    brier = (probs - F.one_hot(labels, NUM_CLASSES)).pow(2).sum(1).mean().item()
+    confidence, correct = probs.max(1).values, probs.argmax(1) == labels
+    bins = (confidence * 15).long().clamp(max=14)
+    ece = sum(abs(correct[bins == b].double().sum() - confidence[bins == b].sum()).item() for b in range(15)) / len(labels)
+    assert table["base"].values["brier"] == [pytest.approx(brier, rel=1e-5)]
+    assert table["base"].values["ece"] == [pytest.approx(ece, rel=1e-5, abs=1e-7)]
+    reliability = table.metadata["reliability"]
+    assert table.metadata["calibration_bins"] == 15 and list(reliability) == ALL_ROWS
+    for row in table.rows:
+        assert sum(reliability[row.name]["count"]) == 12 * row.num_runs, row.name
+    saved = json.loads((output_dir / "results.json").read_text())
+    assert saved["metadata"]["reliability"]["base"] == reliability["base"]
+    markdown = (output_dir / "results.md").read_text()
+    assert "| cross_entropy | ece | brier |" in markdown and "- brier: Brier score" in markdown
+    png = (output_dir / "results.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == round(3 * 4.5 * 110)  # accuracy, cross-entropy, reliability
+    assert list(table.reliability_rows()) == ["base", table.best_generated_row().name]
+    assert table.best_generated_row().kind == "OCD"
+
+
+def test_calibration_bins_are_a_setting(bert_setup):
+    table = evaluate_ocd(bert_setup["model"], bert_setup["batches"], rows=["base"], seeds=(0,), calibration_bins=4, progress=False)
+    assert table.metadata["calibration_bins"] == 4 and len(table.metadata["reliability"]["base"]["count"]) == 4
+    with pytest.raises(ValueError, match="calibration_bins"):
+        evaluate_ocd(bert_setup["model"], bert_setup["batches"], rows=["base"], calibration_bins=0, progress=False)
+
+
 def test_same_seed_gives_the_same_draws_and_another_seed_does_not(bert_setup):
     table = evaluate_ocd(bert_setup["model"], bert_setup["batches"], rows=["ocd_1"], seeds=(5, 5, 6), progress=False)
     cross_entropy = table["ocd_1"].values["cross_entropy"]
@@ -270,6 +307,8 @@ def test_regression_rows(regression_setup, tmp_path):
     for row in table.rows:
         assert all(math.isfinite(v) for v in row.values["mse"]), row.name
         assert "accuracy" not in row.values and "flip_rate" not in row.values
+        assert "ece" not in row.values and "brier" not in row.values
+    assert "reliability" not in table.metadata
     with torch.no_grad():
         direct = F.mse_loss(backbone(features=test_x).logits.view(-1), test_y).item()
     assert table["base"].values["mse"] == [pytest.approx(direct, rel=1e-5)]

@@ -15,6 +15,7 @@ from conftest import TINY_DENOISER, tiny_bert
 from datasets import Array2D, Dataset, Features, Value
 from datasets import List as ListFeature
 from helpers import subprocess_env
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ocd_hf import OCDWrapper
 from ocd_hf.finetune import overfit_deltas
@@ -22,6 +23,7 @@ from ocd_hf.methods.ocd.training import (
     CHECKPOINTS_DIR,
     HISTORY_NAME,
     TRAINING_STATE_NAME,
+    OCDTrainingArguments,
     build_config,
     list_checkpoints,
     train_hypernetwork,
@@ -290,3 +292,51 @@ def test_auto_delta_mode_factorises_exact_head_deltas_and_keeps_per_token_layers
     sgd_metadata = {**metadata, "harvest_config": {**metadata["harvest_config"], "optimizer": "sgd"}}
     assert build_config(sgd_metadata, {}, dataset).delta_mode == "full"  # Adam deltas are not u xᵀ
     assert build_config(metadata, {"delta_mode": "full"}, dataset).delta_mode == "full"
+
+
+def test_report_to_tensorboard_writes_the_logged_losses(backbone, deltas, tmp_path):
+    train_hypernetwork(
+        deltas, backbone, tmp_path, config_overrides=TINY_OVERRIDES, num_steps=4, batch_size=16, logging_steps=2,
+        validation_fraction=0.25, report_to=["tensorboard"], **QUIET,
+    )
+    event_files = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    assert event_files and all(tmp_path in path.parents for path in event_files)
+    logged = {entry["step"]: entry for entry in history(tmp_path)["log_history"]}
+    scalars = {}
+    for directory in {path.parent for path in event_files}:
+        events = EventAccumulator(str(directory))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars[tag] = {event.step: event.value for event in events.Scalars(tag)}
+    assert set(scalars) == {"denoise_loss", "scale_loss", "val_denoise_loss", "val_scale_loss", "learning_rate", "epoch"}
+    for tag in scalars:
+        assert set(scalars[tag]) == {2, 4}, tag
+        for step, value in scalars[tag].items():
+            assert value == pytest.approx(logged[step][tag], rel=1e-6), (tag, step)
+    hparams = "".join(path.read_text() for path in tmp_path.rglob("hparams.yml"))
+    assert "delta_mode: full" in hparams and "scheduler_class: DDIMScheduler" in hparams and "num_steps: 4" in hparams
+
+
+def test_a_tracker_that_is_not_installed_is_refused_not_dropped(backbone, deltas, tmp_path, monkeypatch):
+    monkeypatch.setattr("ocd_hf.trainer.get_available_trackers", lambda: [])
+    with pytest.raises(ValueError, match=r"\['tensorboard'\], not installed here \(pip install tensorboard\)"):
+        train_hypernetwork(deltas, backbone, tmp_path, config_overrides=TINY_OVERRIDES, num_steps=1, report_to=["tensorboard"], **QUIET)
+    assert OCDTrainingArguments(report_to="tensorboard").report_to == ["tensorboard"]  # transformers accepts a string too
+    assert OCDTrainingArguments(report_to=["none"]).report_to == []
+
+
+def test_the_sampling_scheduler_is_a_training_override(backbone, deltas, tmp_path):
+    dataset, metadata = deltas
+    assert build_config(metadata, {"scheduler_class": "EulerDiscreteScheduler"}, dataset).scheduler_class == "EulerDiscreteScheduler"
+    assert build_config(metadata, {}, dataset).scheduler_class == "DDIMScheduler"
+    with pytest.raises(ValueError, match="Unknown scheduler_class"):
+        build_config(metadata, {"scheduler_class": "DIMScheduler"}, dataset)
+    model = train_hypernetwork(
+        deltas, backbone, tmp_path, config_overrides={**TINY_OVERRIDES, "scheduler_class": "DPMSolverMultistepScheduler", "num_inference_steps": 2},
+        num_steps=2, batch_size=16, validation_fraction=0.0, **QUIET,
+    )
+    loaded = OCDWrapper.from_pretrained(tmp_path, backbone=backbone)
+    assert loaded.config.scheduler_class == model.config.scheduler_class == "DPMSolverMultistepScheduler"
+    inputs = {"input_ids": torch.randint(1, 50, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    generated = loaded.generate_deltas(loaded.conditioning(**inputs), num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert generated.shape == (2, 2, 3, 16) and torch.isfinite(generated).all()

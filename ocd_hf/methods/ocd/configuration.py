@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from transformers import PretrainedConfig
 
 from ...factorised import FACTOR_RULES
@@ -22,6 +23,14 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     # "trailing" starts sampling from t=999 whatever the step count ("leading" with 1 step samples at t=0).
     "timestep_spacing": "trailing",
 }
+
+DEFAULT_SCHEDULER_CLASS = "DDIMScheduler"
+# The diffusers samplers that can sample from a denoiser trained on the DDPM forward process (betas,
+# ``√ᾱ x + √(1−ᾱ) ε``): diffusers' own list of schedulers compatible with DDPM, less EDM's, which
+# replaces the betas by its own σ range and conditions the denoiser on log σ instead of the timestep.
+SAMPLING_SCHEDULERS = tuple(
+    scheduler.name for scheduler in KarrasDiffusionSchedulers if scheduler.name not in ("EDMEulerScheduler",)
+)
 
 DEFAULT_DENOISER_CONFIG: dict[str, Any] = {
     # A CPU-sized UNet2DModel. The paper used 128 channels and 6 levels (see ``PAPER_DENOISER_CONFIG``).
@@ -71,6 +80,24 @@ CONDITION_COMPONENTS = tuple(CONDITION_FIELDS)
 TASKS = ("classification", "regression")
 
 
+def scheduler_class_from_name(name: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class called ``name``, if it can sample from an OCD denoiser (:data:`SAMPLING_SCHEDULERS`)."""
+    import diffusers
+
+    examples = "DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler"
+    if name in SAMPLING_SCHEDULERS:
+        return getattr(diffusers, name)
+    found = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if found is None:
+        raise ValueError(f"Unknown scheduler_class {name!r}; choose a diffusers scheduler such as {examples} (all: {list(SAMPLING_SCHEDULERS)}).")
+    if not (isinstance(found, type) and issubclass(found, SchedulerMixin)):
+        raise ValueError(f"scheduler_class {name!r} is not a diffusers scheduler; choose one of {list(SAMPLING_SCHEDULERS)}.")
+    raise ValueError(
+        f"{name} cannot sample from a denoiser trained with the DDPM forward process (betas, epsilon prediction) as OCD's is; "
+        f"choose one of {list(SAMPLING_SCHEDULERS)}."
+    )
+
+
 def padded_size(size: int, levels: int) -> int:
     """Smallest multiple of ``2 ** (levels - 1)`` that holds ``size`` (the UNet's down-sampling factor)."""
     factor = 2 ** (levels - 1)
@@ -114,8 +141,13 @@ class OCDConfig(PretrainedConfig):
             and conditioning are filled in by the wrapper).
         factor_denoiser_config: ``hidden_dim``, ``num_layers``, ``embed_dim`` of the MLP denoiser
             for factorised mode.
-        scheduler_config: keyword arguments of ``diffusers.DDIMScheduler``.
-        num_inference_steps: DDIM steps at sampling time.
+        scheduler_class: the diffusers scheduler that samples (``"DDIMScheduler"``, as in the paper, with
+            eta 0; or e.g. ``"DPMSolverMultistepScheduler"``, ``"EulerDiscreteScheduler"``,
+            ``"DDPMScheduler"``: any of :data:`SAMPLING_SCHEDULERS`). Training always noises with
+            DDPM's forward process over the same betas. A saved config without it loads as DDIM.
+        scheduler_config: the scheduler's config (``from_config``): the betas and timesteps shared by
+            training and sampling, plus any setting of the sampler (keys another class does not know are ignored).
+        num_inference_steps: scheduler steps at sampling time.
         condition_hidden_dim: hidden size of the condition encoders ``E_i, E_a, E_o``.
         condition_components: which of ``"input"``, ``"activation"``, ``"output"`` condition the
             generator (all three in the paper; fewer for ablations).
@@ -146,6 +178,7 @@ class OCDConfig(PretrainedConfig):
         label_combination: str = "expectation",
         denoiser_config: dict[str, Any] | None = None,
         factor_denoiser_config: dict[str, Any] | None = None,
+        scheduler_class: str = DEFAULT_SCHEDULER_CLASS,
         scheduler_config: dict[str, Any] | None = None,
         num_inference_steps: int = 10,
         condition_hidden_dim: int = 256,
@@ -186,6 +219,7 @@ class OCDConfig(PretrainedConfig):
             raise ValueError(
                 f"condition_components must be a non-empty subset of {CONDITION_COMPONENTS}, got {list(condition_components)}."
             )
+        scheduler_class_from_name(scheduler_class)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
         self.base_model_name_or_path = base_model_name_or_path
@@ -204,6 +238,7 @@ class OCDConfig(PretrainedConfig):
         self.label_combination = label_combination
         self.denoiser_config = {**DEFAULT_DENOISER_CONFIG, **(denoiser_config or {})}
         self.factor_denoiser_config = {**FACTOR_DENOISER_CONFIG, **(factor_denoiser_config or {})}
+        self.scheduler_class = scheduler_class
         self.scheduler_config = {**DEFAULT_SCHEDULER_CONFIG, **(scheduler_config or {})}
         self.num_inference_steps = int(num_inference_steps)
         self.condition_hidden_dim = int(condition_hidden_dim)

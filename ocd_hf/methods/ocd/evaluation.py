@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ...data import column_tensor, iterate_batches, split_batch, to_device
 from ...factorised import expand_factors
 from ...finetune import overfit_deltas
-from ...results import MetricAccumulator, ResultRow, ResultsTable
+from ...results import CALIBRATION_BINS, MetricAccumulator, ResultRow, ResultsTable, pool_reliability
 from ...target import CONDITION_FIELDS, Conditioning, model_output_tensor
 from .deltas import materialise_deltas, resolve_deltas
 from .modeling import OCDWrapper
@@ -240,6 +240,7 @@ class _RowEvaluator:
         alternative_model: OCDWrapper | None,
         num_inference_steps: int | None,
         overfit_settings: dict[str, Any],
+        calibration_bins: int = CALIBRATION_BINS,
     ) -> None:
         self.model = model
         self.task = model.config.task
@@ -251,7 +252,9 @@ class _RowEvaluator:
         self.overfit_settings = overfit_settings
         self.global_rho = math.exp(model.config.log_rho_mean)
         classes = model.config.output_dim
-        self.accumulators = {r: [MetricAccumulator(self.task, classes) for _ in (seeds if r in STOCHASTIC_ROWS else [0])] for r in rows}
+        self.accumulators = {
+            r: [MetricAccumulator(self.task, classes, calibration_bins) for _ in (seeds if r in STOCHASTIC_ROWS else [0])] for r in rows
+        }
         device = model.device
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         self.alternative_generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
@@ -337,6 +340,10 @@ class _RowEvaluator:
     def results(self) -> dict[str, list[dict[str, float]]]:
         return {row: [acc.compute() for acc in accumulators] for row, accumulators in self.accumulators.items()}
 
+    def reliability(self) -> dict[str, dict[str, list]]:
+        """Each row's reliability diagram, its runs (sampling seeds) pooled; classification only."""
+        return {row: pool_reliability([acc.reliability() for acc in accumulators]) for row, accumulators in self.accumulators.items()}
+
 
 def evaluate_ocd(
     model: OCDWrapper,
@@ -353,6 +360,7 @@ def evaluate_ocd(
     num_inference_steps: int | None = None,
     oracle_overrides: Mapping[str, Any] | None = None,
     neighbour_chunk_size: int = 4096,
+    calibration_bins: int = CALIBRATION_BINS,
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> ResultsTable:
@@ -372,19 +380,25 @@ def evaluate_ocd(
         rows: the rows to compute (default: all that the inputs allow).
         oracle_overrides: overfitting settings replacing the harvest's for ``oracle`` and ``label_free``.
         neighbour_chunk_size: training rows per distance block of the nearest-neighbour search.
+        calibration_bins: equal-width bins of the top-label confidence for the ECE and the reliability diagrams.
         output_dir: if given, ``results.json``, ``results.md`` and ``results.png`` are written there.
 
     Returns:
-        A :class:`ResultsTable`: accuracy, balanced accuracy and cross-entropy (classification) or MSE
-        (regression) per row; for every row but ``base`` the flip rate vs base and the flips that fix or
-        break a prediction (classification); and, when ``oracle`` is computed, the mean cosine between the
-        row's deltas and the oracle deltas.
+        A :class:`ResultsTable`: accuracy, balanced accuracy, cross-entropy, expected calibration error
+        (``ece``) and Brier score (``brier``) (classification) or MSE (regression) per row; for every row
+        but ``base`` the flip rate vs base and the flips that fix or break a prediction (classification);
+        and, when ``oracle`` is computed, the mean cosine between the row's deltas and the oracle deltas.
+        For classification, ``metadata["reliability"]`` holds each
+        row's reliability diagram (per-bin ``count``, mean ``confidence`` and ``accuracy``, the row's
+        seeds pooled), drawn for ``base`` and the best OCD row in ``results.png``.
     """
     task = model.config.task
     if not seeds:
         raise ValueError("seeds must hold at least one sampling seed, e.g. seeds=(0, 1, 2).")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    if calibration_bins < 1:
+        raise ValueError(f"calibration_bins must be >= 1, got {calibration_bins}.")
     has_deltas, has_alternative = delta_dataset is not None, alternative_model is not None
     generator = model.config.generator_type
     rows = _check_rows(
@@ -405,7 +419,7 @@ def evaluate_ocd(
                 f"{model.target_name!r} has {model.config.weight_shape}: pass the deltas harvested for this layer."
             )
     settings = oracle_settings(model, oracle_overrides)
-    evaluator = _RowEvaluator(model, rows, seeds, num_samples, neighbours, alternative_model, num_inference_steps, settings)
+    evaluator = _RowEvaluator(model, rows, seeds, num_samples, neighbours, alternative_model, num_inference_steps, settings, calibration_bins)
     label_counts = torch.zeros(model.config.output_dim, dtype=torch.long)
     num_examples = 0
     modules = [model] + ([alternative_model] if has_alternative else [])
@@ -435,6 +449,8 @@ def evaluate_ocd(
     }
     if task == "classification":
         metadata["majority_accuracy"] = float(label_counts.max()) / num_examples
+        metadata["calibration_bins"] = calibration_bins
+        metadata["reliability"] = {row_name(row, num_samples): diagram for row, diagram in evaluator.reliability().items()}
     table = _build_table(evaluator.results(), metadata, num_samples, alternative_model)
     if output_dir is not None:
         table.save(output_dir)

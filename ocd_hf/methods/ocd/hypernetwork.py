@@ -1,21 +1,25 @@
 """The OCD hypernetwork: condition encoders, a denoiser over the weight delta (a diffusers UNet
-over the padded matrix, or an MLP over the left factor of a rank-1 delta), a scale net, and DDIM
-sampling; or, in place of the diffusion, a deterministic regressor of the delta or a classifier over
-the labels whose exact deltas are combined (``config.generator_type``)."""
+over the padded matrix, or an MLP over the left factor of a rank-1 delta), a scale net, and sampling
+with a diffusers scheduler (DDIM by default, ``config.scheduler_class``); or, in place of the
+diffusion, a deterministic regressor of the delta or a classifier over the labels whose exact deltas
+are combined (``config.generator_type``)."""
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn import functional as F
 
 from ...target import Conditioning
-from .configuration import OCDConfig
+from .configuration import OCDConfig, scheduler_class_from_name
 
 
 def delta_scale(deltas: torch.Tensor, normalization: str) -> torch.Tensor:
@@ -24,6 +28,18 @@ def delta_scale(deltas: torch.Tensor, normalization: str) -> torch.Tensor:
     if normalization == "rms":
         return flat.pow(2).mean(1).sqrt()
     return flat.std(1)
+
+
+def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None) -> dict[str, Any]:
+    """The extra arguments of ``scheduler.step`` that it accepts: DDIM's ``eta=0`` (deterministic) and
+    the ``generator`` of stochastic steps (DDPM, ancestral and SDE samplers), as diffusers' pipelines pass them."""
+    parameters = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in parameters:
+        kwargs["eta"] = 0.0
+    if "generator" in parameters:
+        kwargs["generator"] = generator
+    return kwargs
 
 
 class ConditionEncoder(nn.Module):
@@ -186,8 +202,15 @@ class OCDHypernetwork(nn.Module):
             return self.denoiser(noisy, timesteps, embedding)
         return self.denoiser(noisy, timesteps, class_labels=embedding).sample
 
-    def make_scheduler(self) -> DDIMScheduler:
-        return DDIMScheduler(**self.config.scheduler_config)
+    def make_scheduler(self) -> SchedulerMixin:
+        """The sampling scheduler: ``config.scheduler_class`` built from ``config.scheduler_config``."""
+        return scheduler_class_from_name(self.config.scheduler_class).from_config(self.config.scheduler_config)
+
+    def make_training_scheduler(self) -> DDPMScheduler:
+        """The forward process training noises with: DDPM's ``add_noise`` (``√ᾱ_t x + √(1−ᾱ_t) ε``) over
+        ``config.scheduler_config``'s betas, whatever the sampler, as diffusers' training scripts do (a
+        sampler such as Euler works in ``x + σ ε`` and maps it back with ``scale_model_input``)."""
+        return DDPMScheduler.from_config(self.config.scheduler_config)
 
     @torch.no_grad()
     def sample(
@@ -196,7 +219,10 @@ class OCDHypernetwork(nn.Module):
         generator: torch.Generator | None = None,
         num_inference_steps: int | None = None,
     ) -> torch.Tensor:
-        """Sample one normalised delta (or factor) per row of ``embedding`` with DDIM (eta 0).
+        """Sample one normalised delta (or factor) per row of ``embedding`` with ``config.scheduler_class``
+        (DDIM with eta 0 by default), as a diffusers pipeline does: initial noise scaled by the scheduler's
+        ``init_noise_sigma``, ``scale_model_input`` before every denoiser call, and ``generator`` for the
+        noise of stochastic steps.
 
         Returns ``(batch, out, in)`` deltas, or ``(batch, out)`` factors, rescaled to unit ``ρ``
         (the training normalisation).
@@ -206,9 +232,12 @@ class OCDHypernetwork(nn.Module):
         sample = randn_tensor(
             (embedding.shape[0], *self.denoiser_sample_shape()), generator=generator, device=embedding.device, dtype=embedding.dtype
         )
+        sample = sample * scheduler.init_noise_sigma
+        extra = step_kwargs(scheduler, generator)
         for t in scheduler.timesteps:
-            noise_pred = self.denoise(sample, t.expand(sample.shape[0]), embedding)
-            sample = scheduler.step(noise_pred, t, sample, eta=0.0).prev_sample
+            model_input = scheduler.scale_model_input(sample, t)
+            noise_pred = self.denoise(model_input, t.expand(sample.shape[0]), embedding)
+            sample = scheduler.step(noise_pred, t, sample, **extra).prev_sample
         deltas = self.from_denoiser_space(sample)
         scale = delta_scale(deltas, self.config.delta_normalization).clamp_min(1e-12)
         return deltas / scale.view(-1, *([1] * (deltas.dim() - 1))).to(deltas.dtype)

@@ -29,6 +29,7 @@ from ...trainer import (
     TRAINING_STATE_NAME,
     GeneratorTrainer,
     GeneratorTrainingArguments,
+    check_trackers,
     list_checkpoints,
 )
 from .configuration import BACKBONE_FIELDS, OCDConfig
@@ -51,6 +52,7 @@ TRAINABLE_CONFIG_FIELDS = (
     "factor_rule",
     "denoiser_config",
     "factor_denoiser_config",
+    "scheduler_class",
     "scheduler_config",
     "num_inference_steps",
     "condition_hidden_dim",
@@ -306,9 +308,16 @@ def set_log_rho_statistics(config: OCDConfig, log_rho: torch.Tensor) -> None:
     config.log_rho_std = max(spread, MIN_LOG_RHO_STD)
 
 
-def tracker_config(args: GeneratorTrainingArguments) -> dict[str, Any]:
-    """The settings as trackers accept them (scalars and strings only)."""
-    return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in vars(args).items()}
+# The OCDConfig fields a tracker records next to the training settings, so that runs compare by them.
+TRACKED_CONFIG_FIELDS = ("target_module", "delta_mode", "generator_type", "scheduler_class", "num_inference_steps", "condition_components")
+
+
+def tracker_config(args: GeneratorTrainingArguments, config: OCDConfig | None = None) -> dict[str, Any]:
+    """The training settings (and the main choices of ``config``) as trackers accept them (scalars and strings only)."""
+    settings = dict(vars(args))
+    if config is not None:
+        settings.update({name: getattr(config, name) for name in TRACKED_CONFIG_FIELDS})
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in settings.items()}
 
 
 # ----- the training objective ----------------------------------------------------------------------
@@ -323,7 +332,8 @@ class HypernetworkLoss(nn.Module):
     ``denoise_loss`` / ``val_denoise_loss`` whatever the generator.
 
     For a batch of raw deltas it draws noise and uniform timesteps from ``generator``, noises the
-    denoiser targets with the diffusion scheduler's ``add_noise`` and returns the epsilon-prediction
+    denoiser targets with DDPM's ``add_noise`` (the forward process every sampling scheduler
+    assumes, :meth:`OCDHypernetwork.make_training_scheduler`) and returns the epsilon-prediction
     MSE and the scale loss, both ``(batch,)``. The denoiser and the scale net share the condition
     embedding and are trained jointly.
 
@@ -339,7 +349,7 @@ class HypernetworkLoss(nn.Module):
             raise ValueError(f"scale_loss must be one of {SCALE_LOSSES}, got {scale_loss!r}.")
         self.hypernetwork = hypernetwork
         self.scale_loss = scale_loss
-        self.scheduler = hypernetwork.make_scheduler()
+        self.scheduler = hypernetwork.make_training_scheduler()
 
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         config = self.hypernetwork.config
@@ -408,8 +418,8 @@ def train_hypernetwork(
         args: the training settings (:class:`OCDTrainingArguments`: steps, batch size, optimizer,
             EMA, validation, checkpoints, trackers, scale loss). Or pass its fields as keyword
             arguments (``num_steps=300, batch_size=16``); not both.
-        config_overrides: any of ``delta_mode``, ``generator``, ``label_combination``, ``factor_rule``, ``denoiser_config``,
-            ``scheduler_config``, ``num_inference_steps``, ``condition_hidden_dim``,
+        config_overrides: any of ``delta_mode``, ``generator_type``, ``label_combination``, ``factor_rule``, ``denoiser_config``,
+            ``scheduler_class`` (the sampler, e.g. ``"DPMSolverMultistepScheduler"``), ``scheduler_config``, ``num_inference_steps``, ``condition_hidden_dim``,
             ``condition_components``, ``delta_normalization``. With ``delta_mode="factorised"``
             the factor rule defaults to the harvest optimizer's (Adam: ``"sign"``, SGD: ``"input"``).
         resume_from_checkpoint: ``"latest"`` (the newest under ``output_dir``; starts afresh if none)
@@ -434,6 +444,7 @@ def train_hypernetwork(
     dataset = select_training_columns(dataset, training_columns(config, stores_factors(dataset)))
     created_accelerator = accelerator is None
     if accelerator is None:
+        check_trackers(args.report_to)
         accelerator = Accelerator(
             gradient_accumulation_steps=gradient_accumulation_steps or 1, log_with=args.report_to or None, project_dir=output_dir,
         )
@@ -445,7 +456,7 @@ def train_hypernetwork(
     show_progress = progress and accelerator.is_local_main_process
 
     if created_accelerator and args.report_to:
-        accelerator.init_trackers("ocd-hf", config=tracker_config(args))
+        accelerator.init_trackers("ocd-hf", config=tracker_config(args, config))
     train_set, validation_set = split_deltas(dataset, args.validation_fraction, seed)
     log_rho, condition_values = scan_deltas(train_set, config, progress=show_progress)
     if validation_set is not None:
