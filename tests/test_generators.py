@@ -177,6 +177,7 @@ def test_cross_fit_requests_that_cannot_work_are_refused(tmp_path):
         harvest_deltas(base, dataset, "classifier", tmp_path / "c", fit_fold=lambda f, r: base, progress=False)
     with pytest.raises(ValueError, match="at least as many rows"):
         harvest_deltas(base, dataset, "classifier", tmp_path / "d", cross_fit=7, fit_fold=lambda f, r: base, progress=False)
-    two_labels = BertForSequenceClassification(BertConfig(**{**base.config.to_dict(), "num_labels": 2}))
+    settings = {k: v for k, v in base.config.to_dict().items() if k not in ("id2label", "label2id")}  # else they win over num_labels
+    two_labels = BertForSequenceClassification(BertConfig(**settings, num_labels=2))
     with pytest.raises(ValueError, match="same architecture"):
         harvest_deltas(base, dataset, "classifier", tmp_path / "e", cross_fit=2, fit_fold=lambda f, r: two_labels, progress=False)
