@@ -91,6 +91,7 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         num_samples: int = 1,
         generator: torch.Generator | None = None,
         return_intermediates: bool = False,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate ``num_samples`` heads for each task, all tasks and draws in one batched sampling loop.
 
@@ -102,6 +103,8 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
             generator: the noise's ``torch.Generator``.
             return_intermediates: also return the states at the segment boundaries ``s_i = T − iT/k``
                 (Mc-Di's local targets; the last one is the head itself).
+            noise: the starting noise ``x_T`` (shaped like the returned heads, in units of ``config.head_scale``)
+                instead of drawing it, like diffusers pipelines' ``latents``.
 
         Returns:
             ``(num_samples, N, d+1)`` heads (weight columns then the bias), or ``(B, num_samples, N, d+1)``
@@ -115,7 +118,13 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         support = support.to(device=parameter.device, dtype=parameter.dtype)
         prototypes = class_prototypes(support, labels.to(parameter.device), num_classes).repeat_interleave(num_samples, 0)
         shape = (prototypes.shape[0], num_classes, self.config.embedding_dim + 1)
-        noise = torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+        else:
+            expected = (support.shape[0], num_samples, *shape[1:]) if batched else (num_samples, *shape[1:])
+            if tuple(noise.shape) != expected:
+                raise ValueError(f"noise must have the shape of the heads, {expected}; got {tuple(noise.shape)}.")
+            noise = noise.to(device=parameter.device, dtype=parameter.dtype).reshape(shape)
         was_training = self.training
         self.eval()
         try:
