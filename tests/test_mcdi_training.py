@@ -36,8 +36,8 @@ def state_of(model) -> dict[str, torch.Tensor]:
 
 
 def test_reptile_meta_step_equals_one_inner_loop_per_task(heads, tmp_path):
-    args = McDiTrainingArguments(reptile=True, meta_batch_size=4, inner_steps=3, meta_lr=1.0, ema_decay=None, validation_fraction=0.0,
-                                 num_steps=1, **QUIET)
+    args = McDiTrainingArguments(reptile=True, meta_batch_size=4, inner_steps=3, meta_optimizer="sgd", meta_lr=1.0, ema_decay=None,
+                                 validation_fraction=0.0, num_steps=1, **QUIET)
     dataset, metadata = training_module.resolve_head_dataset(heads)
     train_set = dataset.select_columns(training_module.TRAINING_COLUMNS).with_format("torch")
     torch.manual_seed(0)
