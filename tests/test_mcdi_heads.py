@@ -177,3 +177,24 @@ def test_bfloat16_storage_holds_the_rounded_heads(tmp_path):
     assert half["targets"].dtype == torch.float32
     assert torch.equal(half["targets"], round_to_storage(full["targets"], "bfloat16"))
     assert torch.equal(half["support"], full["support"])  # embeddings stay float32
+
+
+def test_harvest_errors_name_the_fix(tmp_path):
+    distribution = gaussian_distribution(num_classes=10, dim=6)
+    with pytest.raises(ValueError, match="fit_on must be one of"):
+        EpisodeTasks(distribution, 3, 1, fit_on="query")
+    with pytest.raises(ValueError, match="pool_size >= 1"):
+        EpisodeTasks(distribution, 3, 1, fit_on="pool", pool_size=0)
+    with pytest.raises(ValueError, match="fewer than k_shot \\+ q_queries = 21 items.*drop_small_classes"):
+        EpisodeTasks(distribution, 3, 1, fit_on="pool", pool_size=20)  # 20 items per class
+    with pytest.raises(ValueError, match="num_tasks must be a positive integer"):
+        harvest_task_heads(distribution, tmp_path, num_tasks=0)
+    with pytest.raises(TypeError, match="TaskDistribution or EpisodeTasks"):
+        harvest_task_heads(distribution.dataset, tmp_path, num_tasks=4)
+    with pytest.raises(ValueError, match=r"theta0 must have shape \(1, 3, 9\)"):
+        fit_task_heads(*noisy_tasks(num_tasks=1), 3, steps=5, theta0=torch.zeros(1, 3, 8))
+    from ocd_hf.weight_datasets import write_metadata
+
+    write_metadata(tmp_path / "other", {"format_version": 1, "target_module": "fc"})
+    with pytest.raises(ValueError, match="not a head dataset; make one with harvest_task_heads"):
+        load_head_metadata(tmp_path / "other")

@@ -161,3 +161,17 @@ def test_smoke_generated_heads_beat_chance_on_held_out_classes(tmp_path):
     logits = torch.baddbmm(heads[:, :, -1].unsqueeze(1), episodes.query, heads[:, :, :-1].transpose(1, 2))
     accuracy = float((logits.argmax(-1) == episodes.query_labels).float().mean())
     assert accuracy > 0.35, f"held-out 5-way accuracy {accuracy:.3f} (chance 0.20)"
+
+
+def test_settings_that_leave_nothing_to_train_are_refused(heads, tmp_path):
+    from ocd_hf.methods.mcdi import McDiConfig, load_head_metadata, load_task_heads
+
+    with pytest.raises(ValueError, match="validation_fraction=0.99 of 24 task\\(s\\) leaves none to train on"):
+        train_head_generator(heads, tmp_path, validation_fraction=0.99, num_steps=1, **QUIET)
+    metadata = load_head_metadata(heads)
+    with pytest.raises(ValueError, match="empty or lacks the columns.*harvest_task_heads"):
+        train_head_generator((load_task_heads(heads).select([]), metadata), tmp_path, num_steps=1, **QUIET)
+    with pytest.raises(ValueError, match="max_num_classes >= 2"):
+        McDiConfig(max_num_classes=1)
+    with pytest.raises(ValueError, match="head_scale must be positive"):
+        McDiConfig(head_scale=0.0)
