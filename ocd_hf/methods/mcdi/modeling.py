@@ -1,0 +1,259 @@
+"""``McDiHeadGenerator``: generate the classification head of a new few-shot task from its support
+embeddings, by Mc-Di's deterministic sampler over the label-equivariant denoiser."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import torch
+from huggingface_hub import ModelCard
+from torch import nn
+from transformers import PreTrainedModel
+
+from ...cards import GeneratorCardData
+from ...hub import resolve_file
+from ...modeling_utils import CONFIG_NAME, WEIGHTS_NAME, GeneratorHubMixin, load_checked_state, read_config, read_weights, save_generator
+from .configuration import McDiConfig, encoder_fingerprint
+from .diffusion import alpha_bars, sample_chain
+from .model_card import mcdi_card, write_model_card
+from .modules import HeadDenoiser, class_prototypes
+
+# (heads (B, N, d+1), steps (B,), prototypes (B, N, d)) -> noise (B, N, d+1): a HeadDenoiser or a functional call of one.
+DenoiserFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def denoise_heads(denoiser: DenoiserFn, heads: torch.Tensor, steps: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``ε_φ`` for ``k`` noisy heads per task: ``heads`` ``(B, k, N, d+1)``, ``steps`` ``(B, k)``, ``prototypes`` ``(B, N, d)``."""
+    batch, k = steps.shape
+    repeated = prototypes.unsqueeze(1).expand(-1, k, -1, -1).flatten(0, 1)
+    return denoiser(heads.flatten(0, 1), steps.flatten(), repeated).view(heads.shape)
+
+
+def check_support(support: torch.Tensor, labels: torch.Tensor, embedding_dim: int, max_num_classes: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(B, n, d)`` support, ``(B, n)`` labels and ``N`` from one task's ``(n, d)``/``(n,)`` or a batch's; refuses bad input."""
+    support, labels = torch.as_tensor(support), torch.as_tensor(labels)
+    if support.dim() == 2 and labels.dim() == 1:
+        support, labels = support.unsqueeze(0), labels.unsqueeze(0)
+    if support.dim() != 3 or labels.shape != support.shape[:2]:
+        raise ValueError(
+            f"support_embeddings must be (N·K, d) or (B, N·K, d) with support_labels (N·K,) or (B, N·K); got "
+            f"{tuple(support.shape)} and {tuple(labels.shape)}."
+        )
+    if support.shape[-1] != embedding_dim:
+        raise ValueError(
+            f"The support embeddings have size {support.shape[-1]} but this generator was trained on {embedding_dim}-d embeddings: "
+            "embed the support with the encoder named in config.encoder_id."
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"support_labels must be integer class indices, got {labels.dtype}.")
+    if support.shape[1] == 0 or int(labels.min()) < 0:
+        raise ValueError("support_labels must be 0..N-1 over a non-empty support set; got negative labels or no items.")
+    num_classes = int(labels.max()) + 1
+    present = torch.nn.functional.one_hot(labels.long(), num_classes).sum(1) > 0  # (B, N)
+    if not bool(present.all()):
+        task, label = (~present).nonzero()[0].tolist()
+        raise ValueError(
+            f"support_labels must use every label 0..N-1 (N = {num_classes}, the largest label + 1), each with K >= 1 "
+            f"support items; task {task} has no item labelled {label}. Relabel the classes as 0..N-1."
+        )
+    if not 2 <= num_classes <= max_num_classes:
+        raise ValueError(
+            f"This generator makes heads for 2..{max_num_classes} classes; the support has N = {num_classes}. Split the task "
+            f"into tasks of at most {max_num_classes} classes, or train a generator with McDiConfig(max_num_classes={num_classes})."
+        )
+    return support, labels.long(), num_classes
+
+
+class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
+    """A task-conditioned generator of classification heads ``(N, d+1)`` for a frozen encoder (Mc-Di).
+
+    Build it from a :class:`~ocd_hf.methods.mcdi.McDiConfig` (untrained), with
+    :func:`~ocd_hf.methods.mcdi.train_head_generator`, or with :meth:`from_pretrained`.
+    """
+
+    config_class = McDiConfig
+    base_model_prefix = "mcdi"
+
+    def __init__(self, config: McDiConfig) -> None:
+        super().__init__(config)
+        self.denoiser = HeadDenoiser(config.embedding_dim, num_timesteps=config.num_timesteps, **config.denoiser_config)
+        self.register_buffer("alpha_bar", alpha_bars(config.scheduler_config), persistent=False)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The denoiser initialises itself: nothing to do."""
+
+    @torch.no_grad()
+    def generate_heads(
+        self,
+        support_embeddings: torch.Tensor,
+        support_labels: torch.Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        return_intermediates: bool = False,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Generate ``num_samples`` heads for each task, all tasks and draws in one batched sampling loop.
+
+        Args:
+            support_embeddings: ``(N·K, d)`` for one task or ``(B, N·K, d)`` for ``B`` tasks of the same ``N·K``.
+            support_labels: ``(N·K,)`` / ``(B, N·K)`` labels ``0..N-1``, every label present (row ``j`` of
+                the head scores label ``j``).
+            num_samples: draws per task (each from its own noise).
+            generator: the noise's ``torch.Generator``.
+            return_intermediates: also return the states at the segment boundaries ``s_i = T − iT/k``
+                (Mc-Di's local targets; the last one is the head itself).
+            noise: the starting noise ``x_T`` (shaped like the returned heads, in units of ``config.head_scale``)
+                instead of drawing it, like diffusers pipelines' ``latents``.
+
+        Returns:
+            ``(num_samples, N, d+1)`` heads (weight columns then the bias), or ``(B, num_samples, N, d+1)``
+            for a batch; with ``return_intermediates`` also the boundary states ``(..., k, N, d+1)``.
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+        batched = torch.as_tensor(support_embeddings).dim() == 3
+        support, labels, num_classes = check_support(support_embeddings, support_labels, self.config.embedding_dim, self.config.max_num_classes)
+        parameter = next(self.denoiser.parameters())
+        support = support.to(device=parameter.device, dtype=parameter.dtype)
+        prototypes = class_prototypes(support, labels.to(parameter.device), num_classes).repeat_interleave(num_samples, 0)
+        shape = (prototypes.shape[0], num_classes, self.config.embedding_dim + 1)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+        else:
+            expected = (support.shape[0], num_samples, *shape[1:]) if batched else (num_samples, *shape[1:])
+            if tuple(noise.shape) != expected:
+                raise ValueError(f"noise must have the shape of the heads, {expected}; got {tuple(noise.shape)}.")
+            noise = noise.to(device=parameter.device, dtype=parameter.dtype).reshape(shape)
+        was_training = self.training
+        self.eval()
+        try:
+            heads, states = sample_chain(
+                lambda x, s: denoise_heads(self.denoiser, x, s, prototypes), noise, self.alpha_bar, self.config.boundaries
+            )
+        finally:
+            self.train(was_training)
+        heads, states = heads * self.config.head_scale, states * self.config.head_scale
+        tasks = support.shape[0]
+        heads, states = heads.view(tasks, num_samples, *shape[1:]), states.view(tasks, num_samples, -1, *shape[1:])
+        if not batched:
+            heads, states = heads[0], states[0]
+        return (heads, states) if return_intermediates else heads
+
+    def check_encoder(self, encoder: nn.Module | None = None, *, fingerprint: str | None = None, embedding_dim: int | None = None) -> None:
+        """Refuse an encoder (or its ``fingerprint`` / ``embedding_dim``) other than the one the generator was trained for.
+
+        The embedding size is read from ``encoder.get_sentence_embedding_dimension()`` when it has one
+        (sentence-transformers); the fingerprint is :func:`~ocd_hf.methods.mcdi.encoder_fingerprint`.
+        """
+        if encoder is not None:
+            fingerprint = fingerprint or encoder_fingerprint(encoder)
+            if embedding_dim is None and hasattr(encoder, "get_sentence_embedding_dimension"):
+                embedding_dim = encoder.get_sentence_embedding_dimension()
+        config = self.config
+        if embedding_dim is not None and embedding_dim != config.embedding_dim:
+            raise ValueError(
+                f"The encoder makes {embedding_dim}-d embeddings but this generator makes heads for {config.embedding_dim}-d "
+                f"embeddings of {config.encoder_id!r}: use that encoder, or train a generator on this encoder's embeddings."
+            )
+        if fingerprint is not None and config.encoder_fingerprint is not None and fingerprint != config.encoder_fingerprint:
+            raise ValueError(
+                f"The encoder's weights (fingerprint {fingerprint}) differ from those the generator was trained with "
+                f"({config.encoder_fingerprint}): its embeddings, and so the generated heads, would not match. Load "
+                f"{config.encoder_id!r} at revision {config.encoder_revision!r}, or train a generator on this encoder's embeddings."
+            )
+
+    # ----- saving and loading -----------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        """Write ``config.json``, ``model.safetensors`` (the denoiser) and ``README.md`` (kept sections survive).
+
+        ``model_card_kwargs`` are fields of :class:`~ocd_hf.GeneratorCardData`; extra keyword arguments of
+        ``PreTrainedModel.save_pretrained`` are accepted and ignored, except ``is_main_process``.
+        """
+        if not kwargs.get("is_main_process", True):
+            return
+        card_data = GeneratorCardData.from_kwargs(model_card_kwargs)
+        save_generator(save_directory, self.config, self.state_dict())
+        write_model_card(self, save_directory, card_data)
+
+    def model_card(self, **model_card_kwargs: Any) -> ModelCard:
+        """The model card; keyword arguments are fields of :class:`~ocd_hf.GeneratorCardData`."""
+        return mcdi_card(self, GeneratorCardData.from_kwargs(model_card_kwargs))
+
+    def default_commit_message(self) -> str:
+        return f"Upload Mc-Di head generator for {self.config.encoder_id or 'its encoder'}"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        encoder: nn.Module | None = None,
+        config: McDiConfig | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        **kwargs: Any,
+    ) -> "McDiHeadGenerator":
+        """Load a saved generator from a directory or a Hub repo (weights checked before anything is built).
+
+        With ``encoder``, refuses it if its embedding size or fingerprint differs from the config's
+        (:meth:`check_encoder`). Keyword arguments ``transformers`` passes along (e.g. ``trust_remote_code``) are ignored.
+        """
+        if model_args:
+            raise TypeError("McDiHeadGenerator.from_pretrained takes no positional arguments besides the path.")
+        hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only, "force_download": force_download}
+        config_file = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
+        weights_file = resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub_kwargs)
+        config = config or read_config(McDiConfig, config_file)
+        state = read_weights(weights_file)
+        model = cls(config)
+        load_checked_state(model, state, weights_file)
+        if encoder is not None:
+            model.check_encoder(encoder)
+        return model.eval()
+
+
+def head_to_linear(head: torch.Tensor) -> nn.Linear:
+    """``nn.Linear(d, N)`` holding a generated head ``(N, d+1)`` (weights, then the bias column)."""
+    if head.dim() != 2 or head.shape[1] < 2:
+        raise ValueError(f"head must be one (N, d+1) head, got shape {tuple(head.shape)}; index a draw first, e.g. heads[0].")
+    linear = nn.Linear(head.shape[1] - 1, head.shape[0], device=head.device, dtype=head.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(head[:, :-1])
+        linear.bias.copy_(head[:, -1])
+    return linear
+
+
+def head_to_setfit_head(head: torch.Tensor, setfit_head_or_config: Any = None) -> Any:
+    """A SetFit ``SetFitHead`` holding a generated head ``(N, d+1)``.
+
+    ``setfit_head_or_config`` is an existing ``SetFitHead`` (its ``linear`` is overwritten; it must be
+    ``Linear(d, N)`` with a bias), or a dict of ``SetFitHead`` keyword arguments (``temperature``, ...;
+    ``in_features``/``out_features`` come from the head), or ``None``. ``SetFitHead`` divides its logits by
+    ``temperature + eps``; the head is multiplied by it here so that the logits are the generated head's.
+    """
+    from setfit.modeling import SetFitHead  # the recipes extra: pip install "ocd-hf[recipes]"
+
+    linear = head_to_linear(head)
+    if isinstance(setfit_head_or_config, SetFitHead):
+        target = setfit_head_or_config
+        if target.linear.bias is None or target.linear.weight.shape != linear.weight.shape:
+            raise ValueError(
+                f"The SetFitHead has a Linear of weight {tuple(target.linear.weight.shape)} (bias: {target.linear.bias is not None}); "
+                f"the head needs ({linear.out_features}, {linear.in_features}) with a bias. Build one with "
+                f"SetFitHead(in_features={linear.in_features}, out_features={linear.out_features})."
+            )
+    else:
+        settings = dict(setfit_head_or_config or {})
+        if {"in_features", "out_features", "bias"} & set(settings):
+            raise ValueError("in_features, out_features and bias come from the head; pass only the other SetFitHead arguments.")
+        target = SetFitHead(in_features=linear.in_features, out_features=linear.out_features, **settings)
+    scale = target.temperature + target.eps
+    with torch.no_grad():
+        target.linear.weight.copy_(linear.weight * scale)
+        target.linear.bias.copy_(linear.bias * scale)
+    return target

@@ -1,0 +1,188 @@
+"""The Mc-Di head generator: label equivariance, batched generation equal to per-task calls, exact save/load,
+the encoder check, heads as nn.Linear / SetFitHead, and the errors that name the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ocd_hf.methods.mcdi import (
+    HeadDenoiser,
+    McDiConfig,
+    McDiHeadGenerator,
+    McDiTrainingArguments,
+    encoder_fingerprint,
+    head_to_linear,
+    head_to_setfit_head,
+)
+
+DIM = 8
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
+
+
+def tiny_generator(seed: int = 0, **config) -> McDiHeadGenerator:
+    """A generator with random (not zero-initialised) weights, so that every path of the denoiser matters.
+    (Exactness checks run it in float64: a float32 sum over classes in another order differs after 21 steps.)"""
+    torch.manual_seed(seed)
+    model = McDiHeadGenerator(McDiConfig(embedding_dim=DIM, max_num_classes=6, denoiser_config=TINY, head_scale=0.3,
+                                         encoder_id="tiny-encoder", encoder_fingerprint="0123abcd", **config))
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.3)
+    return model.eval()
+
+
+def support_set(num_tasks: int = 1, n_way: int = 4, k_shot: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_way).repeat_interleave(k_shot).repeat(num_tasks, 1)
+    return torch.randn(num_tasks, n_way * k_shot, DIM, generator=generator), labels
+
+
+def test_the_denoiser_is_equivariant_in_the_rows():
+    torch.manual_seed(0)
+    denoiser = HeadDenoiser(DIM, **TINY)
+    for parameter in denoiser.parameters():
+        nn.init.normal_(parameter, std=0.3)
+    denoiser.double()
+    heads, prototypes = torch.randn(3, 5, DIM + 1, dtype=torch.float64), torch.randn(3, 5, DIM, dtype=torch.float64)
+    steps, order = torch.tensor([1, 7, 21]), torch.tensor([3, 0, 4, 1, 2])
+    torch.testing.assert_close(denoiser(heads[:, order], steps, prototypes[:, order]), denoiser(heads, steps, prototypes)[:, order],
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_permuting_the_support_labels_permutes_the_generated_rows():
+    model = tiny_generator().double()
+    support, labels = support_set(num_tasks=2)
+    support = support.double()
+    noise = torch.randn(2, 3, 4, DIM + 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    relabel = torch.tensor([2, 0, 3, 1])  # class with label j gets label relabel[j]
+    heads = model.generate_heads(support, labels, num_samples=3, noise=noise)
+    row_noise = torch.empty_like(noise)
+    row_noise[..., relabel, :] = noise  # each class keeps its starting noise
+    relabelled = model.generate_heads(support, relabel[labels], num_samples=3, noise=row_noise)
+    torch.testing.assert_close(relabelled[..., relabel, :], heads, rtol=1e-12, atol=1e-12)
+
+
+def test_generation_is_batched_over_tasks_and_draws_and_seeded():
+    model = tiny_generator()
+    support, labels = support_set(num_tasks=3, k_shot=3)
+    heads, states = model.generate_heads(support, labels, num_samples=2, generator=torch.Generator().manual_seed(0), return_intermediates=True)
+    assert heads.shape == (3, 2, 4, DIM + 1) and states.shape == (3, 2, 3, 4, DIM + 1)
+    assert torch.equal(states[:, :, -1], heads)  # the last boundary is s = 0: the head itself
+    again = model.generate_heads(support, labels, num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, heads)
+    assert not torch.equal(heads[:, 0], heads[:, 1])  # every draw has its own noise
+    model, support = model.double(), support.double()
+    noise = torch.randn(3, 2, 4, DIM + 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    batched = model.generate_heads(support, labels, num_samples=2, noise=noise)
+    for task in range(3):
+        alone = model.generate_heads(support[task], labels[task], num_samples=2, noise=noise[task])
+        assert alone.shape == (2, 4, DIM + 1)
+        torch.testing.assert_close(alone, batched[task], rtol=1e-12, atol=1e-12)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = tiny_generator(loss_type="twdi", harvest_config={"lr": 0.005, "n_way": 4})
+    model.save_pretrained(tmp_path, model_card_kwargs={"training_config": {"num_steps": 3}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    loaded = McDiHeadGenerator.from_pretrained(tmp_path)
+    assert loaded.config.to_dict() == model.config.to_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    support, labels = support_set()
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(loaded.generate_heads(support[0], labels[0], 2, generator()), model.generate_heads(support[0], labels[0], 2, generator()))
+    card = (tmp_path / "README.md").read_text()
+    for text in ("tiny-encoder", "Tw-Di", "library_name: ocd-hf", "`num_steps` | 3", "0123abcd", "14, 7, 0"):
+        assert text in card, text
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mcdi"
+
+
+def test_the_encoder_check_refuses_another_encoder(tmp_path):
+    encoder = nn.Linear(3, DIM)
+    model = tiny_generator()
+    model.config.encoder_fingerprint = encoder_fingerprint(encoder)
+    model.check_encoder(encoder)
+    model.check_encoder(fingerprint=encoder_fingerprint(encoder), embedding_dim=DIM)
+    model.save_pretrained(tmp_path)
+    McDiHeadGenerator.from_pretrained(tmp_path, encoder=encoder)
+    other = nn.Linear(3, DIM)
+    other.load_state_dict(encoder.state_dict())
+    with torch.no_grad():
+        other.weight[0, 0] += 1e-3  # one weight changed: another encoder
+    with pytest.raises(ValueError, match="fingerprint .* differ.*'tiny-encoder'.*or train a generator"):
+        McDiHeadGenerator.from_pretrained(tmp_path, encoder=other)
+    with pytest.raises(ValueError, match=f"makes 16-d embeddings but .* {DIM}-d embeddings of 'tiny-encoder'"):
+        model.check_encoder(embedding_dim=16)
+
+    class SentenceEncoder(nn.Linear):
+        def get_sentence_embedding_dimension(self) -> int:
+            return self.out_features
+
+    with pytest.raises(ValueError, match="makes 5-d embeddings"):
+        model.check_encoder(SentenceEncoder(3, 5))
+
+
+def test_heads_become_linear_layers_and_setfit_heads():
+    head = torch.randn(4, DIM + 1)
+    items = torch.randn(6, DIM)
+    expected = items @ head[:, :-1].T + head[:, -1]
+    torch.testing.assert_close(head_to_linear(head)(items), expected)
+    setfit_head = head_to_setfit_head(head, {"temperature": 0.5})
+    torch.testing.assert_close(setfit_head(items)[0], expected, rtol=1e-5, atol=1e-6)
+    from setfit.modeling import SetFitHead
+
+    existing = SetFitHead(in_features=DIM, out_features=4)
+    assert head_to_setfit_head(head, existing) is existing
+    torch.testing.assert_close(existing(items)[0], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"needs \(4, 8\) with a bias.*SetFitHead\(in_features=8, out_features=4\)"):
+        head_to_setfit_head(head, SetFitHead(in_features=DIM, out_features=3))
+    with pytest.raises(ValueError, match="index a draw first"):
+        head_to_linear(torch.randn(2, 4, DIM + 1))
+
+
+@pytest.mark.parametrize("support, labels, match", [
+    (torch.randn(6, DIM), torch.tensor([0, 0, 1, 1, 3, 3]), r"every label 0..N-1 .* no item labelled 2\. Relabel"),
+    (torch.randn(6, DIM), torch.tensor([0, 0, 1, 1, -1, 2]), "negative labels"),
+    (torch.randn(6, DIM), torch.tensor([0.0, 0, 1, 1, 2, 2]), "integer class indices"),
+    (torch.randn(4, DIM), torch.zeros(4, dtype=torch.long), r"2..6 classes; the support has N = 1"),
+    (torch.randn(7, DIM), torch.arange(7), r"at most 6 classes, or train a generator with McDiConfig\(max_num_classes=7\)"),
+    (torch.randn(6, DIM + 1), torch.arange(6), f"size {DIM + 1} but this generator was trained on {DIM}-d embeddings"),
+    (torch.randn(6, DIM), torch.arange(5), r"must be \(N·K, d\) or \(B, N·K, d\)"),
+], ids=["missing-label", "negative", "float-labels", "one-class", "too-many-classes", "wrong-dim", "shape-mismatch"])
+def test_bad_support_is_refused_with_the_fix(support, labels, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_generator().generate_heads(support, labels)
+
+
+def test_bad_settings_are_refused_with_the_fix():
+    model = tiny_generator()
+    support, labels = support_set()
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        model.generate_heads(support, labels, num_samples=0)
+    with pytest.raises(ValueError, match=r"noise must have the shape of the heads, \(1, 2, 4, 9\)"):
+        model.generate_heads(support, labels, num_samples=2, noise=torch.randn(2, 4, DIM + 1))
+    with pytest.raises(ValueError, match=r"choose num_targets among \[1, 3, 7, 21\]"):
+        McDiConfig(num_targets=4)
+    with pytest.raises(ValueError, match="mvdi.*num_targets must be 1"):
+        McDiConfig(loss_type="mvdi", num_targets=3)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        McDiConfig(loss_type="ddpm")
+    with pytest.raises(ValueError, match=r"unknown keys \['width'\]"):
+        McDiConfig(denoiser_config={"width": 3})
+    with pytest.raises(ValueError, match="leave num_targets unset"):
+        McDiTrainingArguments(loss_type="mvdi", num_targets=3)
+    with pytest.raises(ValueError, match="leave gradient_accumulation_steps unset"):
+        McDiTrainingArguments(reptile=True, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="meta_optimizer must be one of"):
+        McDiTrainingArguments(meta_optimizer="rmsprop")
+
+
+def test_corrupt_weights_are_refused(tmp_path):
+    tiny_generator().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        McDiHeadGenerator.from_pretrained(tmp_path)
