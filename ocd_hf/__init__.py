@@ -16,8 +16,22 @@ from .backbones import (
     tokenizer_from_setfit,
 )
 from .cards import GeneratorCardData
+from .episodes import Episode, EpisodeSampler, TaskDistribution, embed_items
 from .factorised import expand_factors, factorise_deltas
+from .fewshot import evaluate_episodes, logistic_regression_heads, prototype_heads
 from .finetune import overfit_deltas
+from .methods.mcdi import (
+    EarlyStopping,
+    McDiConfig,
+    McDiHeadGenerator,
+    McDiTrainingArguments,
+    fit_task_heads,
+    harvest_task_heads,
+    head_to_linear,
+    head_to_setfit_head,
+    load_task_heads,
+    train_head_generator,
+)
 from .methods.ocd import (
     CONDITION_COMPONENTS,
     DEFAULT_FACTOR_TOLERANCE,
@@ -60,19 +74,27 @@ from .trainer import GeneratorTrainingArguments
 
 AutoConfig.register(OCDConfig.model_type, OCDConfig)
 AutoModel.register(OCDConfig, OCDWrapper)
+AutoConfig.register(McDiConfig.model_type, McDiConfig)
+AutoModel.register(McDiConfig, McDiHeadGenerator)
 
 __version__ = "0.1.0"
 __all__ = [
     "CONDITION_COMPONENTS",
-    "GENERATOR_TYPES",
     "Conditioning",
     "DEFAULT_FACTOR_TOLERANCE",
+    "EarlyStopping",
+    "Episode",
+    "EpisodeSampler",
     "FACTOR_DENOISER_CONFIG",
+    "GENERATOR_TYPES",
     "GeneratorCardData",
     "GeneratorTrainingArguments",
     "LayerRanking",
     "LeNet5Config",
     "LeNet5ForImageClassification",
+    "McDiConfig",
+    "McDiHeadGenerator",
+    "McDiTrainingArguments",
     "OCDConfig",
     "OCDHypernetwork",
     "OCDModelCardData",
@@ -84,17 +106,24 @@ __all__ = [
     "ResultsTable",
     "SetFitBackbone",
     "SetFitBackboneConfig",
+    "TaskDistribution",
     "aggregate_results",
     "capture_conditioning",
     "choose_delta_mode",
     "describe_backbone",
+    "embed_items",
+    "evaluate_episodes",
     "evaluate_ocd",
     "expand_factors",
     "factorise_deltas",
     "find_target_linear",
+    "fit_task_heads",
     "harvest_batch",
     "harvest_deltas",
     "harvest_from_pretrained",
+    "harvest_task_heads",
+    "head_to_linear",
+    "head_to_setfit_head",
     "inject_deltas",
     "layer_fingerprint",
     "linear_layers",
@@ -102,12 +131,16 @@ __all__ = [
     "load_deltas_from_hub",
     "load_harvest_metadata",
     "load_pretrained_backbone",
+    "load_task_heads",
+    "logistic_regression_heads",
     "materialise_deltas",
     "model_output_tensor",
     "overfit_deltas",
+    "prototype_heads",
     "push_deltas_to_hub",
     "record_layer_io",
     "select_layer",
     "tokenizer_from_setfit",
+    "train_head_generator",
     "train_hypernetwork",
 ]

@@ -111,3 +111,12 @@ print(json.dumps(failures))
         [sys.executable, "-c", script, json.dumps(sorted(MODULES))], capture_output=True, text=True, timeout=600, check=True
     )
     assert json.loads(completed.stdout.splitlines()[-1]) == {}
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject.toml lists the packages explicitly: a new folder missing there would be absent from an installed wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {module_name(path.parent / "__init__.py") for path in PACKAGE_DIR.rglob("__init__.py")}
+    assert on_disk <= listed, f"add {sorted(on_disk - listed)} to [tool.setuptools] packages in pyproject.toml"
