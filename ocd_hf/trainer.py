@@ -138,6 +138,56 @@ def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: st
     return path
 
 
+def prune_checkpoints(output_dir: str | os.PathLike, limit: int | None) -> None:
+    """Delete the oldest checkpoints so that one more leaves at most ``limit`` (``None``: keep all)."""
+    if limit is not None:
+        existing = list_checkpoints(output_dir)
+        for old in existing[: max(0, len(existing) - limit + 1)]:
+            shutil.rmtree(old)
+
+
+def save_loop_state(path: Path, state: TrainingState, ema: EMAModel | None) -> None:
+    """Write the loop state (JSON) and the EMA weights (safetensors) into checkpoint ``path``."""
+    ema_state = {}
+    if ema is not None:
+        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, str(path / EMA_WEIGHTS_NAME))
+        ema_state = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
+    (path / TRAINING_STATE_NAME).write_text(json.dumps({**asdict(state), "ema": ema_state}, indent=2))
+
+
+def load_loop_state(path: Path, ema: EMAModel | None) -> TrainingState:
+    """Inverse of :func:`save_loop_state`: the loop state, with the EMA (if any) restored in place."""
+    if ema is not None and not (path / EMA_WEIGHTS_NAME).is_file():
+        raise ValueError(f"Checkpoint {path} holds no EMA weights but ema_decay is set; resume with ema_decay=None.")
+    saved = json.loads((path / TRAINING_STATE_NAME).read_text())
+    ema_state = saved.pop("ema")
+    if ema is not None:
+        shadow = load_file(str(path / EMA_WEIGHTS_NAME))
+        ema.load_state_dict({**ema_state, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    return TrainingState(**saved)
+
+
+def split_rows(dataset: Dataset, validation_fraction: float, seed: int, item_name: str = "row") -> tuple[Dataset, Dataset | None]:
+    """Carve a seeded random validation split off ``dataset`` (``None`` when ``validation_fraction`` is 0).
+
+    Rows are selected in memory (``Dataset.train_test_split`` would write index cache files into the
+    weight dataset's directory).
+    """
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+    if validation_fraction == 0.0:
+        return dataset, None
+    num_validation = math.ceil(validation_fraction * len(dataset))
+    if num_validation >= len(dataset):
+        raise ValueError(
+            f"validation_fraction={validation_fraction} of {len(dataset)} {item_name}(s) leaves none to train on; "
+            "harvest more or lower validation_fraction (0 disables validation)."
+        )
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    validation, train = order[:num_validation].sort().values, order[num_validation:].sort().values
+    return dataset.select(train.tolist(), keep_in_memory=True), dataset.select(validation.tolist(), keep_in_memory=True)
+
+
 def make_loader(dataset: Dataset, batch_size: int, seed: int | None) -> DataLoader:
     """A DataLoader over a torch-formatted dataset; shuffled with a per-epoch seed (``seed + epoch``) if ``seed`` is given."""
     sampler = SeedableRandomSampler(dataset, data_seed=seed) if seed is not None else None
@@ -299,22 +349,15 @@ class GeneratorTrainer:
     def save_checkpoint(self) -> Path:
         """``accelerator.save_state`` to ``checkpoints/checkpoint-<step>`` plus the loop state, the EMA weights
         and each process's noise generator; keeps at most ``checkpoints_total_limit`` checkpoints."""
-        accelerator, limit = self.accelerator, self.args.checkpoints_total_limit
-        if accelerator.is_main_process and limit is not None:
-            existing = list_checkpoints(self.output_dir)
-            for old in existing[: max(0, len(existing) - limit + 1)]:
-                shutil.rmtree(old)
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit)
         path = self.output_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         accelerator.wait_for_everyone()
         accelerator.save_state(str(path))
         save_file({"state": self.generator.get_state()}, str(path / f"noise_generator_{accelerator.process_index}.safetensors"))
         if accelerator.is_main_process:
-            ema_state = {}
-            if self.ema is not None:
-                shadow = {str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)}
-                save_file(shadow, str(path / EMA_WEIGHTS_NAME))
-                ema_state = {key: value for key, value in self.ema.state_dict().items() if key != "shadow_params"}
-            (path / TRAINING_STATE_NAME).write_text(json.dumps({**asdict(self.state), "ema": ema_state}, indent=2))
+            save_loop_state(path, self.state, self.ema)
         accelerator.wait_for_everyone()
         logger.info(f"Saved checkpoint {path}", main_process_only=True)
         return path
@@ -331,13 +374,9 @@ class GeneratorTrainer:
         if self.ema is not None and not (path / EMA_WEIGHTS_NAME).is_file():
             raise ValueError(f"Checkpoint {path} holds no EMA weights but ema_decay is set; resume with ema_decay=None.")
         accelerator.load_state(str(path))
-        saved = json.loads((path / TRAINING_STATE_NAME).read_text())
-        ema_state = saved.pop("ema")
-        self.state = TrainingState(**saved)
+        self.state = load_loop_state(path, self.ema)
         self.generator.set_state(load_file(str(generator_file))["state"])
         if self.ema is not None:
-            shadow = load_file(str(path / EMA_WEIGHTS_NAME))
-            self.ema.load_state_dict({**ema_state, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
             self.ema.to(accelerator.device)
 
     def history(self, num_train: int, num_validation: int, item_name: str = "samples") -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,21 +18,21 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from datasets import Dataset
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ...trainer import (
     CHECKPOINTS_DIR,
-    EMA_WEIGHTS_NAME,
     HISTORY_NAME,
-    TRAINING_STATE_NAME,
     GeneratorTrainer,
     GeneratorTrainingArguments,
     TrainingState,
-    list_checkpoints,
+    load_loop_state,
+    prune_checkpoints,
     resolve_checkpoint,
+    save_loop_state,
+    split_rows,
 )
 from .configuration import McDiConfig
 from .diffusion import LOSS_TYPES, draw_states, local_consistency_loss, loss_boundaries
@@ -268,31 +267,16 @@ class ReptileTrainer:
 
     def save_checkpoint(self) -> Path:
         """``accelerator.save_state`` (φ, the outer optimizer) plus the loop state and the EMA, as the shared trainer writes them."""
-        limit = self.args.checkpoints_total_limit
-        if limit is not None:
-            existing = list_checkpoints(self.output_dir)
-            for old in existing[: max(0, len(existing) - limit + 1)]:
-                shutil.rmtree(old)
+        prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit)
         path = self.output_dir / CHECKPOINTS_DIR / f"checkpoint-{self.state.global_step}"
         self.accelerator.save_state(str(path))
-        ema_state = {}
-        if self.ema is not None:
-            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)}, str(path / EMA_WEIGHTS_NAME))
-            ema_state = {key: value for key, value in self.ema.state_dict().items() if key != "shadow_params"}
-        (path / TRAINING_STATE_NAME).write_text(json.dumps({**asdict(self.state), "ema": ema_state}, indent=2))
+        save_loop_state(path, self.state, self.ema)
         return path
 
     def load_checkpoint(self, path: Path) -> None:
         """Inverse of :meth:`save_checkpoint`."""
-        if self.ema is not None and not (path / EMA_WEIGHTS_NAME).is_file():
-            raise ValueError(f"Checkpoint {path} holds no EMA weights but ema_decay is set; resume with ema_decay=None.")
         self.accelerator.load_state(str(path))
-        saved = json.loads((path / TRAINING_STATE_NAME).read_text())
-        ema_state = saved.pop("ema")
-        self.state = TrainingState(**saved)
-        if self.ema is not None:
-            shadow = load_file(str(path / EMA_WEIGHTS_NAME))
-            self.ema.load_state_dict({**ema_state, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        self.state = load_loop_state(path, self.ema)
 
     def history(self, num_train: int, num_validation: int) -> dict[str, Any]:
         """The JSON written to ``training_history.json``."""
@@ -314,20 +298,6 @@ def target_index(harvested: int, num_targets: int) -> list[int]:
             f"(so that they are evenly spaced); choose one of {[k for k in range(1, harvested + 1) if harvested % k == 0]}."
         )
     return [harvested // num_targets * i - 1 for i in range(1, num_targets + 1)]
-
-
-def split_tasks(dataset: Dataset, validation_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """A seeded random validation split of the tasks (``None`` for fraction 0), selected in memory."""
-    if validation_fraction == 0.0:
-        return dataset, None
-    num_validation = math.ceil(validation_fraction * len(dataset))
-    if num_validation >= len(dataset):
-        raise ValueError(
-            f"validation_fraction={validation_fraction} of {len(dataset)} task(s) leaves none to train on; harvest more or lower it."
-        )
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    validation, train = order[:num_validation].sort().values, order[num_validation:].sort().values
-    return dataset.select(train.tolist(), keep_in_memory=True), dataset.select(validation.tolist(), keep_in_memory=True)
 
 
 def head_rms(dataset: Dataset, batch_size: int = 256) -> float:
@@ -386,7 +356,7 @@ def train_head_generator(
     index = target_index(harvested, num_targets)
     selected = dataset.select_columns(TRAINING_COLUMNS)
     selected = selected if selected.format["type"] == "custom" else selected.with_format("torch")
-    train_set, validation_set = split_tasks(selected, args.validation_fraction, args.seed)
+    train_set, validation_set = split_rows(selected, args.validation_fraction, args.seed, item_name="task")
     encoder = metadata.get("encoder") or {}
     config = McDiConfig(
         embedding_dim=metadata["embedding_dim"], max_num_classes=metadata["n_way"], num_targets=num_targets, loss_type=args.loss_type,

@@ -31,6 +31,7 @@ from ...trainer import (
     GeneratorTrainingArguments,
     check_trackers,
     list_checkpoints,
+    split_rows,
 )
 from .configuration import BACKBONE_FIELDS, OCDConfig
 from .deltas import delta_storage, resolve_deltas, stored_factor_rule
@@ -196,24 +197,8 @@ def check_deltas(dataset: Dataset, config: OCDConfig, backbone: nn.Module) -> No
 
 
 def split_deltas(dataset: Dataset, validation_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Carve a seeded random validation split off the deltas (``None`` when ``validation_fraction`` is 0).
-
-    Rows are selected in memory (``Dataset.train_test_split`` would write index cache files into
-    the delta dataset's directory).
-    """
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
-    if validation_fraction == 0.0:
-        return dataset, None
-    num_validation = math.ceil(validation_fraction * len(dataset))
-    if num_validation >= len(dataset):
-        raise ValueError(
-            f"validation_fraction={validation_fraction} of {len(dataset)} delta(s) leaves none to train on; "
-            "harvest more or lower validation_fraction (0 disables validation)."
-        )
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    validation, train = order[:num_validation].sort().values, order[num_validation:].sort().values
-    return dataset.select(train.tolist(), keep_in_memory=True), dataset.select(validation.tolist(), keep_in_memory=True)
+    """Carve a seeded random validation split off the deltas (``None`` when ``validation_fraction`` is 0)."""
+    return split_rows(dataset, validation_fraction, seed, item_name="delta")
 
 
 def delta_targets(batch: Mapping[str, torch.Tensor], config: OCDConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
