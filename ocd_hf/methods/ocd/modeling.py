@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -21,6 +20,7 @@ from ...cards import GeneratorCardData
 from ...factorised import expand_factors
 from ...finetune import finetune_settings, overfit_deltas, overfit_head_deltas
 from ...hub import resolve_file
+from ...logging import get_logger
 from ...modeling_utils import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -42,6 +42,8 @@ from ...target import (
 from .configuration import OCDConfig
 from .hypernetwork import OCDHypernetwork
 from .model_card import ocd_card, write_model_card
+
+logger = get_logger(__name__)
 
 
 def check_backbone(config: OCDConfig, backbone: nn.Module, strict_fingerprint: bool = True) -> tuple[str, nn.Linear]:
@@ -68,7 +70,7 @@ def check_backbone(config: OCDConfig, backbone: nn.Module, strict_fingerprint: b
         )
         if strict_fingerprint:
             raise ValueError(message)
-        warnings.warn(message, stacklevel=3)
+        logger.warning(message)
     return name, layer
 
 

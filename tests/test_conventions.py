@@ -1,0 +1,73 @@
+"""The conventions transformers, PEFT and SetFit users expect: a frozen backbone and PEFT's parameter
+report, the card's ``base_model_relation``, ``save_pretrained(push_to_hub=True)``, one commit per
+``from_pretrained``, PEFT-wrapped backbones, pipelines, ``Trainer.predict``, the library logger, typing
+and version metadata, and SetFit models (predict on texts, pushed with their hypernetwork)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ocd_hf
+from ocd_hf import logging as ocd_logging
+
+# ----- the library logger -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def library_logger(monkeypatch):
+    """The ``ocd_hf`` logger, propagating to the root logger (where ``caplog`` listens) for the test."""
+    logger = ocd_logging.get_logger()
+    monkeypatch.setattr(logger, "propagate", True)
+    level = logger.level
+    yield logger
+    logger.setLevel(level)
+
+
+def test_logger_is_a_child_of_the_library_logger_with_its_own_handler():
+    logger = ocd_logging.get_logger("ocd_hf.methods.ocd.harvest")
+    root = logging.getLogger("ocd_hf")
+    assert logger.parent is root or logger.parent.name.startswith("ocd_hf")
+    assert not root.propagate and root.handlers  # transformers-style: own stderr handler, no duplicates at the root
+
+
+def test_set_verbosity_controls_what_is_logged(library_logger, caplog):
+    logger = ocd_logging.get_logger("ocd_hf.test")
+    with caplog.at_level(logging.NOTSET):
+        ocd_logging.set_verbosity_info()
+        assert ocd_logging.get_verbosity() == logging.INFO
+        logger.info("shown at info")
+        ocd_logging.set_verbosity_error()
+        logger.warning("hidden at error")
+        ocd_logging.set_verbosity("warning")
+        logger.warning("shown at warning")
+    assert "shown at info" in caplog.text and "shown at warning" in caplog.text
+    assert "hidden at error" not in caplog.text
+    with pytest.raises(ValueError, match="Unknown verbosity"):
+        ocd_logging.set_verbosity("loud")
+
+
+@pytest.mark.parametrize("value, level", [("info", logging.INFO), ("ERROR", logging.ERROR), ("", logging.WARNING), ("loud", logging.WARNING)])
+def test_verbosity_environment_variable_is_parsed(monkeypatch, value, level):
+    monkeypatch.setenv("OCD_HF_VERBOSITY", value)
+    assert ocd_logging._env_level() == level
+
+
+def test_verbosity_environment_variable_sets_the_level_of_a_fresh_interpreter():
+    env = {**os.environ, "OCD_HF_VERBOSITY": "info"}
+    code = "import ocd_hf.logging as l; print(l.get_verbosity())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert int(result.stdout.strip()) == logging.INFO
+
+
+def test_library_has_no_informational_warnings_warn():
+    """Information goes through the logger; ``warnings.warn`` is left for deprecations and user errors."""
+    import pathlib
+
+    package = pathlib.Path(ocd_hf.__file__).parent
+    offenders = [str(path.relative_to(package)) for path in package.rglob("*.py") if "warnings.warn(" in path.read_text()]
+    assert offenders == []
