@@ -61,7 +61,7 @@ from .trainer import GeneratorTrainingArguments
 AutoConfig.register(OCDConfig.model_type, OCDConfig)
 AutoModel.register(OCDConfig, OCDWrapper)
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
 __all__ = [
     "CONDITION_COMPONENTS",
     "GENERATOR_TYPES",

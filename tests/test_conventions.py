@@ -71,3 +71,29 @@ def test_library_has_no_informational_warnings_warn():
     package = pathlib.Path(ocd_hf.__file__).parent
     offenders = [str(path.relative_to(package)) for path in package.rglob("*.py") if "warnings.warn(" in path.read_text()]
     assert offenders == []
+
+
+# ----- typing and version metadata ----------------------------------------------------------------
+
+
+def pyproject() -> dict:
+    import pathlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+
+
+def test_package_is_typed():
+    import pathlib
+
+    assert (pathlib.Path(ocd_hf.__file__).parent / "py.typed").is_file()
+    assert "py.typed" in pyproject()["tool"]["setuptools"]["package-data"]["ocd_hf"]
+
+
+def test_one_version_string():
+    from importlib.metadata import version
+
+    project = pyproject()
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ocd_hf.__version__"}
+    assert version("ocd-hf") == ocd_hf.__version__
