@@ -11,9 +11,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_DENOISER, tiny_bert
+from huggingface_hub import ModelCard
 
 import ocd_hf
+from ocd_hf import OCDWrapper
 from ocd_hf import logging as ocd_logging
+
+TINY_OCD = {"denoiser_config": TINY_DENOISER, "condition_hidden_dim": 16}
 
 # ----- the library logger -------------------------------------------------------------------------
 
@@ -97,3 +102,36 @@ def test_one_version_string():
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ocd_hf.__version__"}
     assert version("ocd-hf") == ocd_hf.__version__
+
+
+# ----- PEFT conventions ---------------------------------------------------------------------------
+
+
+def test_attach_freezes_the_backbone_and_reports_trainable_parameters(capsys, tmp_path):
+    backbone = tiny_bert()
+    ocd = OCDWrapper.attach(backbone, "classifier", **TINY_OCD)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert all(p.requires_grad for p in ocd.hypernetwork.parameters())
+    hypernetwork = sum(p.numel() for p in ocd.hypernetwork.parameters())
+    total = hypernetwork + sum(p.numel() for p in backbone.parameters())
+    assert ocd.get_nb_trainable_parameters() == (hypernetwork, total)
+    ocd.print_trainable_parameters()
+    expected = f"trainable params: {hypernetwork:,d} || all params: {total:,d} || trainable%: {100 * hypernetwork / total:.4f}"
+    assert capsys.readouterr().out.strip() == expected
+    ocd.save_pretrained(tmp_path)
+    other = tiny_bert()  # a backbone that was never attached: from_pretrained freezes it too
+    loaded = OCDWrapper.from_pretrained(tmp_path, backbone=other)
+    assert not any(p.requires_grad for p in other.parameters()) and loaded.get_nb_trainable_parameters() == (hypernetwork, total)
+
+
+def test_card_declares_the_hypernetwork_an_adapter_of_its_base_model(tmp_path):
+    ocd = OCDWrapper.attach(tiny_bert(), "classifier", base_model_name_or_path="user/tiny-bert", **TINY_OCD)
+    ocd.save_pretrained(tmp_path / "hub-base")
+    card = ModelCard.load(tmp_path / "hub-base" / "README.md")
+    assert card.data.base_model == "user/tiny-bert" and card.data.base_model_relation == "adapter"
+    assert "base_model_relation: adapter" in (tmp_path / "hub-base" / "README.md").read_text()
+    # A local base model is no Hub id: neither base_model nor a relation to it is written.
+    local = OCDWrapper.attach(tiny_bert(), "classifier", base_model_name_or_path=str(tmp_path), **TINY_OCD)
+    local.save_pretrained(tmp_path / "local-base")
+    metadata = ModelCard.load(tmp_path / "local-base" / "README.md").data.to_dict()
+    assert "base_model" not in metadata and "base_model_relation" not in metadata

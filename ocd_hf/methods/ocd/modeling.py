@@ -108,7 +108,9 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
 
     Build it with :meth:`attach` (a new, untrained hypernetwork) or :meth:`from_pretrained`.
     :meth:`save_pretrained` writes ``config.json`` and the hypernetwork's ``model.safetensors``
-    only; the backbone is referenced by ``config.base_model_name_or_path``.
+    only; the backbone is referenced by ``config.base_model_name_or_path``. Like a PEFT adapter, the
+    backbone is frozen (``requires_grad_(False)``) when it is attached: only the hypernetwork trains
+    (see :meth:`print_trainable_parameters`).
     """
 
     config_class = OCDConfig
@@ -122,7 +124,7 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
                 "or OCDWrapper.from_pretrained(path) (which loads config.base_model_name_or_path)."
             )
         self.target_name, self.target_layer = check_backbone(config, backbone, strict_fingerprint)
-        self.backbone = backbone.eval()
+        self.backbone = backbone.eval().requires_grad_(False)
         self.hypernetwork = OCDHypernetwork(config)
         device = next(backbone.parameters()).device
         self.hypernetwork.to(device)
@@ -137,6 +139,17 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         """Attach a new (untrained) hypernetwork to the Linear of ``backbone`` matched by ``target_module``."""
         config = OCDConfig.from_backbone(backbone, target_module, example_inputs=example_inputs, **config_kwargs)
         return cls(config, backbone).eval()
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, as PEFT's: the hypernetwork's trainable parameters, and
+        every parameter of the backbone and the hypernetwork."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: X || all params: Y || trainable%: Z`` (PEFT's format)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
 
     def train(self, mode: bool = True) -> "OCDWrapper":
         """Set the hypernetwork's mode; the frozen backbone always stays in eval mode (no dropout in ``I(x)``)."""
