@@ -9,14 +9,19 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import TINY_DENOISER, tiny_bert
-from huggingface_hub import ModelCard
+import torch
+from conftest import TINY_DENOISER, text_batch, tiny_bert
+from huggingface_hub import HfApi, ModelCard, file_download
+from huggingface_hub.errors import RemoteEntryNotFoundError
+from transformers import AutoModel
 
 import ocd_hf
 from ocd_hf import OCDWrapper
 from ocd_hf import logging as ocd_logging
+from ocd_hf.hub import resolve_files
 
 TINY_OCD = {"denoiser_config": TINY_DENOISER, "condition_hidden_dim": 16}
 
@@ -135,3 +140,53 @@ def test_card_declares_the_hypernetwork_an_adapter_of_its_base_model(tmp_path):
     local.save_pretrained(tmp_path / "local-base")
     metadata = ModelCard.load(tmp_path / "local-base" / "README.md").data.to_dict()
     assert "base_model" not in metadata and "base_model_relation" not in metadata
+
+
+# ----- from_pretrained: one commit, subfolders ----------------------------------------------------
+
+
+def test_from_pretrained_reads_config_and_weights_from_one_commit(loopback_hub, monkeypatch):
+    """A push landing between the download of config.json and of model.safetensors must not pair them."""
+    backbone = tiny_bert()
+    first = OCDWrapper.attach(backbone, "classifier", **TINY_OCD)
+    second = OCDWrapper.attach(backbone, "classifier", **{**TINY_OCD, "condition_hidden_dim": 8})  # other tensor shapes
+    first.push_to_hub("ocd-race")
+    repo = f"{loopback_hub.user}/ocd-race"
+    original, pushed = file_download.get_hf_file_metadata, []
+
+    def metadata_then_push(*args, **kwargs):
+        metadata = original(*args, **kwargs)
+        if not pushed:  # after the first file's metadata: someone pushes another model to main
+            pushed.append(None)
+            pushed[0] = second.push_to_hub("ocd-race").oid
+        return metadata
+
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", metadata_then_push)
+    loaded = OCDWrapper.from_pretrained(repo, backbone=backbone)
+    assert pushed, "the race was not staged"
+    assert loaded.config.condition_hidden_dim == 16
+    for name, tensor in first.hypernetwork.state_dict().items():
+        assert torch.equal(tensor, loaded.hypernetwork.state_dict()[name]), name
+    config_file, weights_file = resolve_files(repo, ["config.json", "model.safetensors"])
+    assert Path(config_file).parent == Path(weights_file).parent and Path(config_file).parent.name == pushed[0]
+
+
+def test_from_pretrained_subfolder_on_the_hub_and_locally(loopback_hub, tmp_path):
+    backbone = tiny_bert()
+    ocd = OCDWrapper.attach(backbone, "classifier", **TINY_OCD)
+    ocd.save_pretrained(tmp_path / "repo" / "ocd")
+    api = HfApi()
+    repo = api.create_repo("ocd-sub").repo_id
+    api.upload_folder(repo_id=repo, folder_path=tmp_path / "repo")
+    inputs, generator = text_batch(), lambda: torch.Generator().manual_seed(0)
+    expected = ocd(**inputs, generator=generator()).logits
+    for source in (repo, tmp_path / "repo"):
+        loaded = OCDWrapper.from_pretrained(source, subfolder="ocd", backbone=backbone)
+        torch.testing.assert_close(loaded(**inputs, generator=generator()).logits, expected, atol=0, rtol=0)
+    via_auto = AutoModel.from_pretrained(repo, subfolder="ocd", backbone=backbone)
+    assert isinstance(via_auto, OCDWrapper)
+    api.delete_file("ocd/model.safetensors", repo)
+    with pytest.raises(RemoteEntryNotFoundError, match="has no file 'ocd/model.safetensors'"):
+        OCDWrapper.from_pretrained(repo, subfolder="ocd", backbone=backbone)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        OCDWrapper.from_pretrained(tmp_path / "repo", subfolder="elsewhere", backbone=backbone)

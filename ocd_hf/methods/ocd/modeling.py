@@ -19,7 +19,7 @@ from ...backbones import load_pretrained_backbone
 from ...cards import GeneratorCardData
 from ...factorised import expand_factors
 from ...finetune import finetune_settings, overfit_deltas, overfit_head_deltas
-from ...hub import resolve_file
+from ...hub import resolve_files
 from ...logging import get_logger
 from ...modeling_utils import (
     CONFIG_NAME,
@@ -383,6 +383,7 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         backbone: nn.Module | None = None,
         config: OCDConfig | None = None,
         revision: str | None = None,
+        subfolder: str | None = None,
         strict_fingerprint: bool = True,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
@@ -392,9 +393,10 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
     ) -> "OCDWrapper":
         """Load a saved hypernetwork from a local directory or a Hub repo and attach it to ``backbone``.
 
-        Files come from the directory, else from the Hub cache or the Hub (the cache only when
-        ``HF_HUB_OFFLINE=1`` or ``local_files_only``); missing repos, revisions and files raise the
-        ``huggingface_hub`` error with a message saying what is missing. The weights are read and
+        Files come from the directory (its ``subfolder``, if given), else from the Hub cache or the Hub
+        (the cache only when ``HF_HUB_OFFLINE=1`` or ``local_files_only``). On the Hub the revision is
+        resolved once: ``config.json`` and ``model.safetensors`` come from the same commit. Missing repos,
+        revisions and files raise the ``huggingface_hub`` error with a message saying what is missing. The weights are read and
         checked before anything is built: a corrupt or truncated file raises ``ValueError`` and no
         model is returned. Without ``backbone`` the backbone named in the config
         (``base_model_class`` from ``base_model_name_or_path`` at ``base_model_revision``) is
@@ -408,8 +410,7 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
             "revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only,
             "force_download": force_download,
         }
-        config_file = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
-        weights_file = resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub_kwargs)
+        config_file, weights_file = resolve_files(pretrained_model_name_or_path, [CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder, **hub_kwargs)
         if config is None:
             config = read_config(OCDConfig, config_file)
         state = read_weights(weights_file)
