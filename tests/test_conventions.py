@@ -190,3 +190,29 @@ def test_from_pretrained_subfolder_on_the_hub_and_locally(loopback_hub, tmp_path
         OCDWrapper.from_pretrained(repo, subfolder="ocd", backbone=backbone)
     with pytest.raises(FileNotFoundError, match="config.json"):
         OCDWrapper.from_pretrained(tmp_path / "repo", subfolder="elsewhere", backbone=backbone)
+
+
+# ----- save_pretrained(push_to_hub=True) ----------------------------------------------------------
+
+
+def test_save_pretrained_push_to_hub_pushes_to_the_directory_name_by_default(loopback_hub, tmp_path):
+    backbone = tiny_bert()
+    ocd = OCDWrapper.attach(backbone, "classifier", base_model_name_or_path="user/tiny-bert", **TINY_OCD)
+    commit = ocd.save_pretrained(tmp_path / "ocd-saved", push_to_hub=True, commit_message="saved and pushed", results_table="| a |")
+    repo = f"{loopback_hub.user}/ocd-saved"
+    assert HfApi().model_info(repo).sha == commit.oid
+    assert sorted(HfApi().list_repo_files(repo)) == ["README.md", "config.json", "model.safetensors"]
+    assert [c["title"] for c in loopback_hub.server.load("models", repo)["commits"].values()] == ["initial commit", "saved and pushed"]
+    assert sorted(p.name for p in (tmp_path / "ocd-saved").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert f'OCDWrapper.from_pretrained("{repo}")' in (tmp_path / "ocd-saved" / "README.md").read_text()  # the local card names the repo
+    assert "| a |" in ModelCard.load(repo).text
+    loaded = OCDWrapper.from_pretrained(repo, backbone=backbone)
+    for name, tensor in ocd.hypernetwork.state_dict().items():
+        assert torch.equal(tensor, loaded.hypernetwork.state_dict()[name]), name
+
+    # repo_id= and push_to_hub's own arguments (a branch here) are honoured; without push_to_hub nothing is pushed.
+    ocd.save_pretrained(tmp_path / "elsewhere", push_to_hub=True, repo_id="ocd-named", revision="dev")
+    assert HfApi().list_repo_files(f"{loopback_hub.user}/ocd-named") == []
+    assert "config.json" in HfApi().list_repo_files(f"{loopback_hub.user}/ocd-named", revision="dev")
+    assert ocd.save_pretrained(tmp_path / "ocd-local-only") is None
+    assert not HfApi().repo_exists(f"{loopback_hub.user}/ocd-local-only")

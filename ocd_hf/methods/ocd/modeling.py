@@ -351,19 +351,13 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         """The tensors that are saved: the hypernetwork's only, contiguous, on CPU."""
         return {k: v.detach().cpu().contiguous() for k, v in self.hypernetwork.state_dict().items()}
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *, model_card_kwargs: Mapping[str, Any] | None = None, **kwargs: Any
-    ) -> None:
+    def save_files(self, save_directory: str | os.PathLike, model_card_kwargs: Mapping[str, Any] | None = None) -> None:
         """Write ``config.json``, ``model.safetensors`` (the hypernetwork only, never the backbone) and ``README.md``.
 
-        The model card is created, or updated when the directory already has one (sections written
-        outside its generated block are kept). ``model_card_kwargs`` are fields of
-        :class:`~ocd_hf.GeneratorCardData` (``model_id``, ``eval_results``, ``results_table``,
-        ``training_config``, ``datasets``, ``license``, ...). Extra keyword arguments of
-        ``PreTrainedModel.save_pretrained`` are accepted and ignored, except ``is_main_process``.
+        ``model_card_kwargs`` are fields of :class:`~ocd_hf.GeneratorCardData` (``model_id``,
+        ``eval_results``, ``results_table``, ``training_config``, ``datasets``, ``license``, ...).
+        :meth:`save_pretrained` (which can also push) calls this.
         """
-        if not kwargs.get("is_main_process", True):
-            return
         card_data = GeneratorCardData.from_kwargs(model_card_kwargs)
         save_generator(save_directory, self.config, self.hypernetwork_state_dict())
         write_model_card(self, save_directory, card_data)
