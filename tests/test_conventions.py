@@ -216,3 +216,40 @@ def test_save_pretrained_push_to_hub_pushes_to_the_directory_name_by_default(loo
     assert "config.json" in HfApi().list_repo_files(f"{loopback_hub.user}/ocd-named", revision="dev")
     assert ocd.save_pretrained(tmp_path / "ocd-local-only") is None
     assert not HfApi().repo_exists(f"{loopback_hub.user}/ocd-local-only")
+
+
+# ----- PEFT-wrapped backbones ---------------------------------------------------------------------
+
+
+def lora_bert():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
+    return peft.get_peft_model(tiny_bert(), config)
+
+
+@pytest.mark.parametrize(
+    "target, adapter",
+    [
+        ("layer.0.attention.self.query", "attention.self.query"),  # a LoRA layer
+        ("attention.self.query.base_layer", "attention.self.query"),  # its base layer, whose output misses the adapter's
+        ("attention.self.query.lora_A.default", "attention.self.query"),
+        ("classifier", "classifier"),  # the head, a modules_to_save copy in a sequence-classification PeftModel
+    ],
+)
+def test_a_layer_with_a_peft_adapter_is_refused_with_the_fix(target, adapter):
+    with pytest.raises(ValueError, match=r"PEFT adapter layer .*" + adapter.replace(".", r"\.") + r".*merge_and_unload\(\)"):
+        OCDWrapper.attach(lora_bert(), target, **TINY_OCD)
+
+
+def test_a_merged_peft_model_is_an_ordinary_backbone():
+    peft_model = lora_bert().eval()
+    inputs = text_batch()
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+    merged = peft_model.merge_and_unload()
+    ocd = OCDWrapper.attach(merged, "layer.0.attention.self.query", example_inputs=inputs, **TINY_OCD)
+    assert type(ocd.target_layer) is torch.nn.Linear
+    cond = ocd.conditioning(**inputs)
+    torch.testing.assert_close(cond.outputs.logits, expected, atol=1e-5, rtol=1e-5)  # the adapter's effect is kept
+    zero = torch.zeros(4, *ocd.config.weight_shape)
+    torch.testing.assert_close(ocd.forward_with_deltas(zero, **inputs).logits, expected, atol=1e-5, rtol=1e-5)
