@@ -5,7 +5,7 @@ weight datasets, the trainer, results, cards, Hub I/O) lives beside this file. E
 needs imports from here.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 from .backbones import (
     LeNet5Config,
@@ -60,6 +60,9 @@ from .trainer import GeneratorTrainingArguments
 
 AutoConfig.register(OCDConfig.model_type, OCDConfig)
 AutoModel.register(OCDConfig, OCDWrapper)
+# An OCD model classifies as its backbone does: pipeline("text-classification" / "image-classification", model=ocd).
+AutoModelForSequenceClassification.register(OCDConfig, OCDWrapper)
+AutoModelForImageClassification.register(OCDConfig, OCDWrapper)
 
 __version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
 __all__ = [

@@ -11,17 +11,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import TINY_DENOISER, text_batch, tiny_bert
+from conftest import TINY_DENOISER, tabular_batch, text_batch, tiny_bert, tiny_mlp
+from datasets import Dataset
 from huggingface_hub import HfApi, ModelCard, file_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
-from transformers import AutoModel
+from transformers import (
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
 
 import ocd_hf
-from ocd_hf import OCDWrapper
+from ocd_hf import OCDConfig, OCDWrapper
 from ocd_hf import logging as ocd_logging
 from ocd_hf.hub import resolve_files
+from ocd_hf.methods.ocd.configuration import BACKBONE_FIELDS
 
 TINY_OCD = {"denoiser_config": TINY_DENOISER, "condition_hidden_dim": 16}
 
@@ -253,3 +263,90 @@ def test_a_merged_peft_model_is_an_ordinary_backbone():
     torch.testing.assert_close(cond.outputs.logits, expected, atol=1e-5, rtol=1e-5)  # the adapter's effect is kept
     zero = torch.zeros(4, *ocd.config.weight_shape)
     torch.testing.assert_close(ocd.forward_with_deltas(zero, **inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+# ----- transformers: pipelines and Trainer --------------------------------------------------------
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(45)]]  # tiny_bert's 50 ids
+TEXTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10", "w11"]
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def named_bert():
+    backbone = tiny_bert()
+    backbone.config.id2label, backbone.config.label2id = LABELS, {name: index for index, name in LABELS.items()}
+    return backbone
+
+
+def tokenizer_in(directory: Path):
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+
+
+def test_from_backbone_copies_the_label_names():
+    config = OCDConfig.from_backbone(named_bert(), "classifier")
+    assert config.id2label == LABELS and config.label2id == {"negative": 0, "neutral": 1, "positive": 2}
+    assert config.num_labels == 3 and config.problem_type == "single_label_classification"
+    regression = OCDConfig.from_backbone(tiny_mlp(), "regressor", example_inputs=tabular_batch())
+    assert regression.problem_type == "regression" and regression.num_labels == 1
+    # A config built elsewhere (e.g. by train_hypernetwork from harvest metadata) takes them from the backbone on attach.
+    bare = OCDConfig(**{k: v for k, v in config.to_dict().items() if k in BACKBONE_FIELDS}, denoiser_config=TINY_DENOISER)
+    assert bare.id2label != LABELS
+    assert OCDWrapper(bare, named_bert()).config.id2label == LABELS
+
+
+def test_text_classification_pipeline(tmp_path):
+    ocd = OCDWrapper.attach(named_bert(), "classifier", generator_type="regression", **TINY_OCD)  # deterministic draws
+    tokenizer = tokenizer_in(tmp_path)
+    classifier = pipeline("text-classification", model=ocd, tokenizer=tokenizer, top_k=None)
+    assert AutoModelForSequenceClassification._model_mapping[OCDConfig] is OCDWrapper
+    results = classifier(TEXTS)
+    with torch.no_grad():
+        expected = ocd(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1)
+    for scores, probabilities in zip(results, expected):
+        by_label = {entry["label"]: entry["score"] for entry in scores}
+        assert set(by_label) == set(LABELS.values())
+        for index, name in LABELS.items():
+            assert by_label[name] == pytest.approx(float(probabilities[index]), abs=1e-5)
+
+
+def test_image_classification_pipeline():
+    from PIL import Image
+    from transformers import DeiTConfig, DeiTForImageClassification, DeiTImageProcessor
+
+    torch.manual_seed(0)
+    config = DeiTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1},
+    )
+    ocd = OCDWrapper.attach(DeiTForImageClassification(config).eval(), "classifier", generator_type="regression", **TINY_OCD)
+    processor = DeiTImageProcessor(size={"height": 8, "width": 8}, crop_size={"height": 8, "width": 8})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(3)]
+    classify = pipeline("image-classification", model=ocd, image_processor=processor)
+    assert AutoModelForImageClassification._model_mapping[OCDConfig] is OCDWrapper
+    results = classify(images, top_k=2)
+    with torch.no_grad():
+        expected = ocd(**processor(images, return_tensors="pt")).logits.softmax(-1)
+    for scores, probabilities in zip(results, expected):
+        by_label = {entry["label"]: entry["score"] for entry in scores}
+        assert by_label == pytest.approx({"cat": float(probabilities[0]), "dog": float(probabilities[1])}, abs=1e-5)
+
+
+def test_trainer_predict_with_default_arguments(tmp_path):
+    ocd = OCDWrapper.attach(named_bert(), "classifier", generator_type="regression", **TINY_OCD)
+    tokenizer = tokenizer_in(tmp_path / "tokenizer")
+    encoded = tokenizer(TEXTS, padding="max_length", max_length=8)
+    dataset = Dataset.from_dict({"text": TEXTS, "label": [0, 2, 1, 2], **encoded})  # "text" is not a model input
+    trainer = Trainer(model=ocd, args=TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to=[], use_cpu=True))
+    prediction = trainer.predict(dataset)
+    inputs = {name: torch.tensor(encoded[name]) for name in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        expected = ocd(**inputs, labels=torch.tensor([0, 2, 1, 2]))
+    np.testing.assert_allclose(prediction.predictions, expected.logits.numpy(), atol=1e-5)
+    assert prediction.label_ids.tolist() == [0, 2, 1, 2]
+    assert prediction.metrics["test_loss"] == pytest.approx(float(expected.loss), abs=1e-5)
+    assert ocd.main_input_name == "input_ids"

@@ -4,6 +4,8 @@ shift of one of its Linear layers, applied per sample in a single batched forwar
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -93,6 +95,52 @@ def batch_size_of(inputs: Mapping[str, Any]) -> int:
     raise ValueError("No tensor input found: pass the backbone's inputs as keyword arguments (e.g. **tokenizer(...)).")
 
 
+class ForwardWithInputNames:
+    """``OCDWrapper.forward`` as a method whose signature also names the backbone's inputs.
+
+    The forward takes the backbone's inputs as ``**inputs``; ``transformers.Trainer`` keeps only the
+    dataset columns that the forward's signature names, so the bound method's ``__signature__`` lists
+    the backbone's own input names (keyword-only) after OCD's arguments.
+    """
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self.function
+        return BoundForward(self.function.__get__(instance, owner))
+
+
+class BoundForward:
+    """A bound ``OCDWrapper.forward`` whose ``__signature__`` is its model's :meth:`OCDWrapper.forward_signature`."""
+
+    def __init__(self, method: Any) -> None:
+        self._method = method
+        self.__func__, self.__self__, self.__doc__ = method.__func__, method.__self__, method.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._method(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self.__self__.forward_signature()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._method, name)
+
+
+def input_parameters(backbone: nn.Module, exclude: Any = ()) -> list[inspect.Parameter]:
+    """The named inputs of ``backbone.forward`` (not ``labels``, ``return_dict`` or ``exclude``), keyword-only."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [
+        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, parameter in inspect.signature(backbone.forward).parameters.items()
+        if parameter.kind in kinds and name not in ("labels", "return_dict", *exclude)
+    ]
+
+
 @dataclass
 class OCDOutput(ModelOutput):
     """Output of an :class:`OCDWrapper` whose backbone's output has no ``logits`` field."""
@@ -115,6 +163,8 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
 
     config_class = OCDConfig
     base_model_prefix = "ocd"
+    # The forward's **inputs go to the backbone: transformers.Trainer must not add its loss kwargs.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: OCDConfig, backbone: nn.Module | None = None, strict_fingerprint: bool = True) -> None:
         super().__init__(config)
@@ -125,6 +175,10 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
             )
         self.target_name, self.target_layer = check_backbone(config, backbone, strict_fingerprint)
         self.backbone = backbone.eval().requires_grad_(False)
+        config.fill_label_fields(backbone)
+        input_names = [parameter.name for parameter in input_parameters(backbone)]
+        main_input = getattr(backbone, "main_input_name", None)
+        self.main_input_name = main_input if main_input in input_names or not input_names else input_names[0]
         self.hypernetwork = OCDHypernetwork(config)
         device = next(backbone.parameters()).device
         self.hypernetwork.to(device)
@@ -304,6 +358,14 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
             return torch.logsumexp(torch.log_softmax(draws, -1), dim=1) - math.log(draws.shape[1])
         return draws.mean(1)
 
+    def forward_signature(self) -> inspect.Signature:
+        """The signature of :meth:`forward`: OCD's arguments, then the backbone's named inputs (keyword-only), then ``**inputs``."""
+        signature = inspect.signature(type(self).forward)
+        own = signature.parameters
+        parameters = [p for name, p in own.items() if name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD]
+        return signature.replace(parameters=[*parameters, *input_parameters(self.backbone, exclude=own), own["inputs"]])
+
+    @ForwardWithInputNames
     def forward(
         self,
         num_samples: int = 1,
@@ -317,7 +379,9 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         """Predict with a per-sample generated weight shift at the target layer.
 
         One base pass captures ``I(x)``; ``num_samples`` deltas per input are sampled in one batch
-        and applied in one more batched pass (none for head layers). Returns the backbone's own
+        and applied in one more batched pass (none for head layers). ``inputs`` are the backbone's (its
+        forward's names appear in this method's signature, which ``transformers.Trainer`` reads to keep
+        dataset columns). Returns the backbone's own
         output type when it has ``logits`` (else :class:`OCDOutput`) whose ``logits`` are the
         ensemble (log of the mean probabilities for classification, mean prediction for
         regression). With ``return_draws`` it also holds ``draw_logits`` ``(batch, k, ...)``; with
