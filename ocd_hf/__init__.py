@@ -7,6 +7,7 @@ needs imports from here.
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from . import logging
 from .backbones import (
     LeNet5Config,
     LeNet5ForImageClassification,
@@ -31,6 +32,7 @@ from .methods.ocd import (
     OCDOutput,
     OCDTrainingArguments,
     OCDWrapper,
+    SetFitPairCommits,
     choose_delta_mode,
     evaluate_ocd,
     harvest_batch,
@@ -41,6 +43,7 @@ from .methods.ocd import (
     load_harvest_metadata,
     materialise_deltas,
     push_deltas_to_hub,
+    push_setfit_pair,
     select_layer,
     train_hypernetwork,
 )
@@ -87,6 +90,7 @@ __all__ = [
     "ResultsTable",
     "SetFitBackbone",
     "SetFitBackboneConfig",
+    "SetFitPairCommits",
     "aggregate_results",
     "capture_conditioning",
     "choose_delta_mode",
@@ -101,6 +105,7 @@ __all__ = [
     "inject_deltas",
     "layer_fingerprint",
     "linear_layers",
+    "logging",
     "load_deltas",
     "load_deltas_from_hub",
     "load_harvest_metadata",
@@ -109,6 +114,7 @@ __all__ = [
     "model_output_tensor",
     "overfit_deltas",
     "push_deltas_to_hub",
+    "push_setfit_pair",
     "record_layer_io",
     "select_layer",
     "tokenizer_from_setfit",

@@ -5,6 +5,7 @@ and version metadata, and SetFit models (predict on texts, pushed with their hyp
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import torch
 from conftest import TINY_DENOISER, tabular_batch, text_batch, tiny_bert, tiny_mlp
 from datasets import Dataset
-from huggingface_hub import HfApi, ModelCard, file_download
+from huggingface_hub import HfApi, ModelCard, file_download, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from transformers import (
     AutoModel,
@@ -28,7 +29,7 @@ from transformers import (
 )
 
 import ocd_hf
-from ocd_hf import OCDConfig, OCDWrapper
+from ocd_hf import OCDConfig, OCDWrapper, SetFitBackbone, push_setfit_pair, tokenizer_from_setfit
 from ocd_hf import logging as ocd_logging
 from ocd_hf.hub import resolve_files
 from ocd_hf.methods.ocd.configuration import BACKBONE_FIELDS
@@ -350,3 +351,80 @@ def test_trainer_predict_with_default_arguments(tmp_path):
     assert prediction.label_ids.tolist() == [0, 2, 1, 2]
     assert prediction.metrics["test_loss"] == pytest.approx(float(expected.loss), abs=1e-5)
     assert ocd.main_input_name == "input_ids"
+
+
+# ----- SetFit -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setfit_bert(tmp_path_factory) -> Path:
+    pytest.importorskip("setfit")
+    from test_backbones import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("setfit_bert"))
+
+
+def setfit_model(bert_dir: Path, seed: int = 1):
+    from test_backbones import tiny_setfit_model
+
+    model = tiny_setfit_model(bert_dir)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(model.model_head.linear.weight)
+    return model
+
+
+SETFIT_TEXTS = ["the food was good", "awful taste", "not very sweet tea , but fine coffee", "great"]
+
+
+def test_from_setfit_predicts_labels_and_ensemble_probabilities_of_raw_texts(setfit_bert):
+    model = setfit_model(setfit_bert)
+    ocd = OCDWrapper.from_setfit(model, generator_type="regression", **TINY_OCD)
+    assert isinstance(ocd.backbone, SetFitBackbone) and ocd.target_name == "head" and ocd.tokenizer is not None
+    assert ocd.config.id2label == {0: "class_0", 1: "class_1", 2: "class_2"}
+    probabilities = ocd.predict_proba(SETFIT_TEXTS, batch_size=3)
+    with torch.no_grad():
+        expected = ocd(**ocd.backbone.tokenize(SETFIT_TEXTS, tokenizer_from_setfit(model))).logits.softmax(-1)
+        base = model.predict_proba(SETFIT_TEXTS)
+    torch.testing.assert_close(probabilities, expected, atol=1e-6, rtol=0)  # the OCD ensemble, batched
+    assert not torch.allclose(probabilities, base.float(), atol=1e-4)  # not the SetFit model's own probabilities
+    classes = probabilities.argmax(-1).tolist()
+    assert ocd.predict(SETFIT_TEXTS) == [f"class_{index}" for index in classes]  # SetFit's labels, as SetFit returns
+    assert ocd.predict(SETFIT_TEXTS, use_labels=False).tolist() == classes
+    assert ocd.predict(SETFIT_TEXTS[1]) == f"class_{classes[1]}"
+    assert ocd.predict_proba(SETFIT_TEXTS[1], as_numpy=True).shape == (3,)
+
+    model.labels = None  # SetFit returns class ids when its model has no labels
+    unnamed = OCDWrapper.from_setfit(model, generator_type="regression", **TINY_OCD)
+    assert torch.equal(unnamed.predict(SETFIT_TEXTS), unnamed.predict_proba(SETFIT_TEXTS).argmax(-1))
+    body = OCDWrapper.from_setfit(model, target_module="body.encoder.layer.0.output.dense", **TINY_OCD)
+    assert body.config.per_token and body.predict_proba(SETFIT_TEXTS, num_samples=2).shape == (4, 3)
+
+
+def test_push_setfit_pair_pins_the_setfit_model_it_pushed(setfit_bert, loopback_hub):
+    from setfit import SetFitModel
+
+    model = setfit_model(setfit_bert)
+    ocd = OCDWrapper.from_setfit(model, generator_type="regression", **TINY_OCD)
+    expected = ocd.predict_proba(SETFIT_TEXTS)
+    commits = push_setfit_pair(ocd, model, "ocd-pair", results_table="| row |")
+    setfit_repo, repo = f"{loopback_hub.user}/ocd-pair-setfit", f"{loopback_hub.user}/ocd-pair"
+    assert commits.setfit.repo_url.repo_id == setfit_repo and commits.ocd.repo_url.repo_id == repo
+
+    pulled_setfit = SetFitModel.from_pretrained(setfit_repo)  # SetFit users load it as usual
+    torch.testing.assert_close(pulled_setfit.predict_proba(SETFIT_TEXTS), model.predict_proba(SETFIT_TEXTS))
+    config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
+    assert config["base_model_name_or_path"] == setfit_repo and config["base_model_class"] == "SetFitModel"
+    assert config["base_model_revision"] == commits.setfit.oid == HfApi().model_info(setfit_repo).sha
+    card = ModelCard.load(repo)
+    assert card.data.base_model == setfit_repo and card.data.base_model_relation == "adapter"
+
+    # The SetFit repo moves on; the hypernetwork still loads the SetFit model it was trained on (and its tokenizer).
+    setfit_model(setfit_bert, seed=2).push_to_hub(setfit_repo)
+    loaded = OCDWrapper.from_pretrained(repo)
+    assert isinstance(loaded.backbone, SetFitBackbone)
+    torch.testing.assert_close(loaded.predict_proba(SETFIT_TEXTS), expected, atol=1e-6, rtol=0)
+    assert loaded.predict(SETFIT_TEXTS) == ocd.predict(SETFIT_TEXTS)
+
+    with pytest.raises(ValueError, match="holds other weights"):
+        push_setfit_pair(ocd, setfit_model(setfit_bert, seed=3), "ocd-other")
+    assert not HfApi().repo_exists(f"{loopback_hub.user}/ocd-other-setfit")

@@ -9,15 +9,15 @@ import inspect
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from huggingface_hub import ModelCard
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from ...backbones import load_pretrained_backbone
+from ...backbones import SetFitBackbone, load_pretrained_backbone, tokenizer_from_setfit
 from ...cards import GeneratorCardData
 from ...factorised import expand_factors
 from ...finetune import finetune_settings, overfit_deltas, overfit_head_deltas
@@ -179,6 +179,8 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         input_names = [parameter.name for parameter in input_parameters(backbone)]
         main_input = getattr(backbone, "main_input_name", None)
         self.main_input_name = main_input if main_input in input_names or not input_names else input_names[0]
+        # What predict() / predict_proba() tokenize texts with (from_setfit sets it; else loaded from the base model).
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.hypernetwork = OCDHypernetwork(config)
         device = next(backbone.parameters()).device
         self.hypernetwork.to(device)
@@ -193,6 +195,89 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         """Attach a new (untrained) hypernetwork to the Linear of ``backbone`` matched by ``target_module``."""
         config = OCDConfig.from_backbone(backbone, target_module, example_inputs=example_inputs, **config_kwargs)
         return cls(config, backbone).eval()
+
+    @classmethod
+    def from_setfit(cls, setfit_model: Any, target_module: str = "head", **config_kwargs: Any) -> "OCDWrapper":
+        """Attach a new hypernetwork to a trained ``setfit.SetFitModel`` (differentiable head).
+
+        The SetFit model becomes a :class:`~ocd_hf.SetFitBackbone` (its weights copied, its predictions
+        unchanged) and ``target_module`` (``"head"``, or a body layer such as
+        ``"body.encoder.layer.5.output.dense"``) its target; the SetFit body's tokenizer is kept for
+        :meth:`predict` and :meth:`predict_proba` on raw texts. ``config_kwargs`` go to :class:`OCDConfig`.
+        """
+        ocd = cls.attach(SetFitBackbone.from_setfit(setfit_model), target_module, **config_kwargs)
+        ocd.tokenizer = tokenizer_from_setfit(setfit_model)
+        return ocd
+
+    def text_tokenizer(self) -> PreTrainedTokenizerBase:
+        """:attr:`tokenizer`, else the tokenizer saved with the backbone (``base_model_name_or_path`` at its revision)."""
+        if self.tokenizer is None:
+            if not self.config.base_model_name_or_path:
+                raise ValueError(
+                    "No tokenizer to turn texts into inputs: pass tokenizer=, set ocd.tokenizer, or build the model with "
+                    "OCDWrapper.from_setfit(setfit_model)."
+                )
+            self.tokenizer = AutoTokenizer.from_pretrained(self.config.base_model_name_or_path, revision=self.config.base_model_revision)
+        return self.tokenizer
+
+    @torch.no_grad()
+    def predict_proba(
+        self,
+        inputs: str | Sequence[str],
+        batch_size: int = 32,
+        as_numpy: bool = False,
+        num_samples: int = 5,
+        generator: torch.Generator | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Any:
+        """Class probabilities of the OCD ensemble (``num_samples`` draws per text) for raw texts, like
+        ``SetFitModel.predict_proba``: ``(len(inputs), num_labels)``, or ``(num_labels,)`` for one string.
+
+        Texts are tokenized with ``tokenizer`` (default :meth:`text_tokenizer`) in batches of ``batch_size``.
+        """
+        if self.config.task != "classification":
+            raise ValueError("predict_proba is for classification backbones; call the model for regression outputs.")
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        tokenizer = tokenizer or self.text_tokenizer()
+        probabilities = []
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start : start + batch_size]
+            if isinstance(self.backbone, SetFitBackbone):
+                encoded = self.backbone.tokenize(batch, tokenizer)  # truncated as the sentence-transformers body does
+            else:
+                encoded = tokenizer(batch, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            probabilities.append(self(**encoded, num_samples=num_samples, generator=generator).logits.softmax(-1))
+        result = torch.cat(probabilities) if probabilities else torch.empty(0, self.config.output_dim)
+        result = result.cpu().numpy() if as_numpy else result
+        return result[0] if single else result
+
+    def predict(
+        self,
+        inputs: str | Sequence[str],
+        batch_size: int = 32,
+        as_numpy: bool = False,
+        use_labels: bool = True,
+        num_samples: int = 5,
+        generator: torch.Generator | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Any:
+        """Predicted classes of raw texts, like ``SetFitModel.predict``: the label names (``config.id2label``,
+        copied from the SetFit model's ``labels``) when ``use_labels`` and the labels have names, else the
+        class ids (a tensor, or an array with ``as_numpy``); one label for one string. The class is the
+        argmax of :meth:`predict_proba` (the OCD ensemble of ``num_samples`` draws).
+        """
+        probabilities = self.predict_proba(
+            [inputs] if isinstance(inputs, str) else inputs, batch_size, False, num_samples, generator, tokenizer
+        )
+        ids = probabilities.argmax(-1)
+        names = [self.config.id2label[index] for index in range(self.config.num_labels)]
+        named = any(name not in (str(index), f"LABEL_{index}") for index, name in enumerate(names))
+        if use_labels and named:
+            result: Any = [names[int(index)] for index in ids]
+        else:
+            result = ids.cpu().numpy() if as_numpy else ids
+        return result[0] if isinstance(inputs, str) else result
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts, as PEFT's: the hypernetwork's trainable parameters, and
