@@ -118,7 +118,9 @@ class BoundForward:
 
     def __init__(self, method: Any) -> None:
         self._method = method
-        self.__func__, self.__self__, self.__doc__ = method.__func__, method.__self__, method.__doc__
+        self.__func__, self.__self__ = method.__func__, method.__self__
+        for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+            setattr(self, name, getattr(method, name))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._method(*args, **kwargs)
@@ -128,6 +130,8 @@ class BoundForward:
         return self.__self__.forward_signature()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_method":  # not set yet (e.g. while copying): no recursion
+            raise AttributeError(name)
         return getattr(self._method, name)
 
 
