@@ -5,8 +5,9 @@ weight datasets, the trainer, results, cards, Hub I/O) lives beside this file. E
 needs imports from here.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from . import logging
 from .backbones import (
     LeNet5Config,
     LeNet5ForImageClassification,
@@ -45,6 +46,7 @@ from .methods.ocd import (
     OCDOutput,
     OCDTrainingArguments,
     OCDWrapper,
+    SetFitPairCommits,
     choose_delta_mode,
     evaluate_ocd,
     harvest_batch,
@@ -55,6 +57,7 @@ from .methods.ocd import (
     load_harvest_metadata,
     materialise_deltas,
     push_deltas_to_hub,
+    push_setfit_pair,
     select_layer,
     train_hypernetwork,
 )
@@ -76,8 +79,11 @@ AutoConfig.register(OCDConfig.model_type, OCDConfig)
 AutoModel.register(OCDConfig, OCDWrapper)
 AutoConfig.register(McDiConfig.model_type, McDiConfig)
 AutoModel.register(McDiConfig, McDiHeadGenerator)
+# An OCD model classifies as its backbone does: pipeline("text-classification" / "image-classification", model=ocd).
+AutoModelForSequenceClassification.register(OCDConfig, OCDWrapper)
+AutoModelForImageClassification.register(OCDConfig, OCDWrapper)
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
 __all__ = [
     "CONDITION_COMPONENTS",
     "Conditioning",
@@ -106,6 +112,7 @@ __all__ = [
     "ResultsTable",
     "SetFitBackbone",
     "SetFitBackboneConfig",
+    "SetFitPairCommits",
     "TaskDistribution",
     "aggregate_results",
     "capture_conditioning",
@@ -132,12 +139,14 @@ __all__ = [
     "load_harvest_metadata",
     "load_pretrained_backbone",
     "load_task_heads",
+    "logging",
     "logistic_regression_heads",
     "materialise_deltas",
     "model_output_tensor",
     "overfit_deltas",
     "prototype_heads",
     "push_deltas_to_hub",
+    "push_setfit_pair",
     "record_layer_io",
     "select_layer",
     "tokenizer_from_setfit",

@@ -11,11 +11,14 @@ module, saved and loaded like any ``transformers`` model (``config.json`` + safe
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import transformers
+from huggingface_hub import snapshot_download
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
@@ -30,6 +33,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
 
 POOLING_MODES = ("mean", "cls", "max")
+# The base_model_class of a hypernetwork whose backbone is a SetFit model repo (converted on load).
+SETFIT_MODEL_CLASS = "SetFitModel"
 # sentence-transformers < 6 stores pooling as boolean flags rather than a ``pooling_mode`` string.
 LEGACY_POOLING_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 
@@ -203,6 +208,34 @@ class SetFitBackbone(PreTrainedModel):
                 model.head.bias.copy_(linear.bias * scale)
         return model.to(linear.weight.device).eval()
 
+    @classmethod
+    def from_setfit_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        **setfit_kwargs: Any,
+    ) -> "SetFitBackbone":
+        """Load a SetFit model saved or pushed with ``SetFitModel.save_pretrained`` / ``push_to_hub`` and
+        convert it (:meth:`from_setfit`; needs ``setfit``). A Hub repo is downloaded whole at ``revision``
+        first, so body, head and tokenizer come from that one commit (SetFit itself loads the body at
+        the default branch whatever the revision)."""
+        try:
+            from setfit import SetFitModel
+        except ImportError as error:
+            raise ImportError(f"Loading the SetFit model {name_or_path!r} needs setfit: pip install setfit.") from error
+        path = str(name_or_path)
+        if not Path(path).is_dir():
+            path = snapshot_download(
+                path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                force_download=force_download,
+            )
+        return cls.from_setfit(SetFitModel.from_pretrained(path, **setfit_kwargs))
+
 
 def parse_sentence_transformer(sentence_transformer: Any) -> tuple[Any, str, bool]:
     """``(transformer module, pooling mode, normalize)`` of a ``Transformer -> Pooling [-> Normalize]`` pipeline."""
@@ -326,7 +359,10 @@ AutoModelForImageClassification.register(LeNet5Config, LeNet5ForImageClassificat
 
 def load_pretrained_backbone(name_or_path: str, class_name: str | None = None, **kwargs: Any) -> nn.Module:
     """Load a backbone with the class named ``class_name`` from ``transformers`` or :mod:`ocd_hf.backbones`
-    (default: the first of its config's ``architectures``, else ``AutoModelForSequenceClassification``)."""
+    (default: the first of its config's ``architectures``, else ``AutoModelForSequenceClassification``);
+    ``"SetFitModel"`` loads a SetFit model repo as a :class:`SetFitBackbone`."""
+    if class_name == SETFIT_MODEL_CLASS:
+        return SetFitBackbone.from_setfit_pretrained(name_or_path, **kwargs)
     if class_name is None:
         architectures = AutoConfig.from_pretrained(name_or_path, revision=kwargs.get("revision")).architectures or []
         class_name = architectures[0] if architectures else "AutoModelForSequenceClassification"

@@ -88,12 +88,21 @@ class GeneratorCardData:
             raise TypeError(f"Unknown model card arguments {unknown}; expected some of {sorted(known)}.")
         return cls(**kwargs)
 
-    def to_card_data(self, model_name: str, base_model: str | None, task: str, base_tags: Sequence[str]) -> ModelCardData:
-        """The card's YAML metadata."""
+    def to_card_data(
+        self,
+        model_name: str,
+        base_model: str | None,
+        task: str,
+        base_tags: Sequence[str],
+        base_model_relation: str | None = None,
+    ) -> ModelCardData:
+        """The card's YAML metadata. ``base_model_relation`` (the Hub's ``adapter``, ``finetune``, ``merge``
+        or ``quantized``) says how the model relates to ``base_model``; it is written only with a ``base_model``."""
         metrics = self.metrics or sorted({result.metric_type for result in self.eval_results or []}) or None
         return ModelCardData(
             library_name=LIBRARY_NAME,
             base_model=base_model,
+            base_model_relation=base_model_relation if base_model else None,
             tags=list(dict.fromkeys([*base_tags, task, *self.tags])),
             datasets=self.datasets,
             metrics=metrics,
@@ -113,10 +122,11 @@ def render_model_card(
     task: str,
     base_tags: Sequence[str],
     context: Mapping[str, Any],
+    base_model_relation: str | None = None,
 ) -> ModelCard:
     """The model card from ``template`` (a name in ``model_cards/``): metadata from ``card_data``, body from ``context``."""
     return ModelCard.from_template(
-        card_data.to_card_data(model_name, hub_model_id(base_model), task, base_tags),
+        card_data.to_card_data(model_name, hub_model_id(base_model), task, base_tags, base_model_relation),
         template_path=str(template_path(template)),
         generated_start=GENERATED_START,
         generated_end=GENERATED_END,

@@ -5,22 +5,23 @@ Nothing here imports a model or names a method: a generator pushes itself throug
 datasets it pulls.
 
 Files resolve local-first and offline-aware, like peft's ``load_peft_weights``: a local directory,
-else ``hf_hub_download``, which serves the cache when ``HF_HUB_OFFLINE=1`` (or the Hub is
-unreachable) and the Hub otherwise. Client errors become messages that name the repo, the revision
+else ``hf_hub_download`` (one file) or ``snapshot_download`` (several files from one commit), which
+serve the cache when ``HF_HUB_OFFLINE=1`` (or the Hub is unreachable) and the Hub otherwise. Client errors become messages that name the repo, the revision
 or the file and say what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from datasets import Dataset, load_dataset
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, hf_hub_download
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
@@ -59,41 +60,104 @@ def resolve_file(
             raise FileNotFoundError(f"{local} has no {filename}; is it a directory written by save_pretrained?")
         return str(local / filename)
     repo_id = str(path_or_repo)
-    where = f"{repo_type} repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-    try:
+    with hub_errors(repo_id, filename, revision, repo_type, local_files_only):
         return hf_hub_download(
             repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, repo_type=repo_type,
             local_files_only=local_files_only, force_download=force_download,
         )
-    except HFValidationError as error:
-        raise ValueError(
-            f"{repo_id!r} is neither a local directory nor a valid Hub repo id ('namespace/name'): {error}"
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise RepositoryNotFoundError(
+
+
+def resolve_files(
+    path_or_repo: str | os.PathLike,
+    filenames: Sequence[str],
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    repo_type: str = "model",
+) -> list[str]:
+    """Local paths of ``filenames`` (in ``subfolder``), all from the same commit: a local directory, else one
+    Hub snapshot.
+
+    On the Hub the revision is resolved once (``huggingface_hub.snapshot_download`` with only these files
+    allowed), so a push landing between two downloads cannot pair one commit's config with another's
+    weights; offline (``HF_HUB_OFFLINE=1`` or ``local_files_only``) the cached snapshot of the revision is
+    used. Errors are those of :func:`resolve_file`: ``FileNotFoundError`` for a local directory without a
+    file, and the ``huggingface_hub`` error (``RepositoryNotFoundError``, ``RevisionNotFoundError``,
+    ``RemoteEntryNotFoundError`` for a file the commit lacks, ``LocalEntryNotFoundError`` when offline and
+    not cached) with a message saying what is missing.
+    """
+    subfolder = (subfolder or "").strip("/")
+    local = Path(path_or_repo)
+    if local.is_dir():
+        directory = local / subfolder if subfolder else local
+        for filename in filenames:
+            if not (directory / filename).is_file():
+                raise FileNotFoundError(f"{directory} has no {filename}; is it a directory written by save_pretrained?")
+        return [str(directory / filename) for filename in filenames]
+    repo_id = str(path_or_repo)
+    paths_in_repo = [f"{subfolder}/{filename}" if subfolder else filename for filename in filenames]
+    hub_kwargs = {"cache_dir": cache_dir, "token": token, "repo_type": repo_type, "local_files_only": local_files_only}
+    with hub_errors(repo_id, ", ".join(paths_in_repo), revision, repo_type, local_files_only):
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=paths_in_repo, revision=revision, force_download=force_download, **hub_kwargs))
+    resolved = []
+    for path_in_repo in paths_in_repo:
+        path = snapshot / path_in_repo
+        if not path.is_file():
+            # Not in this commit (or, offline, not cached): let the client raise its own error for the file,
+            # at the snapshot's commit, and translate it. Should it find the file after all, use it.
+            with hub_errors(repo_id, path_in_repo, revision, repo_type, local_files_only):
+                path = Path(hf_hub_download(repo_id, path_in_repo, revision=snapshot.name, **hub_kwargs))
+        resolved.append(str(path))
+    return resolved
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, filename: str, revision: str | None, repo_type: str, local_files_only: bool) -> Iterator[None]:
+    """Re-raise the ``huggingface_hub`` errors of resolving ``filename`` of ``repo_id`` translated by :func:`translate_hub_error`."""
+    try:
+        yield
+    except (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError, LocalEntryNotFoundError) as error:
+        raise translate_hub_error(error, repo_id, filename, revision, repo_type, local_files_only) from error
+
+
+def translate_hub_error(
+    error: Exception, repo_id: str, filename: str, revision: str | None, repo_type: str, local_files_only: bool
+) -> Exception:
+    """The ``huggingface_hub`` ``error`` met while resolving ``filename`` of ``repo_id``, with a message naming
+    what is missing and what to do (``ValueError`` for an invalid repo id); other errors are returned unchanged."""
+    where = f"{repo_type} repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    if isinstance(error, HFValidationError):
+        return ValueError(f"{repo_id!r} is neither a local directory nor a valid Hub repo id ('namespace/name'): {error}")
+    if isinstance(error, RepositoryNotFoundError):
+        return RepositoryNotFoundError(
             f"{repo_id!r} is not a local directory, and the Hub ({constants.ENDPOINT}) has no {repo_type} repo of "
             "that name that you can see. Check the name; for a private or gated repo pass token= or log in with "
             "`hf auth login`.",
             response=error.response,
-        ) from error
-    except RevisionNotFoundError as error:
-        raise RevisionNotFoundError(
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return RevisionNotFoundError(
             f"The {repo_type} repo {repo_id!r} has no revision {revision!r} (branch, tag or commit id). List its "
             f"branches and tags with HfApi().list_repo_refs({repo_id!r}, repo_type={repo_type!r}).",
             response=error.response,
-        ) from error
-    except RemoteEntryNotFoundError as error:
-        raise RemoteEntryNotFoundError(
+        )
+    if isinstance(error, RemoteEntryNotFoundError):
+        return RemoteEntryNotFoundError(
             f"The {where} has no file {filename!r}. Was it pushed with ocd-hf (the model's push_to_hub, or "
             "push_deltas_to_hub for a weight dataset)?",
             response=error.response,
-        ) from error
-    except LocalEntryNotFoundError as error:
-        raise LocalEntryNotFoundError(
+        )
+    if isinstance(error, LocalEntryNotFoundError):
+        return LocalEntryNotFoundError(
             f"{filename!r} of the {where} is not in the local cache, and the Hub was not asked "
             f"(HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, local_files_only={local_files_only}) or could not be "
             "reached. Download it once while online, or pass the path of a local directory."
-        ) from error
+        )
+    return error
 
 
 def prepare_repo(api: HfApi, repo_id: str, repo_type: str, private: bool | None, revision: str | None) -> str:

@@ -2,22 +2,24 @@
 is built, a JSON config, the card, and one Hub commit per push.
 
 A generator (a ``transformers.PreTrainedModel``) mixes in :class:`GeneratorHubMixin` and supplies
-``save_pretrained`` (through :func:`save_generator`) and the files it writes; ``push_to_hub`` then
-uploads exactly those files in one commit, keeping a card's user-written sections.
+``save_files`` (through :func:`save_generator`, and its card); the mixin's ``save_pretrained`` writes them
+(and pushes them with ``push_to_hub=True``), and ``push_to_hub`` uploads exactly those files in one
+commit, keeping a card's user-written sections.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from huggingface_hub import CommitInfo
+from huggingface_hub import CommitInfo, HfApi
 from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
-from .cards import CARD_NAME
+from .cards import CARD_NAME, GeneratorCardData
 from .hub import push_saved_directory
 
 CONFIG_NAME = "config.json"
@@ -72,14 +74,61 @@ def save_generator(save_directory: str | os.PathLike, config: PretrainedConfig, 
     save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
+# The keyword arguments of push_to_hub that save_pretrained(..., push_to_hub=True) passes on.
+PUSH_KWARGS = ("revision", "private", "token", "commit_message", "create_pr")
+CARD_KWARGS = ("eval_results", "results_table")
+
+
 class GeneratorHubMixin:
-    """``push_to_hub`` for a generator whose ``save_pretrained(directory, model_card_kwargs=...)`` writes
-    :attr:`hub_files`; the card is rendered with the repo id so its usage snippet loads from the Hub."""
+    """``save_pretrained`` and ``push_to_hub`` for a generator whose ``save_files(directory, model_card_kwargs)``
+    writes :attr:`hub_files`; the card is rendered with the repo id so its usage snippet loads from the Hub."""
 
     hub_files: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 
     def default_commit_message(self) -> str:
         return f"Upload {type(self).__name__}"
+
+    def save_files(self, save_directory: str | os.PathLike, model_card_kwargs: Mapping[str, Any]) -> None:
+        """Write :attr:`hub_files` into ``save_directory``; ``model_card_kwargs`` describe the card."""
+        raise NotImplementedError(f"{type(self).__name__} must implement save_files(save_directory, model_card_kwargs).")
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        model_card_kwargs: Mapping[str, Any] | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> CommitInfo | None:
+        """Write the generator's files (``config.json``, ``model.safetensors``, ``README.md``) into ``save_directory``.
+
+        The model card is created, or updated when the directory already has one (sections written
+        outside its generated block are kept); ``model_card_kwargs`` are fields of
+        :class:`~ocd_hf.GeneratorCardData`, and ``eval_results`` / ``results_table`` may be passed
+        directly. With ``push_to_hub=True`` the same model is then pushed, as transformers does, to
+        ``repo_id`` (default: the directory's name, in your namespace) with :meth:`push_to_hub` and
+        its keyword arguments (``revision``, ``private``, ``token``, ``commit_message``,
+        ``create_pr``); the repo is created first, so the local card's usage snippet names it. Returns
+        the push's ``CommitInfo``, else ``None``. Other keyword arguments of
+        ``PreTrainedModel.save_pretrained`` (``safe_serialization``, ``max_shard_size``, ...) are
+        accepted and ignored; on a process that is not the main one nothing is written.
+        """
+        card_kwargs = dict(model_card_kwargs or {})
+        card_kwargs.update({name: kwargs.pop(name) for name in CARD_KWARGS if kwargs.get(name) is not None})
+        push_kwargs = {name: kwargs.pop(name) for name in PUSH_KWARGS if name in kwargs}
+        if not is_main_process:
+            return None
+        GeneratorCardData.from_kwargs(card_kwargs)  # an unknown card field fails before any repo is created
+        if push_to_hub:
+            repo_id = repo_id or Path(save_directory).resolve().name
+            repo_id = HfApi(token=push_kwargs.get("token")).create_repo(repo_id, private=push_kwargs.get("private"), exist_ok=True).repo_id
+            card_kwargs.setdefault("model_id", repo_id)
+        self.save_files(save_directory, card_kwargs)
+        if not push_to_hub:
+            return None
+        return self.push_to_hub(repo_id, model_card_kwargs=card_kwargs, **push_kwargs)
 
     def push_to_hub(
         self,
@@ -108,7 +157,7 @@ class GeneratorHubMixin:
             card_kwargs["results_table"] = results_table
 
         def save(directory: str, full_repo_id: str) -> None:
-            self.save_pretrained(directory, model_card_kwargs={**card_kwargs, "model_id": full_repo_id})
+            self.save_files(directory, {**card_kwargs, "model_id": full_repo_id})
 
         return push_saved_directory(
             save, repo_id, allow_patterns=self.hub_files, commit_message=commit_message or self.default_commit_message(),

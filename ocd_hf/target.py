@@ -25,13 +25,33 @@ def _candidates_message(model: nn.Module) -> str:
     return "Candidate nn.Linear layers:\n" + ("\n".join(lines) if lines else "  (none)")
 
 
+def peft_adapter_layer(modules: Mapping[str, nn.Module], name: str) -> str | None:
+    """The name of the PEFT adapter layer that module ``name`` is, or is inside, if any.
+
+    Recognised by structure, without importing peft: a tuner layer (LoRA, IA³, ...) holds the layer it
+    adapts as ``base_layer``; a ``ModulesToSaveWrapper`` holds ``original_module`` and ``modules_to_save``.
+    """
+    parts = name.split(".")
+    for end in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:end])
+        module = modules.get(prefix)
+        if isinstance(getattr(module, "base_layer", None), nn.Module) or (
+            hasattr(module, "original_module") and hasattr(module, "modules_to_save")
+        ):
+            return prefix
+    return None
+
+
 def find_target_linear(model: nn.Module, target_module: str) -> tuple[str, nn.Linear]:
     """Resolve ``target_module`` to exactly one ``nn.Linear`` of ``model``.
 
     Matching follows peft's ``target_modules``: an exact full name, then a dotted suffix
     (``"output.dense"`` matches ``"encoder.layer.5.output.dense"``), then a regex that must match
     the full name. Raises ``ValueError`` listing the candidate Linear layers if nothing or more
-    than one layer matches, or if the match is not an ``nn.Linear``.
+    than one layer matches, or if the match is not an ``nn.Linear``. A layer with a PEFT adapter on it
+    (a LoRA layer, its ``base_layer``, a ``modules_to_save`` copy) is refused with the fix: merge the
+    adapter first (``peft_model.merge_and_unload()``), since the adapter's output is added after the
+    base layer's and OCD's deltas and fingerprint would describe the base weights alone.
     """
     if not isinstance(target_module, str) or not target_module:
         raise ValueError(f"target_module must be a non-empty string, got {target_module!r}.\n{_candidates_message(model)}")
@@ -58,6 +78,15 @@ def find_target_linear(model: nn.Module, target_module: str) -> tuple[str, nn.Li
         )
     name = matches[0]
     module = modules[name]
+    adapter = peft_adapter_layer(modules, name)
+    if adapter is not None:
+        raise ValueError(
+            f"target_module {target_module!r} resolves to {name!r}, which is (inside) the PEFT adapter layer {adapter!r} "
+            f"({type(modules[adapter]).__name__}). OCD generates deltas for a plain nn.Linear: with an adapter on it, the "
+            "layer's output is its base layer's plus the adapter's, so deltas and the layer fingerprint of the base weights "
+            "alone would not describe it. Merge the adapter into the backbone first, `backbone = peft_model.merge_and_unload()`, "
+            "then attach OCD to the merged model (and save or push that model as the backbone the config names)."
+        )
     if not isinstance(module, nn.Linear):
         raise ValueError(
             f"target_module {target_module!r} resolves to {name!r}, a {type(module).__name__}, not an nn.Linear.\n"

@@ -5,7 +5,7 @@ from .configuration import CONDITION_COMPONENTS, FACTOR_DENOISER_CONFIG, GENERAT
 from .deltas import load_deltas, load_harvest_metadata, materialise_deltas
 from .evaluation import evaluate_ocd
 from .harvest import DEFAULT_FACTOR_TOLERANCE, harvest_batch, harvest_deltas, harvest_from_pretrained
-from .hub import load_deltas_from_hub, push_deltas_to_hub
+from .hub import SetFitPairCommits, load_deltas_from_hub, push_deltas_to_hub, push_setfit_pair
 from .hypernetwork import OCDHypernetwork
 from .layer_selection import LayerRanking, select_layer
 from .model_card import OCDModelCardData
@@ -27,6 +27,7 @@ __all__ = [
     "OCDTrainingArguments",
     "OCDWrapper",
     "PAPER_DENOISER_CONFIG",
+    "SetFitPairCommits",
     "evaluate_ocd",
     "harvest_deltas",
     "harvest_from_pretrained",
@@ -35,6 +36,7 @@ __all__ = [
     "load_harvest_metadata",
     "materialise_deltas",
     "push_deltas_to_hub",
+    "push_setfit_pair",
     "select_layer",
     "train_hypernetwork",
 ]

@@ -282,7 +282,37 @@ class OCDConfig(PretrainedConfig):
         """Build a config for ``backbone`` and the Linear matched by ``target_module``.
 
         Shapes are read from the layer; ``output_dim``, ``task`` and ``per_token`` are read from
-        the backbone's config, or measured with one forward pass on ``example_inputs`` if given.
+        the backbone's config, or measured with one forward pass on ``example_inputs`` if given. The
+        backbone's ``id2label`` / ``label2id`` are copied and ``problem_type`` follows the task, so
+        ``transformers`` pipelines name and score the classes as the backbone's own config does.
         """
+        described = describe_backbone(backbone, target_module, example_inputs)
+        labels = label_fields(backbone, described["output_dim"], described["task"])
+        return cls(**{**described, **labels, **kwargs})
 
-        return cls(**{**describe_backbone(backbone, target_module, example_inputs), **kwargs})
+    def fill_label_fields(self, backbone: Any) -> None:
+        """Take ``id2label`` / ``label2id`` and ``problem_type`` from ``backbone`` where this config has none
+        of its own (default ``LABEL_i`` names, or a number of labels other than ``output_dim``)."""
+        default_names = all(name == f"LABEL_{index}" for index, name in self.id2label.items())
+        fields = label_fields(backbone, self.output_dim, self.task)
+        if len(self.id2label) != self.output_dim or default_names:
+            if "id2label" in fields:
+                self.id2label, self.label2id = fields["id2label"], fields["label2id"]
+            else:
+                self.num_labels = fields["num_labels"]
+        if self.problem_type is None:
+            self.problem_type = fields["problem_type"]
+
+
+def label_fields(backbone: Any, output_dim: int, task: str) -> dict[str, Any]:
+    """``id2label`` and ``label2id`` of ``backbone``'s config (else ``num_labels=output_dim``) and the
+    ``problem_type`` of ``task``: what ``transformers`` pipelines read to name and score the outputs."""
+    config = getattr(backbone, "config", None)
+    id2label = dict(getattr(config, "id2label", None) or {})
+    fields: dict[str, Any] = {"problem_type": "regression" if task == "regression" else "single_label_classification"}
+    if len(id2label) == output_dim:
+        fields["id2label"] = {int(index): name for index, name in id2label.items()}
+        fields["label2id"] = {name: index for index, name in fields["id2label"].items()}
+    else:
+        fields["num_labels"] = output_dim
+    return fields

@@ -18,7 +18,6 @@ import hashlib
 import inspect
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -33,6 +32,7 @@ from ...backbones import load_pretrained_backbone
 from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
 from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
 from ...harvest import harvest_shards
+from ...logging import get_logger
 from ...target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
 from .deltas import (
     DELTA_COLUMNS,
@@ -47,6 +47,8 @@ from .deltas import (
     round_to_storage,
 )
 from .model_card import write_delta_dataset_card
+
+logger = get_logger(__name__)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -115,12 +117,11 @@ def check_factor_residuals(ids: torch.Tensor, residuals: torch.Tensor, tolerance
     factorised shards, completes, and each sample's residual stays in ``factor_residual``."""
     bad = residuals > tolerance
     if bad.any() and not strict:
-        warnings.warn(
+        logger.warning(
             f"{int(bad.sum())} sample(s) exceed factor_tolerance={tolerance:g} with factor_rule {rule!r} (sample id: residual "
             f"{_listed(ids[bad], residuals[bad])}); stored as factors all the same (delta_storage='auto' chose factorised "
             "storage on the first batch). Their residuals are in the 'factor_residual' column; harvest with "
-            "delta_storage='full' for exact deltas.",
-            stacklevel=4,
+            "delta_storage='full' for exact deltas."
         )
     elif bad.any():
         raise ValueError(
@@ -694,10 +695,9 @@ def _harvest_shards(
         ]
         columns, skipped = merge_parts(parts)
         if skipped.numel():
-            warnings.warn(
+            logger.warning(
                 f"Skipped {skipped.numel()} sample(s) with non-finite deltas or conditioning: ids "
-                f"{skipped.tolist()}. They are listed in harvest.json (skipped_ids).",
-                stacklevel=4,
+                f"{skipped.tolist()}. They are listed in harvest.json (skipped_ids)."
             )
         return columns
 

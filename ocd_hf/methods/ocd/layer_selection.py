@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 import time
-import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...finetune import LossFn, per_sample_task_loss
+from ...logging import get_logger
 from ...target import backbone_task, find_target_linear, linear_layers, model_output_tensor
 
 PERTURBATIONS = ("gaussian", "reinit")
@@ -34,6 +34,7 @@ BANDWIDTH_RULES = ("scott", "silverman")
 _KDE_BLOCK_ELEMENTS = 2**20
 
 Batch = tuple[dict[str, Any], torch.Tensor]
+logger = get_logger(__name__)
 
 
 # --------------------------------------------------------------------------- entropy of a KDE
@@ -345,7 +346,7 @@ def gaussian_perturbation(layer: nn.Linear, noise_scale: float) -> Perturbation:
     """``W + noise_scale · std(W) · N(0, I)``: additive noise scaled to the layer's own weight spread."""
     scale = noise_scale * layer.weight.detach().float().std().item()
     if scale == 0.0 and noise_scale > 0:
-        warnings.warn(f"The weight of this {layer} has zero std: Gaussian noise scaled to it is zero.", stacklevel=3)
+        logger.warning(f"The weight of this {layer} has zero std: Gaussian noise scaled to it is zero.")
     return lambda weight: weight + scale * torch.randn_like(weight)
 
 

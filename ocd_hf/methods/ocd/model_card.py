@@ -17,6 +17,8 @@ from .deltas import DATA_FILES_PATTERN, SPLIT, delta_storage
 MODEL_CARD_TEMPLATE = "ocd_model_card.md"
 DELTA_DATASET_CARD_TEMPLATE = "delta_dataset_card.md"
 BASE_TAGS = ("ocd", "hypernetwork", "diffusion")
+# The Hub's relation of a model to its base_model: the hypernetwork is loaded onto the backbone, like a PEFT adapter.
+BASE_MODEL_RELATION = "adapter"
 DATASET_TAGS = ("ocd", "weight-deltas", "hypernetwork")
 
 OCDModelCardData = GeneratorCardData  # the name OCD's public API has always used
@@ -72,7 +74,7 @@ def ocd_card(model: PreTrainedModel, card_data: GeneratorCardData | None = None)
     }
     return render_model_card(
         MODEL_CARD_TEMPLATE, card_data, model_name=model_name, base_model=base_model, task=config.task,
-        base_tags=BASE_TAGS, context=context,
+        base_tags=BASE_TAGS, context=context, base_model_relation=BASE_MODEL_RELATION,
     )
 
 

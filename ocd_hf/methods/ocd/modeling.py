@@ -4,23 +4,25 @@ shift of one of its Linear layers, applied per sample in a single batched forwar
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import os
-import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from huggingface_hub import ModelCard
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from ...backbones import load_pretrained_backbone
+from ...backbones import SetFitBackbone, load_pretrained_backbone, tokenizer_from_setfit
 from ...cards import GeneratorCardData
 from ...factorised import expand_factors
 from ...finetune import finetune_settings, overfit_deltas, overfit_head_deltas
-from ...hub import resolve_file
+from ...hub import resolve_files
+from ...logging import get_logger
 from ...modeling_utils import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -42,6 +44,8 @@ from ...target import (
 from .configuration import OCDConfig
 from .hypernetwork import OCDHypernetwork
 from .model_card import ocd_card, write_model_card
+
+logger = get_logger(__name__)
 
 
 def check_backbone(config: OCDConfig, backbone: nn.Module, strict_fingerprint: bool = True) -> tuple[str, nn.Linear]:
@@ -68,7 +72,7 @@ def check_backbone(config: OCDConfig, backbone: nn.Module, strict_fingerprint: b
         )
         if strict_fingerprint:
             raise ValueError(message)
-        warnings.warn(message, stacklevel=3)
+        logger.warning(message)
     return name, layer
 
 
@@ -91,6 +95,56 @@ def batch_size_of(inputs: Mapping[str, Any]) -> int:
     raise ValueError("No tensor input found: pass the backbone's inputs as keyword arguments (e.g. **tokenizer(...)).")
 
 
+class ForwardWithInputNames:
+    """``OCDWrapper.forward`` as a method whose signature also names the backbone's inputs.
+
+    The forward takes the backbone's inputs as ``**inputs``; ``transformers.Trainer`` keeps only the
+    dataset columns that the forward's signature names, so the bound method's ``__signature__`` lists
+    the backbone's own input names (keyword-only) after OCD's arguments.
+    """
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self.function
+        return BoundForward(self.function.__get__(instance, owner))
+
+
+class BoundForward:
+    """A bound ``OCDWrapper.forward`` whose ``__signature__`` is its model's :meth:`OCDWrapper.forward_signature`."""
+
+    def __init__(self, method: Any) -> None:
+        self._method = method
+        self.__func__, self.__self__ = method.__func__, method.__self__
+        for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+            setattr(self, name, getattr(method, name))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._method(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self.__self__.forward_signature()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_method":  # not set yet (e.g. while copying): no recursion
+            raise AttributeError(name)
+        return getattr(self._method, name)
+
+
+def input_parameters(backbone: nn.Module, exclude: Any = ()) -> list[inspect.Parameter]:
+    """The named inputs of ``backbone.forward`` (not ``labels``, ``return_dict`` or ``exclude``), keyword-only."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [
+        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, parameter in inspect.signature(backbone.forward).parameters.items()
+        if parameter.kind in kinds and name not in ("labels", "return_dict", *exclude)
+    ]
+
+
 @dataclass
 class OCDOutput(ModelOutput):
     """Output of an :class:`OCDWrapper` whose backbone's output has no ``logits`` field."""
@@ -106,11 +160,15 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
 
     Build it with :meth:`attach` (a new, untrained hypernetwork) or :meth:`from_pretrained`.
     :meth:`save_pretrained` writes ``config.json`` and the hypernetwork's ``model.safetensors``
-    only; the backbone is referenced by ``config.base_model_name_or_path``.
+    only; the backbone is referenced by ``config.base_model_name_or_path``. Like a PEFT adapter, the
+    backbone is frozen (``requires_grad_(False)``) when it is attached: only the hypernetwork trains
+    (see :meth:`print_trainable_parameters`).
     """
 
     config_class = OCDConfig
     base_model_prefix = "ocd"
+    # The forward's **inputs go to the backbone: transformers.Trainer must not add its loss kwargs.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: OCDConfig, backbone: nn.Module | None = None, strict_fingerprint: bool = True) -> None:
         super().__init__(config)
@@ -120,7 +178,13 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
                 "or OCDWrapper.from_pretrained(path) (which loads config.base_model_name_or_path)."
             )
         self.target_name, self.target_layer = check_backbone(config, backbone, strict_fingerprint)
-        self.backbone = backbone.eval()
+        self.backbone = backbone.eval().requires_grad_(False)
+        config.fill_label_fields(backbone)
+        input_names = [parameter.name for parameter in input_parameters(backbone)]
+        main_input = getattr(backbone, "main_input_name", None)
+        self.main_input_name = main_input if main_input in input_names or not input_names else input_names[0]
+        # What predict() / predict_proba() tokenize texts with (from_setfit sets it; else loaded from the base model).
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.hypernetwork = OCDHypernetwork(config)
         device = next(backbone.parameters()).device
         self.hypernetwork.to(device)
@@ -135,6 +199,100 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         """Attach a new (untrained) hypernetwork to the Linear of ``backbone`` matched by ``target_module``."""
         config = OCDConfig.from_backbone(backbone, target_module, example_inputs=example_inputs, **config_kwargs)
         return cls(config, backbone).eval()
+
+    @classmethod
+    def from_setfit(cls, setfit_model: Any, target_module: str = "head", **config_kwargs: Any) -> "OCDWrapper":
+        """Attach a new hypernetwork to a trained ``setfit.SetFitModel`` (differentiable head).
+
+        The SetFit model becomes a :class:`~ocd_hf.SetFitBackbone` (its weights copied, its predictions
+        unchanged) and ``target_module`` (``"head"``, or a body layer such as
+        ``"body.encoder.layer.5.output.dense"``) its target; the SetFit body's tokenizer is kept for
+        :meth:`predict` and :meth:`predict_proba` on raw texts. ``config_kwargs`` go to :class:`OCDConfig`.
+        """
+        ocd = cls.attach(SetFitBackbone.from_setfit(setfit_model), target_module, **config_kwargs)
+        ocd.tokenizer = tokenizer_from_setfit(setfit_model)
+        return ocd
+
+    def text_tokenizer(self) -> PreTrainedTokenizerBase:
+        """:attr:`tokenizer`, else the tokenizer saved with the backbone (``base_model_name_or_path`` at its revision)."""
+        if self.tokenizer is None:
+            if not self.config.base_model_name_or_path:
+                raise ValueError(
+                    "No tokenizer to turn texts into inputs: pass tokenizer=, set ocd.tokenizer, or build the model with "
+                    "OCDWrapper.from_setfit(setfit_model)."
+                )
+            self.tokenizer = AutoTokenizer.from_pretrained(self.config.base_model_name_or_path, revision=self.config.base_model_revision)
+        return self.tokenizer
+
+    @torch.no_grad()
+    def predict_proba(
+        self,
+        inputs: str | Sequence[str],
+        batch_size: int = 32,
+        as_numpy: bool = False,
+        num_samples: int = 5,
+        generator: torch.Generator | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Any:
+        """Class probabilities of the OCD ensemble (``num_samples`` draws per text) for raw texts, like
+        ``SetFitModel.predict_proba``: ``(len(inputs), num_labels)``, or ``(num_labels,)`` for one string.
+
+        Texts are tokenized with ``tokenizer`` (default :meth:`text_tokenizer`) in batches of ``batch_size``.
+        """
+        if self.config.task != "classification":
+            raise ValueError("predict_proba is for classification backbones; call the model for regression outputs.")
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        tokenizer = tokenizer or self.text_tokenizer()
+        probabilities = []
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start : start + batch_size]
+            if isinstance(self.backbone, SetFitBackbone):
+                encoded = self.backbone.tokenize(batch, tokenizer)  # truncated as the sentence-transformers body does
+            else:
+                encoded = tokenizer(batch, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            probabilities.append(self(**encoded, num_samples=num_samples, generator=generator).logits.softmax(-1))
+        result = torch.cat(probabilities) if probabilities else torch.empty(0, self.config.output_dim)
+        result = result.cpu().numpy() if as_numpy else result
+        return result[0] if single else result
+
+    def predict(
+        self,
+        inputs: str | Sequence[str],
+        batch_size: int = 32,
+        as_numpy: bool = False,
+        use_labels: bool = True,
+        num_samples: int = 5,
+        generator: torch.Generator | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Any:
+        """Predicted classes of raw texts, like ``SetFitModel.predict``: the label names (``config.id2label``,
+        copied from the SetFit model's ``labels``) when ``use_labels`` and the labels have names, else the
+        class ids (a tensor, or an array with ``as_numpy``); one label for one string. The class is the
+        argmax of :meth:`predict_proba` (the OCD ensemble of ``num_samples`` draws).
+        """
+        probabilities = self.predict_proba(
+            [inputs] if isinstance(inputs, str) else inputs, batch_size, False, num_samples, generator, tokenizer
+        )
+        ids = probabilities.argmax(-1)
+        names = [self.config.id2label[index] for index in range(self.config.num_labels)]
+        named = any(name not in (str(index), f"LABEL_{index}") for index, name in enumerate(names))
+        if use_labels and named:
+            result: Any = [names[int(index)] for index in ids]
+        else:
+            result = ids.cpu().numpy() if as_numpy else ids
+        return result[0] if isinstance(inputs, str) else result
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, as PEFT's: the hypernetwork's trainable parameters, and
+        every parameter of the backbone and the hypernetwork."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: X || all params: Y || trainable%: Z`` (PEFT's format)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
 
     def train(self, mode: bool = True) -> "OCDWrapper":
         """Set the hypernetwork's mode; the frozen backbone always stays in eval mode (no dropout in ``I(x)``)."""
@@ -289,6 +447,14 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
             return torch.logsumexp(torch.log_softmax(draws, -1), dim=1) - math.log(draws.shape[1])
         return draws.mean(1)
 
+    def forward_signature(self) -> inspect.Signature:
+        """The signature of :meth:`forward`: OCD's arguments, then the backbone's named inputs (keyword-only), then ``**inputs``."""
+        signature = inspect.signature(type(self).forward)
+        own = signature.parameters
+        parameters = [p for name, p in own.items() if name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD]
+        return signature.replace(parameters=[*parameters, *input_parameters(self.backbone, exclude=own), own["inputs"]])
+
+    @ForwardWithInputNames
     def forward(
         self,
         num_samples: int = 1,
@@ -302,7 +468,9 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         """Predict with a per-sample generated weight shift at the target layer.
 
         One base pass captures ``I(x)``; ``num_samples`` deltas per input are sampled in one batch
-        and applied in one more batched pass (none for head layers). Returns the backbone's own
+        and applied in one more batched pass (none for head layers). ``inputs`` are the backbone's (its
+        forward's names appear in this method's signature, which ``transformers.Trainer`` reads to keep
+        dataset columns). Returns the backbone's own
         output type when it has ``logits`` (else :class:`OCDOutput`) whose ``logits`` are the
         ensemble (log of the mean probabilities for classification, mean prediction for
         regression). With ``return_draws`` it also holds ``draw_logits`` ``(batch, k, ...)``; with
@@ -336,19 +504,13 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         """The tensors that are saved: the hypernetwork's only, contiguous, on CPU."""
         return {k: v.detach().cpu().contiguous() for k, v in self.hypernetwork.state_dict().items()}
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *, model_card_kwargs: Mapping[str, Any] | None = None, **kwargs: Any
-    ) -> None:
+    def save_files(self, save_directory: str | os.PathLike, model_card_kwargs: Mapping[str, Any] | None = None) -> None:
         """Write ``config.json``, ``model.safetensors`` (the hypernetwork only, never the backbone) and ``README.md``.
 
-        The model card is created, or updated when the directory already has one (sections written
-        outside its generated block are kept). ``model_card_kwargs`` are fields of
-        :class:`~ocd_hf.GeneratorCardData` (``model_id``, ``eval_results``, ``results_table``,
-        ``training_config``, ``datasets``, ``license``, ...). Extra keyword arguments of
-        ``PreTrainedModel.save_pretrained`` are accepted and ignored, except ``is_main_process``.
+        ``model_card_kwargs`` are fields of :class:`~ocd_hf.GeneratorCardData` (``model_id``,
+        ``eval_results``, ``results_table``, ``training_config``, ``datasets``, ``license``, ...).
+        :meth:`save_pretrained` (which can also push) calls this.
         """
-        if not kwargs.get("is_main_process", True):
-            return
         card_data = GeneratorCardData.from_kwargs(model_card_kwargs)
         save_generator(save_directory, self.config, self.hypernetwork_state_dict())
         write_model_card(self, save_directory, card_data)
@@ -368,6 +530,7 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         backbone: nn.Module | None = None,
         config: OCDConfig | None = None,
         revision: str | None = None,
+        subfolder: str | None = None,
         strict_fingerprint: bool = True,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
@@ -377,9 +540,10 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
     ) -> "OCDWrapper":
         """Load a saved hypernetwork from a local directory or a Hub repo and attach it to ``backbone``.
 
-        Files come from the directory, else from the Hub cache or the Hub (the cache only when
-        ``HF_HUB_OFFLINE=1`` or ``local_files_only``); missing repos, revisions and files raise the
-        ``huggingface_hub`` error with a message saying what is missing. The weights are read and
+        Files come from the directory (its ``subfolder``, if given), else from the Hub cache or the Hub
+        (the cache only when ``HF_HUB_OFFLINE=1`` or ``local_files_only``). On the Hub the revision is
+        resolved once: ``config.json`` and ``model.safetensors`` come from the same commit. Missing repos,
+        revisions and files raise the ``huggingface_hub`` error with a message saying what is missing. The weights are read and
         checked before anything is built: a corrupt or truncated file raises ``ValueError`` and no
         model is returned. Without ``backbone`` the backbone named in the config
         (``base_model_class`` from ``base_model_name_or_path`` at ``base_model_revision``) is
@@ -393,8 +557,7 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
             "revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only,
             "force_download": force_download,
         }
-        config_file = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
-        weights_file = resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub_kwargs)
+        config_file, weights_file = resolve_files(pretrained_model_name_or_path, [CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder, **hub_kwargs)
         if config is None:
             config = read_config(OCDConfig, config_file)
         state = read_weights(weights_file)
