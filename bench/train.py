@@ -214,7 +214,7 @@ def validation_quality(model: OCDWrapper, rows: dict[str, torch.Tensor], truth: 
     and the cross-entropy with the generated delta applied (heads only)."""
     cond = head_conditioning(rows)
     generated = model.generate_deltas(cond, 1, generator=torch.Generator().manual_seed(seed), num_inference_steps=QUALITY_DDIM_STEPS)
-    full = model.materialise_deltas(generated, cond)[:, 0].float()
+    full = model.full_deltas(generated, cond)[:, 0].float()
     cosine = F.cosine_similarity(full.flatten(1), truth.flatten(1), dim=1)
     result = {"cosine": float(cosine.mean()), "cosine_se": float(cosine.std() / math.sqrt(cosine.numel()))}
     if ce_ok:

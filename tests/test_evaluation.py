@@ -353,6 +353,6 @@ def test_a_factorised_hypernetwork_is_evaluated_on_its_left_factors(bert_setup):
     factors = model.generate_deltas(cond, 3, torch.Generator().manual_seed(3))
     assert factors.shape == (7, 3, 3)
     oracle = overfit_deltas(bert_setup["backbone"], model.target_layer, inputs, labels).deltas
-    first = model.materialise_deltas(factors, cond)[:, 0]
+    first = model.full_deltas(factors, cond)[:, 0]
     expected = F.cosine_similarity(first.flatten(1), oracle.flatten(1), dim=1).mean().item()
     assert table["ocd_1"].values["delta_cosine"] == [pytest.approx(expected, rel=1e-4, abs=1e-6)]

@@ -48,8 +48,10 @@ def test_factorised_application_equals_the_materialised_delta(backbone_factory, 
     ocd = OCDWrapper.attach(backbone, target, example_inputs=inputs, factor_denoiser_config=FACTOR_DENOISER, delta_mode="factorised")
     cond = ocd.conditioning(**inputs)
     factors = torch.randn(4, 2, ocd.config.out_features, generator=torch.Generator().manual_seed(0))
-    full = ocd.materialise_deltas(factors, cond)
+    full = ocd.full_deltas(factors, cond)
     assert full.shape == (4, 2, *ocd.config.weight_shape)
+    with pytest.warns(FutureWarning, match="renamed full_deltas"):
+        assert torch.equal(ocd.materialise_deltas(factors, cond), full)  # the former name still works
     via_factors = ocd.forward_with_deltas(factors[:, 0], **inputs).logits
     via_matrices = ocd.forward_with_deltas(full[:, 0], **inputs).logits
     torch.testing.assert_close(via_factors, via_matrices, atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ import functools
 import inspect
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -401,11 +402,17 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         labels = torch.multinomial(probabilities, num_samples, replacement=True, generator=generator)
         return per_label[torch.arange(per_label.shape[0], device=labels.device).unsqueeze(1), labels]
 
+    def full_deltas(self, generated: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Full ``(batch, k, out, in)`` deltas from :meth:`generate_deltas`' output (its left factors in
+        factorised mode; a no-op in full mode). Not :func:`ocd_hf.materialise_deltas`, which reads dataset rows."""
+        if generated.dim() == 4:
+            return generated
+        return expand_factors(generated, cond.raw_input, self.config.factor_rule)
+
     def materialise_deltas(self, deltas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Full ``(batch, k, out, in)`` deltas from :meth:`generate_deltas`' output (a no-op in full mode)."""
-        if deltas.dim() == 4:
-            return deltas
-        return expand_factors(deltas, cond.raw_input, self.config.factor_rule)
+        """Former name of :meth:`full_deltas` (it shared its name with :func:`ocd_hf.materialise_deltas`)."""
+        warnings.warn("OCDWrapper.materialise_deltas is renamed full_deltas.", FutureWarning, stacklevel=2)
+        return self.full_deltas(deltas, cond)
 
     def forward_with_deltas(self, deltas: torch.Tensor, **inputs: Any) -> Any:
         """Run the backbone with ``θ + Δ_b`` at the target layer for sample ``b``.
