@@ -282,9 +282,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # another torch job shares them (common on a shared 2-core machine) spinning threads hold the cores
     # the other job's threads wait for, at each of the many small parallel regions of SetFit's and the
     # hypernetwork's training. Measured here next to one other 2-thread torch job: 300 steps of a small
-    # MLP took 18.6 s instead of 1.2 s, a SetFit training 250 s instead of 40 s. The price on an idle
-    # machine: SetFit training about 10% slower (16.3 s instead of 14.9 s for 8 texts). Read when torch
-    # loads (the HF libraries are imported inside run()): no effect if torch was imported before main().
+    # MLP took 18.6 s instead of 1.2 s; in two default runs on the shared machine before this setting,
+    # a SetFit training took 250-270 s instead of 40 s alone. The price on an idle machine: SetFit
+    # training about 10% slower (16.3 s instead of 14.9 s for 8 texts). Read when torch loads (the HF
+    # libraries are imported inside run()), so it has no effect if torch was imported before main().
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if Path(args.model).exists() and (args.dataset is None or Path(args.dataset).exists()):
         # Everything is on disk: never reach for the Hub. huggingface_hub reads this at import, hence
