@@ -38,14 +38,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides
 
@@ -270,7 +272,7 @@ def accuracy_line(table: Any) -> str:
     for row in table.rows:
         if row.kind in ("reference", "OCD") and "accuracy" in row.values:
             sd = row.sd("accuracy")
-            spread = "" if sd != sd else f" ± {100 * sd:.1f}"  # nan for one run
+            spread = "" if math.isnan(sd) else f" ± {100 * sd:.1f}"  # nan for one run
             cells.append(f"{row.name} {100 * row.mean('accuracy'):.1f}{spread}%")
     return ", ".join(cells)
 
@@ -430,7 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def file_report(output_dir: Path, summary: dict[str, Any], seconds: float) -> str:
     """Where the run left its files, for the last lines of the console output."""
     lines = [f"Done in {seconds / 60:.1f} min. Files under {output_dir.resolve()}:"]
-    for target, result in summary["results"].items():
+    for target in summary["results"]:
         lines.append(f"  {slug(target)}/results.{{json,md,png}}   the {target} table above, as JSON, markdown and plot")
     models = summary["models"]
     backbones = [name for name in models if name.endswith("/backbone")]
