@@ -107,7 +107,7 @@ class NearestNeighbourDeltas:
         self.metadata = dict(metadata or {})
         self.components = list(components)
         self.chunk_size = chunk_size
-        starts = tqdm(range(0, len(deltas), chunk_size), desc="nearest-neighbour index", disable=not progress)
+        starts = tqdm(range(0, len(deltas), chunk_size), desc="nearest-neighbour index", disable=not progress, leave=False)
         chunks = [{c: column_tensor(deltas, slice(start, start + chunk_size), CONDITION_FIELDS[c]) for c in self.components} for start in starts]
         self.features = {c: torch.cat([chunk[c] for chunk in chunks]) for c in self.components}
         self.mean = {c: f.mean(0) for c, f in self.features.items()}

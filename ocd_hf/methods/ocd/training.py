@@ -250,7 +250,7 @@ def scan_deltas(
     columns = {component: CONDITION_FIELDS[component] for component in config.condition_components}
     log_rho, residuals, values = [], [], {component: [] for component in columns}
     batches = dataset.iter(batch_size=batch_size)
-    for batch in tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc="Scanning deltas", disable=not progress):
+    for batch in tqdm(batches, total=math.ceil(len(dataset) / batch_size), desc="Scanning deltas", disable=not progress, leave=False):
         for component, column in columns.items():
             values[component].append(batch[column].float())
         if config.generator_type == "label":
