@@ -153,7 +153,7 @@ def test_smoke_generated_heads_beat_chance_on_held_out_classes(tmp_path):
                        batch_size=32, shard_size=32, progress=False)
     denoiser = {"denoiser_config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}}
     generator = train_head_generator(tmp_path / "heads", tmp_path / "generator", config_overrides=denoiser, num_steps=300, batch_size=16,
-                                     learning_rate=1e-3, validation_fraction=0.0, ema_decay=None, progress=False, logging_steps=100)
+                                     learning_rate=1e-3, validation_fraction=0.0, ema_decay=None, progress=False, logging_steps=10)
     log = json.loads((tmp_path / "generator" / HISTORY_NAME).read_text())["log_history"]
     assert log[-1]["denoise_loss"] < 0.5 * log[0]["denoise_loss"]
     episodes = EpisodeSampler(split["test"], 5, 1, q_queries=15, seed=1).sample(100, column="embedding")

@@ -5,6 +5,10 @@ One token per head row ``j`` (its weights and bias), built with the prototype ``
 size, plus the task context (the mean prototype, projected) and the time embedding (diffusers'
 ``Timesteps`` + ``TimestepEmbedding``). Pre-norm transformer blocks attend across the rows, with no
 position encoding: permuting the classes permutes the tokens and hence the output rows, exactly.
+The output of each row is ``row_out(h_j) + a_j [p_j, 0] + b_j [p̄, 0] + c_j x_j`` with per-row scalar gates
+``(a_j, b_j, c_j)`` read from ``h_j``: the hidden size (256) is smaller than the embedding (384), so without
+these paths a row could only leave a 256-dimensional subspace, while a head row is mostly a class prototype
+minus the task's mean (measured: without them the generator learned nothing on MiniLM embeddings).
 The blocks are written out (attention as two ``einsum`` s) rather than ``nn.TransformerEncoder``, so
 that ``torch.func.vmap`` over stacked copies of the weights (REPTILE's inner loops) runs batched:
 vmap has no batching rule for PyTorch's fused CPU attention kernel and would fall back to a loop.
@@ -61,8 +65,10 @@ class HeadDenoiser(nn.Module):
         self.blocks = nn.ModuleList(RowAttentionBlock(hidden_size, num_heads, intermediate_size) for _ in range(num_layers))
         self.output_norm = nn.LayerNorm(hidden_size)
         self.row_out = nn.Linear(hidden_size, embedding_dim + 1)
-        nn.init.zeros_(self.row_out.weight)  # start by predicting no noise (as DiT does): a quiet, stable start
-        nn.init.zeros_(self.row_out.bias)
+        self.gates = nn.Linear(hidden_size, 3)  # per-row weights of p_j, the mean prototype and x_j in the output
+        for layer in (self.row_out, self.gates):
+            nn.init.zeros_(layer.weight)  # start by predicting no noise (as DiT does): a quiet, stable start
+            nn.init.zeros_(layer.bias)
 
     def forward(self, heads: torch.Tensor, steps: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         weights = heads[..., :-1]
@@ -72,7 +78,11 @@ class HeadDenoiser(nn.Module):
         tokens = self.input_norm(self.row_in(rows) + (context + time).unsqueeze(-2))
         for block in self.blocks:
             tokens = block(tokens)
-        return self.row_out(self.output_norm(tokens))
+        hidden = self.output_norm(tokens)
+        gates = self.gates(hidden)
+        mean_prototype = prototypes.mean(-2, keepdim=True).expand_as(prototypes)
+        paths = torch.stack([F.pad(prototypes, (0, 1)), F.pad(mean_prototype, (0, 1)), heads], -1)  # (..., N, d+1, 3)
+        return self.row_out(hidden) + (paths * gates.unsqueeze(-2)).sum(-1)
 
 
 def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
