@@ -1,0 +1,49 @@
+"""recipes/fewshot_mcdi.py end to end at tiny scale: a local CSV dataset, a tiny random sentence-transformers model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sentence_transformers = pytest.importorskip("sentence_transformers")
+
+import fewshot_mcdi  # recipes/ is on pytest's pythonpath  # noqa: E402
+from test_backbones import WORDS, embedding_dimension, write_tiny_bert  # noqa: E402
+
+try:  # sentence-transformers >= 6; 5.x names the same modules sentence_transformers.models
+    from sentence_transformers.sentence_transformer import modules as st_modules
+except ImportError:
+    from sentence_transformers import models as st_modules
+
+
+def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
+    transformer = st_modules.Transformer(str(write_tiny_bert(tmp_path / "bert")), max_seq_length=12)
+    model = sentence_transformers.SentenceTransformer(modules=[transformer, st_modules.Pooling(embedding_dimension(transformer))])
+    model.save(str(tmp_path / "encoder"))
+    generator = torch.Generator().manual_seed(0)
+    rows = ["text,label"] + [
+        f"{' '.join(WORDS[i] for i in torch.randint(0, len(WORDS), (4,), generator=generator).tolist())} {WORDS[c]},{c}"
+        for c in range(10) for _ in range(12)
+    ]
+    (tmp_path / "items").mkdir()
+    (tmp_path / "items" / "train.csv").write_text("\n".join(rows) + "\n")
+    summary = fewshot_mcdi.main([
+        "--source", str(tmp_path / "items"), "--model", str(tmp_path / "encoder"), "--items-per-class", "0",
+        "--split-fractions", "0.4", "0.3", "0.3", "--n-way", "3", "--shots", "1", "--queries", "4", "--episodes", "20",
+        "--num-tasks", "16", "--pool-size", "5", "--head-steps", "5", "--train-steps", "3", "--batch-size", "4", "--output-dir", str(tmp_path / "out"),
+        "--no-progress",
+    ])
+    for split in ("val", "test"):
+        rows = summary["1shot"][split]
+        assert {"logistic_regression", "nearest_centroid", "mcdi", "mcdi_mean5", "query_label_bound"} == set(rows)
+        assert all(0.0 <= mean <= 1.0 for mean, _ in rows.values())
+    root = tmp_path / "out" / "3way-1shot"
+    assert {"results.json", "results.md", "results.png"} <= {p.name for p in (root / "results-test").iterdir()}
+    assert (root / "generator" / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(saved["split"]["classes"]) == {"train", "val", "test"}
+    assert not set(saved["split"]["classes"]["train"]) & set(saved["split"]["classes"]["test"]), "disjoint classes"
