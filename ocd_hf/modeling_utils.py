@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
 from .cards import CARD_NAME, GeneratorCardData
-from .hub import push_saved_directory
+from .hub import push_saved_directory, resolve_files
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -48,6 +48,20 @@ def read_weights(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"diverged; {SAVE_ADVICE}."
         )
     return state
+
+
+def read_generator_files(
+    config_class: type[PretrainedConfig],
+    path_or_repo: str | os.PathLike,
+    *,
+    config: PretrainedConfig | None = None,
+    subfolder: str | None = None,
+    **hub_kwargs: Any,
+) -> tuple[PretrainedConfig, dict[str, torch.Tensor], str]:
+    """The config (``config`` if given), the checked weights and the weights' path of a saved generator, both files
+    from one commit (:func:`ocd_hf.hub.resolve_files`); nothing is built, so a corrupt file fails first."""
+    config_file, weights_file = resolve_files(path_or_repo, [CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder, **hub_kwargs)
+    return config or read_config(config_class, config_file), read_weights(weights_file), weights_file
 
 
 def load_checked_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from torch import nn
 
 from ocd_hf.methods.mcdi import (
@@ -98,6 +99,22 @@ def test_save_load_round_trip_is_exact(tmp_path):
     for text in ("tiny-encoder", "Tw-Di", "library_name: ocd-hf", "`num_steps` | 3", "0123abcd", "14, 7, 0"):
         assert text in card, text
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mcdi"
+
+
+def test_push_to_hub_and_save_pretrained_push_go_through_the_shared_hook(loopback_hub, tmp_path):
+    model = tiny_generator()
+    model.push_to_hub("mcdi-tiny")
+    repo = f"{loopback_hub.user}/mcdi-tiny"
+    assert sorted(HfApi().list_repo_files(repo)) == ["README.md", "config.json", "model.safetensors"]
+    loaded = McDiHeadGenerator.from_pretrained(repo)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    model.save_pretrained(tmp_path / "mcdi-local", push_to_hub=True)  # pushed to a repo named after the directory
+    assert "model.safetensors" in HfApi().list_repo_files(f"{loopback_hub.user}/mcdi-local")
+    model.save_pretrained(tmp_path / "nested" / "generator")
+    from_subfolder = McDiHeadGenerator.from_pretrained(tmp_path / "nested", subfolder="generator")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(from_subfolder.state_dict()[name], tensor), name
 
 
 def test_the_encoder_check_refuses_another_encoder(tmp_path):

@@ -12,8 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ...cards import GeneratorCardData
-from ...hub import resolve_file
-from ...modeling_utils import CONFIG_NAME, WEIGHTS_NAME, GeneratorHubMixin, load_checked_state, read_config, read_weights, save_generator
+from ...modeling_utils import GeneratorHubMixin, load_checked_state, read_generator_files, save_generator
 from .configuration import McDiConfig, encoder_fingerprint
 from .diffusion import alpha_bars, sample_chain
 from .model_card import mcdi_card, write_model_card
@@ -165,14 +164,12 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
 
     # ----- saving and loading -----------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def save_files(self, save_directory: str | os.PathLike, model_card_kwargs: Mapping[str, Any] | None = None) -> None:
         """Write ``config.json``, ``model.safetensors`` (the denoiser) and ``README.md`` (kept sections survive).
 
-        ``model_card_kwargs`` are fields of :class:`~ocd_hf.GeneratorCardData`; extra keyword arguments of
-        ``PreTrainedModel.save_pretrained`` are accepted and ignored, except ``is_main_process``.
+        ``model_card_kwargs`` are fields of :class:`~ocd_hf.GeneratorCardData`. :meth:`save_pretrained`
+        (the shared one, which can also push) and :meth:`push_to_hub` call this.
         """
-        if not kwargs.get("is_main_process", True):
-            return
         card_data = GeneratorCardData.from_kwargs(model_card_kwargs)
         save_generator(save_directory, self.config, self.state_dict())
         write_model_card(self, save_directory, card_data)
@@ -192,13 +189,15 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         encoder: nn.Module | None = None,
         config: McDiConfig | None = None,
         revision: str | None = None,
+        subfolder: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
         **kwargs: Any,
     ) -> "McDiHeadGenerator":
-        """Load a saved generator from a directory or a Hub repo (weights checked before anything is built).
+        """Load a saved generator from a directory (its ``subfolder``, if given) or a Hub repo, config and weights
+        from one commit, the weights checked before anything is built.
 
         With ``encoder``, refuses it if its embedding size or fingerprint differs from the config's
         (:meth:`check_encoder`). Keyword arguments ``transformers`` passes along (e.g. ``trust_remote_code``) are ignored.
@@ -206,10 +205,9 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         if model_args:
             raise TypeError("McDiHeadGenerator.from_pretrained takes no positional arguments besides the path.")
         hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only, "force_download": force_download}
-        config_file = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
-        weights_file = resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub_kwargs)
-        config = config or read_config(McDiConfig, config_file)
-        state = read_weights(weights_file)
+        config, state, weights_file = read_generator_files(
+            McDiConfig, pretrained_model_name_or_path, config=config, subfolder=subfolder, **hub_kwargs
+        )
         model = cls(config)
         load_checked_state(model, state, weights_file)
         if encoder is not None:

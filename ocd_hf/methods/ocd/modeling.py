@@ -22,17 +22,8 @@ from ...backbones import SetFitBackbone, load_pretrained_backbone, tokenizer_fro
 from ...cards import GeneratorCardData
 from ...factorised import expand_factors
 from ...finetune import finetune_settings, overfit_deltas, overfit_head_deltas
-from ...hub import resolve_files
 from ...logging import get_logger
-from ...modeling_utils import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    GeneratorHubMixin,
-    load_checked_state,
-    read_config,
-    read_weights,
-    save_generator,
-)
+from ...modeling_utils import GeneratorHubMixin, load_checked_state, read_generator_files, save_generator
 from ...target import (
     Conditioning,
     capture_conditioning,
@@ -564,10 +555,9 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
             "revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only,
             "force_download": force_download,
         }
-        config_file, weights_file = resolve_files(pretrained_model_name_or_path, [CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder, **hub_kwargs)
-        if config is None:
-            config = read_config(OCDConfig, config_file)
-        state = read_weights(weights_file)
+        config, state, weights_file = read_generator_files(
+            OCDConfig, pretrained_model_name_or_path, config=config, subfolder=subfolder, **hub_kwargs
+        )
         if backbone is None:
             backbone = load_backbone(config, **backbone_kwargs)
         model = cls(config, backbone, strict_fingerprint=strict_fingerprint)
