@@ -13,7 +13,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -99,6 +99,46 @@ def check_trackers(report_to: list[str]) -> None:
             f"report_to={report_to} asks for {missing}, not installed here (pip install {' '.join(missing)}); "
             f"the trackers available are {sorted(available) or 'none'}."
         )
+
+
+def training_arguments(args_class: type[GeneratorTrainingArguments], args: GeneratorTrainingArguments | None,
+                       training_kwargs: Mapping[str, Any]) -> GeneratorTrainingArguments:
+    """``args``, or an ``args_class`` built from ``training_kwargs`` (a method's ``train_*(..., num_steps=...)``); not both."""
+    if args is not None and training_kwargs:
+        raise TypeError(f"Pass the training settings as args= or as keyword arguments, not both (got {sorted(training_kwargs)}).")
+    known = {f.name for f in fields(args_class)}
+    unknown = sorted(set(training_kwargs) - known)
+    if unknown:
+        raise TypeError(f"Unknown training arguments {unknown}; {args_class.__name__} has {sorted(known)}.")
+    return args or args_class(**training_kwargs)
+
+
+def tracker_values(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as trackers accept them: scalars and strings, anything else as its string."""
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in settings.items()}
+
+
+def prepare_accelerator(
+    accelerator: Accelerator | None, args: GeneratorTrainingArguments, output_dir: str | os.PathLike, tracked: Mapping[str, Any]
+) -> tuple[Accelerator, bool]:
+    """The accelerator to train with and whether it was created here. A new one logs to ``args.report_to``
+    (refused if not installed) under ``output_dir`` with ``tracked`` as the run's settings; a given one must
+    agree with ``args.gradient_accumulation_steps``."""
+    if accelerator is not None:
+        steps = args.gradient_accumulation_steps
+        if steps is not None and steps != accelerator.gradient_accumulation_steps:
+            raise ValueError(
+                f"gradient_accumulation_steps={steps} differs from the accelerator's "
+                f"({accelerator.gradient_accumulation_steps}); set it on the Accelerator or leave it unset."
+            )
+        return accelerator, False
+    check_trackers(args.report_to)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps or 1, log_with=args.report_to or None, project_dir=output_dir
+    )
+    if args.report_to:
+        accelerator.init_trackers("ocd-hf", config=tracker_values(tracked))
+    return accelerator, True
 
 
 @dataclass

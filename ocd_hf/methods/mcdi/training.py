@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,10 +29,12 @@ from ...trainer import (
     GeneratorTrainingArguments,
     TrainingState,
     load_loop_state,
+    prepare_accelerator,
     prune_checkpoints,
     resolve_checkpoint,
     save_loop_state,
     split_rows,
+    training_arguments,
 )
 from .configuration import McDiConfig
 from .diffusion import LOSS_TYPES, draw_states, local_consistency_loss, loss_boundaries
@@ -332,13 +334,7 @@ def train_head_generator(
             and REPTILE runs both continue exactly where they stopped.
         accelerator: an ``Accelerator`` to use (default: a new one).
     """
-    if args is not None and training_kwargs:
-        raise TypeError(f"Pass the training settings as args= or as keyword arguments, not both (got {sorted(training_kwargs)}).")
-    known = {f.name for f in fields(McDiTrainingArguments)}
-    unknown = sorted(set(training_kwargs) - known)
-    if unknown:
-        raise TypeError(f"Unknown training arguments {unknown}; McDiTrainingArguments has {sorted(known)}.")
-    args = args or McDiTrainingArguments(**training_kwargs)
+    args = training_arguments(McDiTrainingArguments, args, training_kwargs)
     refused = sorted(set(config_overrides or {}) - set(TRAINABLE_CONFIG_FIELDS))
     if refused:
         raise ValueError(
@@ -365,12 +361,7 @@ def train_head_generator(
         harvest_config={**metadata["harvest_config"], "n_way": metadata["n_way"], "k_shot": metadata["k_shot"]},
         **dict(config_overrides or {}),
     )
-    created_accelerator = accelerator is None
-    if accelerator is None:
-        accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps or 1, log_with=args.report_to or None,
-                                  project_dir=output_dir)
-    if created_accelerator and args.report_to:
-        accelerator.init_trackers("ocd-hf", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(args).items()})
+    accelerator, created_accelerator = prepare_accelerator(accelerator, args, output_dir, asdict(args))
     set_seed(args.seed)
     model = McDiHeadGenerator(config)
     loss = HeadDiffusionLoss(model, index)

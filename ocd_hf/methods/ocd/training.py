@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,9 +29,11 @@ from ...trainer import (
     TRAINING_STATE_NAME,
     GeneratorTrainer,
     GeneratorTrainingArguments,
-    check_trackers,
     list_checkpoints,
+    prepare_accelerator,
     split_rows,
+    tracker_values,
+    training_arguments,
 )
 from .configuration import BACKBONE_FIELDS, OCDConfig
 from .deltas import delta_storage, resolve_deltas, stored_factor_rule
@@ -302,7 +304,7 @@ def tracker_config(args: GeneratorTrainingArguments, config: OCDConfig | None = 
     settings = dict(vars(args))
     if config is not None:
         settings.update({name: getattr(config, name) for name in TRACKED_CONFIG_FIELDS})
-    return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in settings.items()}
+    return tracker_values(settings)
 
 
 # ----- the training objective ----------------------------------------------------------------------
@@ -415,33 +417,14 @@ def train_hypernetwork(
     Returns:
         The trained :class:`OCDWrapper` (EMA weights in its hypernetwork), in eval mode.
     """
-    if args is not None and training_kwargs:
-        raise TypeError(f"Pass the training settings as args= or as keyword arguments, not both (got {sorted(training_kwargs)}).")
-    known = {f.name for f in fields(OCDTrainingArguments)}
-    unknown = sorted(set(training_kwargs) - known)
-    if unknown:
-        raise TypeError(f"Unknown training arguments {unknown}; OCDTrainingArguments has {sorted(known)}.")
-    args = args or OCDTrainingArguments(**training_kwargs)
-    seed, progress, gradient_accumulation_steps = args.seed, args.progress, args.gradient_accumulation_steps
+    args = training_arguments(OCDTrainingArguments, args, training_kwargs)
+    seed, progress = args.seed, args.progress
     dataset, metadata = resolve_deltas(deltas)
     config = build_config(metadata, config_overrides, dataset)
     check_deltas(dataset, config, backbone)
     dataset = select_training_columns(dataset, training_columns(config, stores_factors(dataset)))
-    created_accelerator = accelerator is None
-    if accelerator is None:
-        check_trackers(args.report_to)
-        accelerator = Accelerator(
-            gradient_accumulation_steps=gradient_accumulation_steps or 1, log_with=args.report_to or None, project_dir=output_dir,
-        )
-    elif gradient_accumulation_steps is not None and gradient_accumulation_steps != accelerator.gradient_accumulation_steps:
-        raise ValueError(
-            f"gradient_accumulation_steps={gradient_accumulation_steps} differs from the accelerator's "
-            f"({accelerator.gradient_accumulation_steps}); set it on the Accelerator or leave it unset."
-        )
+    accelerator, created_accelerator = prepare_accelerator(accelerator, args, output_dir, tracker_config(args, config))
     show_progress = progress and accelerator.is_local_main_process
-
-    if created_accelerator and args.report_to:
-        accelerator.init_trackers("ocd-hf", config=tracker_config(args, config))
     train_set, validation_set = split_deltas(dataset, args.validation_fraction, seed)
     log_rho, condition_values = scan_deltas(train_set, config, progress=show_progress)
     if validation_set is not None:
