@@ -277,7 +277,7 @@ def push_hypernetwork_from_directory(
 ) -> CommitInfo:
     """Push the hypernetwork saved in ``model_path`` (for ``ocd-hf push``); its backbone is loaded from the config.
 
-    ``results_path`` (a ``results.json`` of ``ocd_hf.evaluation``) puts the results table in the card
+    ``results_path`` (a ``results.json`` written by ``evaluate_ocd``) puts the results table in the card
     and, with ``dataset_id``, the OCD rows' metrics in its ``model-index``. The training settings come
     from ``training_history_path``, default ``model_path/training_history.json`` when present.
     """

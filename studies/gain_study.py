@@ -6,6 +6,7 @@ plainly and cross-fitted (``harvest_deltas(cross_fit=K)``) at each overfit learn
 generator (diffusion over the factorised delta, regression, label) on them; score base and OCD on
 the validation split (used for every choice) and on the test split (read only for the final table).
 
+    export PYTHONPATH=recipes                                      # the study reuses the recipes' data and training code
     python studies/gain_study.py --task deit --seeds 0 1 2
     python studies/gain_study.py --task lenet --seeds 0 1 2
     python studies/gain_study.py --task setfit --seeds 0 1 2

@@ -81,7 +81,7 @@ class NearestNeighbourDeltas:
     weigh equally. Distances are computed for a query batch against ``chunk_size`` training rows
     at a time, so memory stays bounded by ``batch × chunk_size``.
 
-    Deltas stored as left factors (``delta_factor``, see :mod:`ocd_hf.deltas`) are expanded to
+    Deltas stored as left factors (``delta_factor``, see :mod:`ocd_hf.methods.ocd.deltas`) are expanded to
     ``u_n v_nᵀ`` (``v_n`` from the neighbour's own ``layer_input`` by ``metadata``'s factor rule)
     for the selected neighbours only.
     """
@@ -99,7 +99,7 @@ class NearestNeighbourDeltas:
         if missing:
             raise ValueError(
                 f"The delta dataset lacks the columns {missing}; pass a dataset in the delta-dataset format "
-                "(ocd_hf.deltas.load_deltas(path))."
+                "(ocd_hf.load_deltas(path))."
             )
         if len(deltas) == 0:
             raise ValueError("The delta dataset is empty; the nearest-neighbour ablation needs harvested training deltas.")

@@ -1,7 +1,7 @@
 """Harvest: for every sample of a dataset, the weight delta of one Linear layer fine-tuned on that
 sample alone, with the conditioning ``I(x)``, written shard by shard into a resumable delta dataset.
 
-The math is :func:`ocd_hf.overfit.overfit_deltas` (a whole batch of independent single-sample
+The math is :func:`ocd_hf.finetune.overfit_deltas` (a whole batch of independent single-sample
 fine-tunings at once). A layer that sees one vector per sample has rank-1 deltas ``u vᵀ`` whose
 right factor ``v`` follows from its input (:mod:`ocd_hf.factorised`); the harvest measures this on
 every sample and can then store ``u`` alone (``delta_storage``).
@@ -198,7 +198,7 @@ def harvest_batch(
     """Delta-dataset columns for one batch, and the ids of the samples skipped as non-finite.
 
     ``I(x)`` is taken from the un-finetuned backbone (which must be in eval mode) during the first
-    forward pass of :func:`~ocd_hf.overfit.overfit_deltas`, its unmodified base pass, so it costs no
+    forward pass of :func:`~ocd_hf.finetune.overfit_deltas`, its unmodified base pass, so it costs no
     extra forward. A sample with any non-finite value (delta, trajectory, conditioning or loss) is left out.
 
     ``delta_storage="full"`` stores ``delta``; ``rho`` and ``rank1_energy`` describe it as stored
@@ -401,7 +401,7 @@ def harvest_deltas(
     For each row ``s = (x, y)``: ``Δ_s = θ_s − θ`` after ``steps`` steps of ``optimizer`` (defaults:
     the official OCD settings, Adam, lr 5e-4, 3 steps) on the layer's weight only, plus ``I(x)``
     from the un-finetuned model. Rows are written to ``output_dir`` shard by shard (``shard_size``
-    rows each, memory bounded by one batch); see :mod:`ocd_hf.deltas` for the layout and columns.
+    rows each, memory bounded by one batch); see :mod:`ocd_hf.methods.ocd.deltas` and :mod:`ocd_hf.weight_datasets` for the layout and columns.
 
     Calling again with the same arguments after an interruption resumes from the last complete
     shard; a directory made with another backbone, layer or settings is refused. Samples with
@@ -439,7 +439,7 @@ def harvest_deltas(
             the backbone's ``config._name_or_path`` / ``config._commit_hash``.
 
     Returns:
-        The delta dataset, loaded with :func:`ocd_hf.deltas.load_deltas`.
+        The delta dataset, loaded with :func:`ocd_hf.load_deltas`.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}.")

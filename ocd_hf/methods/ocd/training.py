@@ -110,7 +110,7 @@ def build_config(
     if missing:
         raise ValueError(
             f"The harvest metadata lacks {missing}; it must describe the backbone and target layer the deltas were "
-            "harvested from (write it with ocd_hf.deltas, or build it with OCDConfig.from_backbone(...).to_dict())."
+            "harvested from (write it with ocd_hf.harvest_deltas, or build it with OCDConfig.from_backbone(...).to_dict())."
         )
     overrides = dict(config_overrides or {})
     if "generator" in overrides:  # the name earlier releases used
@@ -171,7 +171,7 @@ def check_deltas(dataset: Dataset, config: OCDConfig, backbone: nn.Module) -> No
         raise ValueError(
             f"The delta dataset lacks the column(s) {missing} (it has {dataset.column_names}). A delta dataset holds "
             "'delta' (or 'delta_factor' and 'factor_residual') and the conditioning columns 'layer_input', "
-            "'layer_output', 'model_output'; load it with ocd_hf.deltas.load_deltas."
+            "'layer_output', 'model_output'; load it with ocd_hf.load_deltas."
         )
     first = select_training_columns(dataset, needed)[0]
     stored, expected, name = (
