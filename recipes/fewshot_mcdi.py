@@ -141,7 +141,7 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     generator = train_head_generator(root / "heads", root / "generator", training)
     train_seconds = time.perf_counter() - started
     summary: dict[str, Any] = {"num_heads": len(heads), "harvest_seconds": harvest_seconds, "train_seconds": train_seconds}
-    for offset, split in enumerate(("val", "test")):
+    for offset, split in enumerate(name for name in splits if name != "train"):
         # The same fixed episodes for every row; a seed per split so that val and test never share episodes.
         episodes = EpisodeSampler(splits[split], args.n_way, shots, args.queries, seed=10_000 + offset).sample(args.episodes, column="embedding")
         table = evaluate_episodes(
