@@ -21,18 +21,7 @@ from .episodes import Episode, EpisodeSampler, TaskDistribution, embed_items
 from .factorised import expand_factors, factorise_deltas
 from .fewshot import evaluate_episodes, logistic_regression_heads, prototype_heads
 from .finetune import overfit_deltas
-from .methods.mcdi import (
-    EarlyStopping,
-    McDiConfig,
-    McDiHeadGenerator,
-    McDiTrainingArguments,
-    fit_task_heads,
-    harvest_task_heads,
-    head_to_linear,
-    head_to_setfit_head,
-    load_task_heads,
-    train_head_generator,
-)
+from .methods.mcdi import McDiConfig, McDiHeadGenerator, McDiTrainingArguments, head_to_linear, head_to_setfit_head, train_head_generator
 from .methods.ocd import (
     CONDITION_COMPONENTS,
     DEFAULT_FACTOR_TOLERANCE,
@@ -73,6 +62,7 @@ from .target import (
     model_output_tensor,
     record_layer_io,
 )
+from .task_heads import EarlyStopping, HeadFit, fit_task_heads, harvest_task_heads, load_head_metadata, load_task_heads
 from .trainer import GeneratorTrainingArguments
 
 AutoConfig.register(OCDConfig.model_type, OCDConfig)
@@ -125,6 +115,8 @@ __all__ = [
     "factorise_deltas",
     "find_target_linear",
     "fit_task_heads",
+    "HeadFit",
+    "load_head_metadata",
     "harvest_batch",
     "harvest_deltas",
     "harvest_from_pretrained",

@@ -8,8 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ocd_hf.methods.mcdi import HeadDenoiser, alpha_bars, fit_task_heads, local_consistency_loss, sample_chain, segment_boundaries
+from ocd_hf.methods.mcdi import HeadDenoiser, alpha_bars, local_consistency_loss, sample_chain, segment_boundaries
 from ocd_hf.methods.mcdi.diffusion import draw_states, loss_boundaries
+from ocd_hf.task_heads import fit_task_heads
 
 ALPHA_BAR = alpha_bars(dtype=torch.float64)
 T = len(ALPHA_BAR) - 1

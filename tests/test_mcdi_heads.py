@@ -10,9 +10,9 @@ import torch
 from datasets import Dataset
 from helpers.tolerances import adam_delta_atol
 
+from ocd_hf import task_heads as heads_module
 from ocd_hf.episodes import TaskDistribution
-from ocd_hf.methods.mcdi import EarlyStopping, EpisodeTasks, fit_task_heads, harvest_task_heads, load_head_metadata
-from ocd_hf.methods.mcdi import heads as heads_module
+from ocd_hf.task_heads import EarlyStopping, EpisodeTasks, fit_task_heads, harvest_task_heads, load_head_metadata
 from ocd_hf.weight_datasets import round_to_storage
 
 

@@ -14,8 +14,9 @@ from helpers.tolerances import adam_delta_atol
 from test_mcdi_heads import gaussian_distribution
 
 from ocd_hf.episodes import EpisodeSampler
-from ocd_hf.methods.mcdi import McDiTrainingArguments, ReptileTrainer, harvest_task_heads, train_head_generator
+from ocd_hf.methods.mcdi import McDiTrainingArguments, ReptileTrainer, train_head_generator
 from ocd_hf.methods.mcdi import training as training_module
+from ocd_hf.task_heads import harvest_task_heads
 from ocd_hf.trainer import CHECKPOINTS_DIR, HISTORY_NAME, list_checkpoints
 
 TINY = {"denoiser_config": {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 64}}
@@ -164,7 +165,8 @@ def test_smoke_generated_heads_beat_chance_on_held_out_classes(tmp_path):
 
 
 def test_settings_that_leave_nothing_to_train_are_refused(heads, tmp_path):
-    from ocd_hf.methods.mcdi import McDiConfig, load_head_metadata, load_task_heads
+    from ocd_hf.methods.mcdi import McDiConfig
+    from ocd_hf.task_heads import load_head_metadata, load_task_heads
 
     with pytest.raises(ValueError, match="validation_fraction=0.99 of 24 task\\(s\\) leaves none to train on"):
         train_head_generator(heads, tmp_path, validation_fraction=0.99, num_steps=1, **QUIET)

@@ -4,7 +4,6 @@ trained on the optimisation trajectories of many tasks' heads with a local-consi
 
 from .configuration import DEFAULT_DENOISER_CONFIG, McDiConfig, encoder_fingerprint
 from .diffusion import DEFAULT_SCHEDULER_CONFIG, LOSS_TYPES, alpha_bars, local_consistency_loss, sample_chain, segment_boundaries
-from .heads import EarlyStopping, EpisodeTasks, HeadFit, fit_task_heads, harvest_task_heads, load_head_metadata, load_task_heads
 from .modeling import McDiHeadGenerator, head_to_linear, head_to_setfit_head
 from .modules import HeadDenoiser, class_prototypes
 from .training import HeadDiffusionLoss, McDiTrainingArguments, ReptileTrainer, train_head_generator
@@ -12,11 +11,8 @@ from .training import HeadDiffusionLoss, McDiTrainingArguments, ReptileTrainer, 
 __all__ = [
     "DEFAULT_DENOISER_CONFIG",
     "DEFAULT_SCHEDULER_CONFIG",
-    "EarlyStopping",
-    "EpisodeTasks",
     "HeadDenoiser",
     "HeadDiffusionLoss",
-    "HeadFit",
     "LOSS_TYPES",
     "McDiConfig",
     "McDiHeadGenerator",
@@ -25,12 +21,8 @@ __all__ = [
     "alpha_bars",
     "class_prototypes",
     "encoder_fingerprint",
-    "fit_task_heads",
-    "harvest_task_heads",
     "head_to_linear",
     "head_to_setfit_head",
-    "load_head_metadata",
-    "load_task_heads",
     "local_consistency_loss",
     "sample_chain",
     "segment_boundaries",

@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from ...task_heads import resolve_head_dataset
 from ...trainer import (
     CHECKPOINTS_DIR,
     HISTORY_NAME,
@@ -38,7 +39,6 @@ from ...trainer import (
 )
 from .configuration import McDiConfig
 from .diffusion import LOSS_TYPES, draw_states, local_consistency_loss, loss_boundaries
-from .heads import resolve_head_dataset
 from .modeling import McDiHeadGenerator, denoise_heads
 from .modules import class_prototypes
 

@@ -1,4 +1,5 @@
-"""Mc-Di's weight preparation (Alg. 1): fit one classification head per task with Adam from a Gaussian
+"""Task-head harvest, shared by the task-conditioned generators (Mc-Di's weight preparation, Alg. 1; D2NWG's
+zoo of heads): fit one classification head per task with Adam from a Gaussian
 initialisation, keep ``k`` local targets evenly spaced along each trajectory, and harvest them into a
 sharded, resumable weight dataset.
 
@@ -24,9 +25,9 @@ from accelerate import Accelerator, PartialState
 from datasets import Array2D, Array3D, Dataset, Features, List, Value
 from torch.nn import functional as F
 
-from ...episodes import EpisodeSampler, TaskDistribution
-from ...harvest import harvest_shards
-from ...weight_datasets import (
+from .episodes import EpisodeSampler, TaskDistribution
+from .harvest import harvest_shards
+from .weight_datasets import (
     check_storage_dtype,
     finalize_weight_dataset,
     load_harvest_metadata,
