@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from .episodes import Episode
 from .results import ResultRow, ResultsTable
+from .task_heads import fit_task_heads
 
 HeadFitter = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 REFERENCE = "logistic_regression"
@@ -75,6 +76,31 @@ def logistic_regression_heads(support: torch.Tensor, labels: torch.Tensor, n_way
     return heads
 
 
+def adam_fitter(steps: int, *, start: HeadFitter | None = None, lr: float = 0.005, init_std: float = 0.01, seed: int = 0) -> HeadFitter:
+    """A head fitter that runs ``steps`` Adam steps on each support set, all episodes at once (one Adam per
+    task, :func:`ocd_hf.task_heads.fit_task_heads`), from ``start``'s heads (e.g. a generator's, or logistic
+    regression's) or, by default, from a seeded Gaussian initialisation ``N(0, init_std²)``.
+
+    ``steps=0`` returns the starting heads: with ``start=None`` a random head (chance accuracy), the
+    control row for "fine-tuning from a generated head" vs "from random init".
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}.")
+
+    def fit(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+        support = support.float()
+        if start is None:
+            shape = (support.shape[0], n_way, support.shape[-1] + 1)
+            theta0 = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=support.dtype) * init_std
+        else:
+            theta0 = start(support, labels, n_way).to(support.dtype)
+        if steps == 0:
+            return theta0
+        return fit_task_heads(support, labels.long(), n_way, steps=steps, lr=lr, num_targets=1, theta0=theta0).targets[:, -1]
+
+    return fit
+
+
 def query_label_bound_heads(episodes: Episode) -> torch.Tensor:
     """† Logistic regression fitted on the support AND the query items with their labels: an upper bound
     that reads the test labels, never a method's accuracy."""
@@ -91,10 +117,16 @@ def mean_ci95(values: torch.Tensor | np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(Z_95 * values.std(ddof=1) / math.sqrt(values.size))
 
 
-def _timed(fitter: HeadFitter, episodes: Episode) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    heads = fitter(episodes.support, episodes.support_labels, episodes.n_way)
-    return heads, time.perf_counter() - start
+def _timed(fitter: HeadFitter, episodes: Episode, threads: int | None) -> tuple[torch.Tensor, float]:
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        heads = fitter(episodes.support, episodes.support_labels, episodes.n_way)
+        return heads, time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
 
 
 def evaluate_episodes(
@@ -107,12 +139,14 @@ def evaluate_episodes(
     include_bound: bool = True,
     output_dir: str | os.PathLike | None = None,
     title: str = "Few-shot heads",
+    timing_threads: int | None = 1,
 ) -> ResultsTable:
     """Query accuracy of every fitter's heads on the same ``episodes``, next to the baselines and the † bound.
 
     Each row holds the per-episode accuracies (``accuracy``), their paired differences to logistic
     regression (``diff_vs_logistic_regression``), and the wall time per task of producing the heads
-    for all episodes in one call (``ms_per_task``, one thread as set by the caller). The table reports
+    for all episodes in one call (``ms_per_task``, on ``timing_threads`` torch threads; ``None`` keeps the
+    caller's setting; scikit-learn's logistic regression runs on one thread either way). The table reports
     mean ± 95% CI over episodes. ``kinds`` marks a row ``"method"`` (default for ``fitters``),
     ``"baseline"`` or ``"ablation"``.
     """
@@ -125,7 +159,7 @@ def evaluate_episodes(
         rows[name] = ((kinds or {}).get(name, "method"), (descriptions or {}).get(name, name), fitter)
     accuracies, seconds = {}, {}
     for name, (_, _, fitter) in rows.items():
-        heads, seconds[name] = _timed(fitter, episodes)
+        heads, seconds[name] = _timed(fitter, episodes, timing_threads)
         if heads.shape != (len(episodes), episodes.n_way, episodes.support.shape[-1] + 1):
             raise ValueError(
                 f"Head fitter {name!r} returned heads of shape {tuple(heads.shape)}; expected "
@@ -146,6 +180,7 @@ def evaluate_episodes(
     metadata = {
         "task": "classification", "title": title, "num_episodes": len(episodes), "n_way": episodes.n_way,
         "k_shot": episodes.k_shot, "q_queries": episodes.q_queries, "embedding_dim": int(episodes.support.shape[-1]),
+        "timing_threads": timing_threads or torch.get_num_threads(),
     }
     table = ResultsTable(table_rows, metadata, runs_label="episodes", interval="ci95")
     if output_dir is not None:

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from helpers.tolerances import adam_delta_atol
 from torch.nn import functional as F
 
 from ocd_hf.episodes import EpisodeSampler, TaskDistribution
 from ocd_hf.fewshot import (
+    adam_fitter,
     episode_accuracy,
     evaluate_episodes,
     head_logits,
@@ -78,6 +80,26 @@ def test_every_row_is_scored_on_the_same_episodes_with_paired_differences(tmp_pa
     assert f"{mean:.4f} ± {half:.4f}" in markdown and "95% CI over episodes" in markdown and "query_label_bound †" in markdown
     assert ResultsTable.from_json(tmp_path / "results.json").interval == "ci95"
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_adam_fitter_fine_tunes_each_episode_from_its_start_like_one_adam_per_task():
+    episodes = cluster_episodes(6)
+    support, labels = episodes.support.float(), episodes.support_labels
+    start = lambda support, labels, n_way: prototype_heads(support, labels, n_way).float()  # noqa: E731
+    assert torch.equal(adam_fitter(0, start=start)(support, labels, 5), start(support, labels, 5))
+    random_start = adam_fitter(0, seed=3)(support, labels, 5)
+    assert random_start.shape == (6, 5, 9) and random_start.std() == pytest.approx(0.01, rel=0.3)
+    tuned = adam_fitter(4, start=start, lr=0.01)(support, labels, 5)
+    for task in range(6):  # one torch Adam per task, 4 steps on its own support
+        head = start(support, labels, 5)[task].clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([head], lr=0.01)
+        for _ in range(4):
+            optimizer.zero_grad()
+            F.cross_entropy(head_logits(head[None], support[task][None])[0], labels[task]).backward()
+            optimizer.step()
+        torch.testing.assert_close(tuned[task], head.detach(), rtol=0, atol=adam_delta_atol(0.01, 4, support.shape[1]))
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        adam_fitter(-1)
 
 
 def test_bad_inputs_name_the_fix():
