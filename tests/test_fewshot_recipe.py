@@ -14,6 +14,8 @@ sentence_transformers = pytest.importorskip("sentence_transformers")
 import fewshot_mcdi  # recipes/ is on pytest's pythonpath  # noqa: E402
 from test_backbones import WORDS, embedding_dimension, write_tiny_bert  # noqa: E402
 
+from ocd_hf import load_head_metadata  # noqa: E402
+
 try:  # sentence-transformers >= 6; 5.x names the same modules sentence_transformers.models
     from sentence_transformers.sentence_transformer import modules as st_modules
 except ImportError:
@@ -35,15 +37,19 @@ def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
         "--source", str(tmp_path / "items"), "--model", str(tmp_path / "encoder"), "--items-per-class", "0",
         "--split-fractions", "0.4", "0.3", "0.3", "--n-way", "3", "--shots", "1", "--queries", "4", "--episodes", "20",
         "--num-tasks", "16", "--pool-size", "5", "--head-steps", "5", "--train-steps", "3", "--batch-size", "4", "--output-dir", str(tmp_path / "out"),
-        "--no-progress",
+        "--no-progress", "--ablations", "mvdi", "fit_on_support",
     ])
     for split in ("val", "test"):
         rows = summary["1shot"][split]
-        assert {"logistic_regression", "nearest_centroid", "mcdi", "mcdi_mean5", "query_label_bound"} == set(rows)
+        generated = {"mcdi", "mcdi_mean5", "mcdi_state_s14", "mcdi_state_s7", "mcdi_then_adam1", "mcdi_then_adam5", "mcdi_then_adam25"}
+        adam = {"random_then_adam0", "random_then_adam1", "random_then_adam5", "random_then_adam25"}  # the median M is 5 here
+        assert {"logistic_regression", "nearest_centroid", "mvdi", "fit_on_support", "query_label_bound"} | generated | adam == set(rows)
         assert all(0.0 <= mean <= 1.0 for mean, _ in rows.values())
     root = tmp_path / "out" / "3way-1shot"
     assert {"results.json", "results.md", "results.png"} <= {p.name for p in (root / "results-test").iterdir()}
-    assert (root / "generator" / "model.safetensors").is_file()
+    for generator in ("generator", "generator-mvdi", "generator-fit_on_support"):
+        assert (root / generator / "model.safetensors").is_file()
+    assert load_head_metadata(root / "heads-support")["source"]["fit_on"] == "support"
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(saved["split"]["classes"]) == {"train", "val", "test"}
     assert not set(saved["split"]["classes"]["train"]) & set(saved["split"]["classes"]["test"]), "disjoint classes"
