@@ -21,7 +21,7 @@ from .episodes import Episode, EpisodeSampler, TaskDistribution, embed_items
 from .factorised import expand_factors, factorise_deltas
 from .fewshot import evaluate_episodes, logistic_regression_heads, prototype_heads
 from .finetune import overfit_deltas
-from .methods.mcdi import McDiConfig, McDiHeadGenerator, McDiTrainingArguments, head_to_linear, head_to_setfit_head, train_head_generator
+from .methods.mcdi import McDiConfig, McDiHeadGenerator, McDiTrainingArguments, head_to_linear, head_to_setfit_head, head_to_setfit_model, train_head_generator
 from .methods.ocd import (
     CONDITION_COMPONENTS,
     DEFAULT_FACTOR_TOLERANCE,
@@ -123,6 +123,7 @@ __all__ = [
     "harvest_task_heads",
     "head_to_linear",
     "head_to_setfit_head",
+    "head_to_setfit_model",
     "inject_deltas",
     "layer_fingerprint",
     "linear_layers",

@@ -47,15 +47,20 @@ def write_tiny_bert(directory: Path, hidden_size: int = 16, seed: int = 0) -> Pa
     return directory
 
 
-def tiny_setfit_model(bert_dir: Path, pooling: str = "mean", normalize: bool = True, temperature: float = 1.0, num_labels: int = 3):
-    """A SetFitModel with a differentiable head on the tiny BERT (random weights: enough to compare outputs)."""
+def tiny_sentence_transformer(bert_dir: Path, pooling: str = "mean", normalize: bool = True):
+    """A SentenceTransformer over the tiny BERT of :func:`write_tiny_bert`: Transformer -> Pooling (-> Normalize)."""
     transformer = st_modules.Transformer(str(bert_dir), max_seq_length=12)
     modules = [transformer, st_modules.Pooling(embedding_dimension(transformer), pooling_mode=pooling)]
     if normalize:
         modules.append(st_modules.Normalize())
-    body = sentence_transformers.SentenceTransformer(modules=modules, device="cpu")
+    return sentence_transformers.SentenceTransformer(modules=modules, device="cpu")
+
+
+def tiny_setfit_model(bert_dir: Path, pooling: str = "mean", normalize: bool = True, temperature: float = 1.0, num_labels: int = 3):
+    """A SetFitModel with a differentiable head on the tiny BERT (random weights: enough to compare outputs)."""
+    body = tiny_sentence_transformer(bert_dir, pooling, normalize)
     torch.manual_seed(1)
-    head = setfit.SetFitHead(in_features=embedding_dimension(transformer), out_features=num_labels, temperature=temperature, device="cpu")
+    head = setfit.SetFitHead(in_features=body.get_sentence_embedding_dimension(), out_features=num_labels, temperature=temperature, device="cpu")
     labels = [f"class_{i}" for i in range(num_labels)]
     return setfit.SetFitModel(model_body=body, model_head=head, labels=labels)
 

@@ -12,19 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sentence_transformers = pytest.importorskip("sentence_transformers")
 
 import fewshot_mcdi  # recipes/ is on pytest's pythonpath  # noqa: E402
-from test_backbones import WORDS, embedding_dimension, write_tiny_bert  # noqa: E402
+from test_backbones import WORDS, tiny_sentence_transformer, write_tiny_bert  # noqa: E402
 
 from ocd_hf import load_head_metadata  # noqa: E402
 
-try:  # sentence-transformers >= 6; 5.x names the same modules sentence_transformers.models
-    from sentence_transformers.sentence_transformer import modules as st_modules
-except ImportError:
-    from sentence_transformers import models as st_modules
-
 
 def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
-    transformer = st_modules.Transformer(str(write_tiny_bert(tmp_path / "bert")), max_seq_length=12)
-    model = sentence_transformers.SentenceTransformer(modules=[transformer, st_modules.Pooling(embedding_dimension(transformer))])
+    model = tiny_sentence_transformer(write_tiny_bert(tmp_path / "bert"), normalize=False)
     model.save(str(tmp_path / "encoder"))
     generator = torch.Generator().manual_seed(0)
     rows = ["text,label"] + [

@@ -18,6 +18,7 @@ from ocd_hf.methods.mcdi import (
     encoder_fingerprint,
     head_to_linear,
     head_to_setfit_head,
+    head_to_setfit_model,
 )
 
 DIM = 8
@@ -158,6 +159,22 @@ def test_heads_become_linear_layers_and_setfit_heads():
         head_to_setfit_head(head, SetFitHead(in_features=DIM, out_features=3))
     with pytest.raises(ValueError, match="index a draw first"):
         head_to_linear(torch.randn(2, 4, DIM + 1))
+
+
+def test_a_generated_head_makes_a_working_setfit_model(tmp_path):
+    pytest.importorskip("setfit")
+    from test_backbones import tiny_sentence_transformer, write_tiny_bert
+
+    body = tiny_sentence_transformer(write_tiny_bert(tmp_path / "bert"))
+    texts = ["alpha beta", "gamma", "delta epsilon zeta"]
+    embeddings = torch.as_tensor(body.encode(texts))
+    head = torch.randn(3, embeddings.shape[1] + 1, generator=torch.Generator().manual_seed(0))
+    model = head_to_setfit_model(head, body, labels=["neg", "neu", "pos"])
+    expected = (embeddings @ head[:, :-1].T + head[:, -1]).softmax(-1)
+    torch.testing.assert_close(torch.as_tensor(model.predict_proba(texts)), expected, rtol=1e-4, atol=1e-5)
+    assert list(model.predict(texts)) == [["neg", "neu", "pos"][i] for i in expected.argmax(-1).tolist()]
+    with pytest.raises(ValueError, match="one name per row"):
+        head_to_setfit_model(head, body, labels=["neg", "pos"])
 
 
 @pytest.mark.parametrize("support, labels, match", [

@@ -4,7 +4,7 @@ trained on the optimisation trajectories of many tasks' heads with a local-consi
 
 from .configuration import DEFAULT_DENOISER_CONFIG, McDiConfig, encoder_fingerprint
 from .diffusion import DEFAULT_SCHEDULER_CONFIG, LOSS_TYPES, alpha_bars, local_consistency_loss, sample_chain, segment_boundaries
-from .modeling import McDiHeadGenerator, head_to_linear, head_to_setfit_head
+from .modeling import McDiHeadGenerator, head_to_linear, head_to_setfit_head, head_to_setfit_model
 from .modules import HeadDenoiser, class_prototypes
 from .training import HeadDiffusionLoss, McDiTrainingArguments, ReptileTrainer, train_head_generator
 
@@ -23,6 +23,7 @@ __all__ = [
     "encoder_fingerprint",
     "head_to_linear",
     "head_to_setfit_head",
+    "head_to_setfit_model",
     "local_consistency_loss",
     "sample_chain",
     "segment_boundaries",

@@ -255,3 +255,18 @@ def head_to_setfit_head(head: torch.Tensor, setfit_head_or_config: Any = None) -
         target.linear.weight.copy_(linear.weight * scale)
         target.linear.bias.copy_(linear.bias * scale)
     return target
+
+
+def head_to_setfit_model(head: torch.Tensor, model_body: Any, labels: list[str] | None = None, normalize_embeddings: bool = False) -> Any:
+    """A working ``SetFitModel``: the frozen encoder ``model_body`` (a ``SentenceTransformer``, the one the
+    generator was trained on; check it first with :meth:`McDiHeadGenerator.check_encoder`) with a generated head
+    ``(N, d+1)`` as its differentiable head. ``labels`` names the classes in row order (``predict`` then returns
+    them); ``normalize_embeddings`` must match how the support was embedded (all-MiniLM-L6-v2 normalises in its
+    own module chain, so ``False`` is right for it).
+    """
+    from setfit import SetFitModel  # the recipes extra: pip install "ocd-hf[recipes]"
+
+    if labels is not None and len(labels) != head.shape[0]:
+        raise ValueError(f"labels names {len(labels)} classes but the head has {head.shape[0]} rows; pass one name per row, in row order.")
+    setfit_head = head_to_setfit_head(head).to(next(model_body.parameters()).device)
+    return SetFitModel(model_body=model_body, model_head=setfit_head, labels=labels, normalize_embeddings=normalize_embeddings)
