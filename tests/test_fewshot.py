@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -111,3 +112,19 @@ def test_bad_inputs_name_the_fix():
         evaluate_episodes(episodes, {"wrong": wrong}, include_baselines=False, include_bound=False)
     with pytest.raises(ValueError, match="interval must be one of"):
         ResultsTable([], interval="iqr")
+
+
+def test_the_docs_tables_combine_runs_per_setting_and_split(tmp_path):
+    import fewshot_tables  # studies/ is on pytest's pythonpath
+
+    accuracies = []
+    for seed in (0, 1):
+        episodes = cluster_episodes(20, seed=seed)
+        table = evaluate_episodes(episodes, {}, output_dir=tmp_path / f"run{seed}" / "5way-3shot" / "results-test")
+        accuracies.append(table["nearest_centroid"].mean("accuracy"))
+    text = fewshot_tables.main([str(tmp_path / "run0"), str(tmp_path / "run1"), "--title", "Clusters", "--json", str(tmp_path / "t.json")])
+    assert "### Clusters: 5way-3shot, meta-test" in text
+    row = next(line for line in text.splitlines() if line.startswith("| nearest_centroid |"))
+    assert f"{100 * np.mean(accuracies):.1f} ± {100 * np.std(accuracies, ddof=1):.1f}" in row
+    assert "query_label_bound †" in text
+    assert len(json.loads((tmp_path / "t.json").read_text())["tables"]["5way-3shot/test"]) == 2
