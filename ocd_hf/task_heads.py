@@ -292,7 +292,9 @@ class EpisodeTasks:
         dataset = self.distribution.dataset
         return {
             "distribution": self.distribution.name, "dataset_fingerprint": dataset._fingerprint, "column": self.column,
-            "classes": self.distribution.classes.tolist(), "fit_on": self.fit_on, "pool_size": self.pool_size, "seed": self.seed,
+            "classes": self.distribution.classes.tolist(),
+            "class_names": [self.distribution.class_names[int(c)] for c in self.distribution.classes],
+            "fit_on": self.fit_on, "pool_size": self.pool_size, "seed": self.seed,
         }
 
     def __call__(self, start: int, end: int) -> TaskBatch:

@@ -224,6 +224,9 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
             title=f"Mc-Di, {args.n_way}-way {shots}-shot, meta-{split} classes",
         )
         summary[split] = {row.name: (row.mean("accuracy"), row.ci95("accuracy")) for row in table.rows}
+        if split == "test":  # the card carries the meta-test table next to the settings
+            settings = json.loads((root / "generator" / "training_history.json").read_text())["settings"]
+            generator.save_pretrained(root / "generator", model_card_kwargs={"training_config": settings, "results_table": table.to_markdown()})
         print(f"\n## {args.n_way}-way {shots}-shot, meta-{split} classes ({args.episodes} episodes)\n\n" + table.to_markdown(), flush=True)
     return summary
 

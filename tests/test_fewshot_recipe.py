@@ -41,6 +41,8 @@ def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
         assert all(0.0 <= mean <= 1.0 for mean, _ in rows.values())
     root = tmp_path / "out" / "3way-1shot"
     assert {"results.json", "results.md", "results.png"} <= {p.name for p in (root / "results-test").iterdir()}
+    card = (root / "generator" / "README.md").read_text()
+    assert "| mcdi_then_adam5 |" in card and "`num_steps` | 3" in card, "the card carries the meta-test table and the settings"
     for generator in ("generator", "generator-mvdi", "generator-fit_on_support"):
         assert (root / generator / "model.safetensors").is_file()
     assert load_head_metadata(root / "heads-support")["source"]["fit_on"] == "support"

@@ -131,7 +131,11 @@ def test_training_saves_a_loadable_generator_and_its_history(heads, tmp_path):
     assert json.loads((tmp_path / HISTORY_NAME).read_text())["global_step"] == 4
     mvdi = train_head_generator(heads, tmp_path / "mvdi", config_overrides=TINY, num_steps=1, loss_type="mvdi", ema_decay=None, **QUIET)
     assert mvdi.config.num_targets == 1
-    assert "`loss_type` | twdi" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "`loss_type` | twdi" in card
+    source = config.task_distribution
+    assert source["classes"] and len(source["class_names"]) == len(source["classes"]) and source["fit_on"] in ("support", "pool")
+    assert f"{len(source['classes'])} classes of `{source['distribution']}`" in card and ", ".join(source["class_names"]) in card
 
 
 def test_training_refuses_bad_settings(heads, tmp_path):

@@ -45,6 +45,8 @@ class McDiConfig(PretrainedConfig):
         encoder_id / encoder_revision / encoder_fingerprint: the frozen encoder the embeddings come
             from; :meth:`~ocd_hf.methods.mcdi.McDiHeadGenerator.check_encoder` refuses another.
         harvest_config: the settings the training heads were fitted with (and their ``n_way``/``k_shot``).
+        task_distribution: the meta-training tasks (distribution name, classes and their names, dataset
+            fingerprint, what each head was fitted on), as the harvest recorded them.
     """
 
     model_type = "mcdi"
@@ -62,6 +64,7 @@ class McDiConfig(PretrainedConfig):
         encoder_revision: str | None = None,
         encoder_fingerprint: str | None = None,
         harvest_config: dict[str, Any] | None = None,
+        task_distribution: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if loss_type not in LOSS_TYPES:
@@ -88,6 +91,7 @@ class McDiConfig(PretrainedConfig):
         self.encoder_revision = encoder_revision
         self.encoder_fingerprint = encoder_fingerprint
         self.harvest_config = dict(harvest_config or {})
+        self.task_distribution = dict(task_distribution or {})
         super().__init__(**kwargs)
 
     @property

@@ -39,6 +39,7 @@ def mcdi_card(model: PreTrainedModel, card_data: GeneratorCardData | None = None
         "head_scale": config.head_scale,
         "num_parameters": sum(p.numel() for p in model.denoiser.parameters()),
         "harvest_config": config.harvest_config,
+        "task_distribution": config.task_distribution,
     }
     return render_model_card(
         MODEL_CARD_TEMPLATE, card_data, model_name=model_name, base_model=config.encoder_id, task="few-shot-classification",

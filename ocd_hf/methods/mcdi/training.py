@@ -359,6 +359,7 @@ def train_head_generator(
         head_scale=head_rms(train_set), encoder_id=encoder.get("id"), encoder_revision=encoder.get("revision"),
         encoder_fingerprint=encoder.get("fingerprint"),
         harvest_config={**metadata["harvest_config"], "n_way": metadata["n_way"], "k_shot": metadata["k_shot"]},
+        task_distribution=metadata.get("source"),
         **dict(config_overrides or {}),
     )
     accelerator, created_accelerator = prepare_accelerator(accelerator, args, output_dir, asdict(args))
