@@ -4,25 +4,14 @@ consistent, resumable after a kill, and refuses a directory made with other sett
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from helpers.mcdi import gaussian_distribution
 from helpers.tolerances import adam_delta_atol
 
 from ocd_hf import task_heads as heads_module
-from ocd_hf.episodes import TaskDistribution
 from ocd_hf.task_heads import EarlyStopping, EpisodeTasks, fit_task_heads, harvest_task_heads, load_head_metadata
 from ocd_hf.weight_datasets import round_to_storage
-
-
-def gaussian_distribution(num_classes: int = 40, per_class: int = 20, dim: int = 16, spread: float = 1.0, seed: int = 0) -> TaskDistribution:
-    """Classes are Gaussian clusters: item = class mean (N(0, I)) + ``spread`` · N(0, I), in column ``embedding``."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(num_classes, dim))
-    labels = np.repeat(np.arange(num_classes), per_class)
-    embeddings = means[labels] + spread * rng.normal(size=(len(labels), dim))
-    return TaskDistribution(Dataset.from_dict({"embedding": embeddings.astype(np.float32), "label": labels}))
 
 
 def noisy_tasks(num_tasks: int = 6, num_classes: int = 3, per_class: int = 8, dim: int = 8, seed: int = 0):

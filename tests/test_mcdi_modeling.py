@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers.mcdi import DIM, TINY, support_set, tiny_generator
 from huggingface_hub import HfApi
 from torch import nn
 
@@ -20,26 +21,6 @@ from ocd_hf.methods.mcdi import (
     head_to_setfit_head,
     head_to_setfit_model,
 )
-
-DIM = 8
-TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
-
-
-def tiny_generator(seed: int = 0, **config) -> McDiHeadGenerator:
-    """A generator with random (not zero-initialised) weights, so that every path of the denoiser matters.
-    (Exactness checks run it in float64: a float32 sum over classes in another order differs after 21 steps.)"""
-    torch.manual_seed(seed)
-    model = McDiHeadGenerator(McDiConfig(embedding_dim=DIM, max_num_classes=6, denoiser_config=TINY, head_scale=0.3,
-                                         encoder_id="tiny-encoder", encoder_fingerprint="0123abcd", **config))
-    for parameter in model.parameters():
-        nn.init.normal_(parameter, std=0.3)
-    return model.eval()
-
-
-def support_set(num_tasks: int = 1, n_way: int = 4, k_shot: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n_way).repeat_interleave(k_shot).repeat(num_tasks, 1)
-    return torch.randn(num_tasks, n_way * k_shot, DIM, generator=generator), labels
 
 
 def test_the_denoiser_is_equivariant_in_the_rows():

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers.mcdi import gaussian_distribution
 from helpers.tolerances import adam_delta_atol
-from test_mcdi_heads import gaussian_distribution
 
 from ocd_hf.episodes import EpisodeSampler
 from ocd_hf.methods.mcdi import McDiTrainingArguments, ReptileTrainer, train_head_generator

@@ -29,6 +29,10 @@ class GeneratorCase:
         harvest: ``(output_dir) -> Dataset`` — its weight dataset, resumable in ``output_dir``.
         evaluate: ``(generator, output_dir) -> ResultsTable`` on held-out data.
         library_tags: tags its card must carry.
+        reference_row: the row of ``evaluate``'s table every other row is compared with (the base model for a
+            weight-delta generator, logistic regression on the support for a head generator).
+        reference_kind: that row's ``kind``.
+        method_kind: the ``kind`` of the rows holding the generator's own results.
     """
 
     name: str
@@ -39,6 +43,9 @@ class GeneratorCase:
     harvest: Callable[[Path], Dataset]
     evaluate: Callable[[Any, Path], ResultsTable]
     library_tags: tuple[str, ...]
+    reference_row: str
+    reference_kind: str
+    method_kind: str
 
 
 def state_of(generator: Any) -> dict[str, torch.Tensor]:
