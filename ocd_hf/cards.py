@@ -144,13 +144,13 @@ def eval_results_from_table(
     dataset_type: str,
     dataset_name: str,
     task_type: str,
+    kinds: tuple[str, ...],
     dataset_split: str | None = None,
-    kinds: tuple[str, ...] = ("OCD",),
 ) -> list[EvalResult]:
     """``EvalResult`` s (for the ``model-index``) from an :class:`ocd_hf.results.ResultsTable`.
 
-    One result per metric of every row whose kind is in ``kinds`` (by default the generated rows, not
-    the base model, ablations or bounds), valued at the row's mean over runs and named ``"<metric> (<row>)"``.
+    One result per metric of every row whose kind is in ``kinds`` (the method's generated rows, e.g.
+    ``("OCD",)``; not the base model, baselines, ablations or bounds), valued at the row's mean over runs and named ``"<metric> (<row>)"``.
     """
     return [
         EvalResult(

@@ -32,6 +32,7 @@ from .cards import eval_results_from_table
 from .finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS
 from .methods.ocd import PAPER_DENOISER_CONFIG, OCDTrainingArguments, OCDWrapper, evaluate_ocd
 from .methods.ocd.configuration import DEFAULT_SCHEDULER_CLASS, SAMPLING_SCHEDULERS
+from .methods.ocd.evaluation import GENERATED_KIND
 from .methods.ocd.model_card import default_task_type
 from .results import ResultsTable, aggregate_results
 from .trainer import HISTORY_NAME
@@ -289,7 +290,7 @@ def push_hypernetwork_from_directory(
         if dataset_id is not None:
             card_kwargs["eval_results"] = eval_results_from_table(
                 table, dataset_type=dataset_id, dataset_name=dataset_name or dataset_id, dataset_split=dataset_split,
-                task_type=default_task_type(model),
+                task_type=default_task_type(model), kinds=(GENERATED_KIND,),
             )
     if dataset_id is not None:
         card_kwargs["datasets"] = [dataset_id]

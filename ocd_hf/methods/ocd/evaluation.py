@@ -30,11 +30,12 @@ from .deltas import materialise_deltas, resolve_deltas
 from .modeling import OCDWrapper
 
 STOCHASTIC_ROWS = ("ocd_1", "ocd_ens", "ocd_mean", "no_scale", "alternative_layer")
+GENERATED_KIND = "OCD"  # the kind of the rows OCD generates (what a card's model-index reports)
 ROW_KINDS = {
     "base": "reference",
-    "ocd_1": "OCD",
-    "ocd_ens": "OCD",
-    "ocd_mean": "OCD",
+    "ocd_1": GENERATED_KIND,
+    "ocd_ens": GENERATED_KIND,
+    "ocd_mean": GENERATED_KIND,
     "no_scale": "ablation",
     "nearest_neighbour": "ablation",
     "alternative_layer": "ablation",
