@@ -63,7 +63,7 @@ from ocd_hf import (
     logistic_regression_heads,
     prototype_heads,
 )
-from ocd_hf.methods.mcdi.heads import EpisodeTasks, task_losses
+from ocd_hf.task_heads import EpisodeTasks, task_losses
 
 N_WAY = 5
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
@@ -124,13 +124,13 @@ def torch_profile(function: Callable[[], Any], rows: int) -> list[dict[str, Any]
 
 # Where a harvest's time goes: (file name, function) -> label.
 HARVEST_PARTS = {
-    ("heads.py", "harvest_task_heads"): "harvest_task_heads (total)",
-    ("heads.py", "__call__"): "EpisodeTasks: drawing the episodes and fit items",
-    ("heads.py", "fit_task_heads"): "fit_task_heads",
+    ("task_heads.py", "harvest_task_heads"): "harvest_task_heads (total)",
+    ("task_heads.py", "__call__"): "EpisodeTasks: drawing the episodes and fit items",
+    ("task_heads.py", "fit_task_heads"): "fit_task_heads",
     ("weight_datasets.py", "write"): "ShardWriter.write: encoding and writing rows",
     ("weight_datasets.py", "__exit__"): "ShardWriter.__exit__: finalising, fsync, rename",
     ("weight_datasets.py", "finalize_weight_dataset"): "finalize_weight_dataset",
-    ("heads.py", "load_task_heads"): "load_task_heads (the returned dataset)",
+    ("task_heads.py", "load_task_heads"): "load_task_heads (the returned dataset)",
 }
 
 
