@@ -45,6 +45,10 @@ def test_vectorised_fit_equals_one_adam_per_task(settings):
         torch.testing.assert_close(batch.losses[b], alone.losses[0], rtol=1e-4, atol=1e-6)
     if "early_stopping" in settings:
         assert len(set(batch.stopped_at.tolist())) > 1  # the tasks stop at different steps
+    else:  # without early stopping only the k+1 returned states are kept: the same states as from the whole trajectory
+        whole = fit_task_heads(items, labels, 3, steps=steps, lr=lr, theta0=theta0, return_trajectory=True, **settings)
+        assert torch.equal(whole.targets, batch.targets) and torch.equal(whole.losses, batch.losses)
+        assert torch.equal(whole.trajectory[:, [steps // 3, 2 * steps // 3, steps]], batch.targets)
 
 
 def test_early_stopping_freezes_a_stopped_head_and_keeps_its_best_step():
