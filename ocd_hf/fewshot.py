@@ -10,6 +10,7 @@ prototypes) and the bound that reads the query labels (marked †, never a metho
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -117,14 +118,29 @@ def mean_ci95(values: torch.Tensor | np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(Z_95 * values.std(ddof=1) / math.sqrt(values.size))
 
 
+def blas_threads(threads: int | None) -> contextlib.AbstractContextManager:
+    """Limit the BLAS libraries numpy and scikit-learn call to ``threads`` (threadpoolctl, which scikit-learn
+    installs; without it, or with ``None``, nothing changes)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads) if threads else contextlib.nullcontext()
+
+
 def _timed(fitter: HeadFitter, episodes: Episode, threads: int | None) -> tuple[torch.Tensor, float]:
+    """The heads of all episodes in one call and its wall time, after an untimed warm-up call on two episodes
+    (lazy imports, allocator and kernel caches); torch and the BLAS scikit-learn uses on ``threads`` threads."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        start = time.perf_counter()
-        heads = fitter(episodes.support, episodes.support_labels, episodes.n_way)
-        return heads, time.perf_counter() - start
+        with blas_threads(threads):
+            warm_up = episodes[:2]
+            fitter(warm_up.support, warm_up.support_labels, warm_up.n_way)
+            start = time.perf_counter()
+            heads = fitter(episodes.support, episodes.support_labels, episodes.n_way)
+            return heads, time.perf_counter() - start
     finally:
         torch.set_num_threads(previous)
 
@@ -145,8 +161,8 @@ def evaluate_episodes(
 
     Each row holds the per-episode accuracies (``accuracy``), their paired differences to logistic
     regression (``diff_vs_logistic_regression``), and the wall time per task of producing the heads
-    for all episodes in one call (``ms_per_task``, on ``timing_threads`` torch threads; ``None`` keeps the
-    caller's setting; scikit-learn's logistic regression runs on one thread either way). The table reports
+    for all episodes in one call, after a warm-up call on two of them (``ms_per_task``, on ``timing_threads``
+    torch and BLAS threads; ``None`` keeps the caller's setting). The table reports
     mean ± 95% CI over episodes. ``kinds`` marks a row ``"method"`` (default for ``fitters``),
     ``"baseline"`` or ``"ablation"``.
     """

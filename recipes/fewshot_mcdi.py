@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     defaults = {"reptile": args.reptile, "single_level": not args.reptile, "mvdi": args.loss_type == "mvdi",
-                "twdi": args.loss_type == "twdi", "fit_on_support": args.fit_on == "support"}
+                "twdi": args.loss_type == "twdi", "fit_on_support": args.fit_on == "support", "small_denoiser": False}
     if same := [name for name in args.ablations if defaults[name]]:
         parser.error(f"--ablations {' '.join(same)}: already the default generator's setting; drop it or change the default.")
     if args.model is None:
@@ -116,6 +116,8 @@ ABLATIONS = {
     "mvdi": ("Mv-Di: the vanilla diffusion loss on θ_M only (k = 1)", {"loss_type": "mvdi"}),
     "twdi": ("Tw-Di: the vanilla loss on every local target (the paper's naive variant)", {"loss_type": "twdi"}),
     "fit_on_support": ("heads harvested on the support only (not the pool)", {}),
+    "small_denoiser": ("a 4x cheaper denoiser: hidden 128, 2 layers, feed-forward 256 (default 256, 3, 512)",
+                       {"config_overrides": {"denoiser_config": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 256}}}),
 }
 
 
@@ -175,14 +177,14 @@ def harvest(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpri
     )
 
 
-def train(args: argparse.Namespace, heads: Path, directory: Path, **overrides: Any) -> Any:
+def train(args: argparse.Namespace, heads: Path, directory: Path, config_overrides: dict | None = None, **overrides: Any) -> Any:
     from ocd_hf import McDiTrainingArguments, train_head_generator
 
     settings = {"loss_type": args.loss_type, "reptile": args.reptile, **overrides}
     training = McDiTrainingArguments(
         num_steps=args.train_steps, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, **settings
     )
-    return train_head_generator(heads, directory, training)
+    return train_head_generator(heads, directory, training, config_overrides=config_overrides)
 
 
 def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerprint: str) -> dict[str, Any]:
