@@ -226,17 +226,18 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
         fitters[name], descriptions[name], kinds[name] = generated(ablation, args.seed), description, "ablation"
     summary: dict[str, Any] = {"num_heads": len(heads), "median_steps": median_steps, "seconds": seconds}
     for offset, split in enumerate(name for name in splits if name != "train"):
+        split_name = f"meta-{split}" if split in ("val", "test") else f"{split} (cross-domain)"
         # The same fixed episodes for every row; a seed per split so that val and test never share episodes.
         episodes = EpisodeSampler(splits[split], args.n_way, shots, args.queries, seed=10_000 + offset).sample(args.episodes, column="embedding")
         table = evaluate_episodes(
             episodes, fitters, kinds=kinds, descriptions=descriptions, output_dir=root / f"results-{split}",
-            title=f"Mc-Di, {args.n_way}-way {shots}-shot, meta-{split} classes",
+            title=f"Mc-Di, {args.n_way}-way {shots}-shot, {split_name} classes",
         )
         summary[split] = {row.name: (row.mean("accuracy"), row.ci95("accuracy")) for row in table.rows}
         if split == "test":  # the card carries the meta-test table next to the settings
             settings = json.loads((root / "generator" / "training_history.json").read_text())["settings"]
             generator.save_pretrained(root / "generator", model_card_kwargs={"training_config": settings, "results_table": table.to_markdown()})
-        print(f"\n## {args.n_way}-way {shots}-shot, meta-{split} classes ({args.episodes} episodes)\n\n" + table.to_markdown(), flush=True)
+        print(f"\n## {args.n_way}-way {shots}-shot, {split_name} classes ({args.episodes} episodes)\n\n" + table.to_markdown(), flush=True)
     return summary
 
 
