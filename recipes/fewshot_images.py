@@ -236,20 +236,18 @@ def image_splits(args: argparse.Namespace, log: Any = print) -> tuple[MetaSplit,
     return splits, encoder_id, fingerprint
 
 
-def feature_check(
-    splits: MetaSplit, names: list[str], n_way: int, shots: list[int], queries: int, episodes: int, include_bound: bool = False
-) -> dict[str, Any]:
-    """Nearest-centroid and logistic-regression accuracy (mean, 95% CI) on ``episodes`` N-way K-shot episodes of
-    each split in ``names``: the same episodes ``fewshot_mcdi.run_shot`` scores (seed ``10_000 +`` position
-    among the non-train splits)."""
-    from ocd_hf import EpisodeSampler, evaluate_episodes
+def feature_check(splits: MetaSplit, names: list[str], args: Any, include_bound: bool = False) -> dict[str, Any]:
+    """Nearest-centroid and logistic-regression accuracy (mean, 95% CI) of each split in ``names`` and each of
+    ``args.shots``, on the episodes ``fewshot_mcdi.run_shot`` scores (``fewshot_mcdi.scored_episodes``)."""
+    from fewshot_mcdi import scored_episodes
 
-    scored = [name for name in splits if name != "train"]
+    from ocd_hf import evaluate_episodes
+
     results: dict[str, Any] = {}
-    for name in names:
-        for k in shots:
-            sample = EpisodeSampler(splits[name], n_way, k, queries, seed=10_000 + scored.index(name)).sample(episodes, column="embedding")
-            table = evaluate_episodes(sample, {}, include_bound=include_bound, title=f"{n_way}-way {k}-shot, {name}")
+    for k in args.shots:
+        episodes = scored_episodes(args, splits, k)
+        for name in names:
+            table = evaluate_episodes(episodes[name], {}, include_bound=include_bound, title=f"{args.n_way}-way {k}-shot, {name}")
             results[f"{name} {k}shot"] = {row.name: (row.mean("accuracy"), row.ci95("accuracy")) for row in table.rows}
     return results
 
@@ -277,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits, _, _ = image_splits(args)
     print(f"images ready in {time.perf_counter() - started:.1f} s")
     names = [name for name in splits if name not in ("train", "test")]  # meta-test is read once, for the final table
-    results = feature_check(splits, names, args.n_way, args.shots, args.queries, args.episodes, include_bound=True)
+    results = feature_check(splits, names, args, include_bound=True)
     print(f"\n{args.n_way}-way, {args.queries} queries per class, {args.episodes} episodes: accuracy (mean ± 95% CI)")
     for setting, rows in results.items():
         print(f"  {setting:>20}: " + ", ".join(f"{row} {mean:.3f} ± {ci:.3f}" for row, (mean, ci) in rows.items()))

@@ -128,15 +128,17 @@ ABLATIONS = {
 }
 
 
-def generated(generator: Any, seed: int, num_samples: int = 1, boundary: int | None = None) -> Any:
+def generated(generator: Any, seed: int, num_samples: int = 1, boundary: int | None = None, num_inference_steps: int | None = None) -> Any:
     """A head fitter drawing ``num_samples`` heads per task in one batched call (their mean if several), or the state
-    at segment boundary ``boundary`` (0-based) of the sampling chain."""
+    at segment boundary ``boundary`` (0-based) of the sampling chain; ``num_inference_steps`` as in ``generate_heads``."""
     import torch
 
     def fit(support: Any, labels: Any, n_way: int) -> Any:
         sampler = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            heads, states = generator.generate_heads(support.float(), labels, num_samples=num_samples, generator=sampler, return_intermediates=True)
+            heads, states = generator.generate_heads(
+                support.float(), labels, num_samples=num_samples, generator=sampler, return_intermediates=True, num_inference_steps=num_inference_steps
+            )
         return (heads if boundary is None else states[:, :, boundary]).mean(1).double()
 
     return fit
@@ -198,7 +200,7 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     """Harvest, train and benchmark the generator (and its ablations) of one shot setting."""
     import numpy as np
 
-    from ocd_hf import EpisodeSampler, evaluate_episodes
+    from ocd_hf import evaluate_episodes
     from ocd_hf.trainer import HISTORY_NAME
 
     root = Path(args.output_dir) / f"{args.n_way}way-{shots}shot"
@@ -225,10 +227,8 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
         seconds[f"train_{name}"] = time.perf_counter() - started
         fitters[name], descriptions[name], kinds[name] = generated(ablation, args.seed), description, "ablation"
     summary: dict[str, Any] = {"num_heads": len(heads), "median_steps": median_steps, "seconds": seconds}
-    for offset, split in enumerate(name for name in splits if name != "train"):
+    for split, episodes in scored_episodes(args, splits, shots).items():  # the same fixed episodes for every row
         split_name = f"meta-{split}" if split in ("val", "test") else f"{split} (cross-domain)"
-        # The same fixed episodes for every row; a seed per split so that val and test never share episodes.
-        episodes = EpisodeSampler(splits[split], args.n_way, shots, args.queries, seed=10_000 + offset).sample(args.episodes, column="embedding")
         table = evaluate_episodes(
             episodes, fitters, kinds=kinds, descriptions=descriptions, output_dir=root / f"results-{split}",
             title=f"Mc-Di, {args.n_way}-way {shots}-shot, {split_name} classes",
@@ -241,29 +241,47 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def load_splits(args: argparse.Namespace) -> tuple[Any, str]:
+    """The class splits of ``--source`` with an ``embedding`` column, and the encoder's fingerprint."""
     from fewshot_images import IMAGE_SOURCES, image_splits
 
     if args.source in IMAGE_SOURCES or default_model() == args.model or Path(args.model).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never ask the Hub
-    import torch
-
     from ocd_hf import TaskDistribution
     from ocd_hf.methods.mcdi import encoder_fingerprint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.source in IMAGE_SOURCES:  # a LeNet-5 trained on the meta-train classes embeds every split (recipes/fewshot_images.py)
         splits, args.model, fingerprint = image_splits(args)  # run_shot records args.model as the heads' encoder
-    else:
-        items = embed(load_items(args), args)
-        distribution = TaskDistribution(items).drop_small_classes(max(args.shots) + args.queries)
-        splits = distribution.class_split(tuple(args.split_fractions), seed=args.seed)
-        print(f"{len(items)} items, {distribution.num_classes} classes -> " + ", ".join(f"{name}: {d.num_classes}" for name, d in splits.items()), flush=True)
-        from sentence_transformers import SentenceTransformer
+        return splits, fingerprint
+    items = embed(load_items(args), args)
+    distribution = TaskDistribution(items).drop_small_classes(max(args.shots) + args.queries)
+    splits = distribution.class_split(tuple(args.split_fractions), seed=args.seed)
+    print(f"{len(items)} items, {distribution.num_classes} classes -> " + ", ".join(f"{name}: {d.num_classes}" for name, d in splits.items()), flush=True)
+    from sentence_transformers import SentenceTransformer
 
-        fingerprint = encoder_fingerprint(SentenceTransformer(args.model, device="cpu"))
+    return splits, encoder_fingerprint(SentenceTransformer(args.model, device="cpu"))
+
+
+def scored_episodes(args: argparse.Namespace, splits: Any, shots: int) -> dict[str, Any]:
+    """The fixed episodes every row is scored on, per non-train split: a seed per split so that val and test
+    never share episodes."""
+    from ocd_hf import EpisodeSampler
+
+    scored = [name for name in splits if name != "train"]
+    return {
+        split: EpisodeSampler(splits[split], args.n_way, shots, args.queries, seed=10_000 + offset).sample(args.episodes, column="embedding")
+        for offset, split in enumerate(scored)
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    splits, fingerprint = load_splits(args)
     summary = {"args": vars(args), "split": splits.record}
     for shots in args.shots:
         summary[f"{shots}shot"] = run_shot(args, splits, shots, fingerprint)

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ocd_hf.methods.mcdi import HeadDenoiser, alpha_bars, local_consistency_loss, sample_chain, segment_boundaries
-from ocd_hf.methods.mcdi.diffusion import draw_states, loss_boundaries
+from ocd_hf.methods.mcdi.diffusion import draw_states, loss_boundaries, sample_segments, segment_schedule
 from ocd_hf.task_heads import fit_task_heads
 
 ALPHA_BAR = alpha_bars(dtype=torch.float64)
@@ -134,6 +134,45 @@ def test_exact_minimiser_mcdi_passes_every_local_target_twdi_does_not_end_at_the
     final, states = sample_chain(optimal_denoiser(targets[-1:], loss_boundaries("mvdi", T, 3)), noise, ALPHA_BAR, record)
     assert float(relative_error(final, targets[-1]).max()) < 1e-6
     assert float(relative_error(states[:, 0], targets[0]).min()) > 0.05
+
+
+def test_few_step_sampler_with_every_state_is_the_chain():
+    targets = trajectory_targets()
+    noise = torch.randn(50, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    record = segment_boundaries(T, 3)
+    for loss_type, used in (("mcdi", targets), ("mvdi", targets[-1:])):
+        denoise = optimal_denoiser(used, loss_boundaries(loss_type, T, 3))
+        chain, chain_states = sample_chain(denoise, noise, ALPHA_BAR, record)
+        strided, strided_states = sample_segments(denoise, noise, ALPHA_BAR, loss_boundaries(loss_type, T, 3), T, record)
+        torch.testing.assert_close(strided_states, chain_states, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(strided, chain, rtol=1e-9, atol=1e-9)
+
+
+def test_few_step_sampler_ends_at_theta_m_with_the_exact_minimiser():
+    targets = trajectory_targets()
+    noise = torch.randn(200, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    record = segment_boundaries(T, 3)
+    boundaries = loss_boundaries("mcdi", T, 3)
+    for steps in (3, 6, 9):
+        final, states = sample_segments(optimal_denoiser(targets, boundaries), noise, ALPHA_BAR, boundaries, steps, record)
+        assert float(relative_error(final, targets[-1]).max()) < 1e-6, steps
+    # three jumps per segment still pass through every local target; one jump per segment misses θ_1
+    assert float(relative_error(states[:, 0], targets[0]).max()) < 1e-6
+    _, states = sample_segments(optimal_denoiser(targets, boundaries), noise, ALPHA_BAR, boundaries, 3, record)
+    assert float(relative_error(states[:, 0], targets[0]).max()) > 1e-3
+    # Mv-Di: a single jump from pure noise lands on θ_M
+    final, _ = sample_segments(optimal_denoiser(targets[-1:], [0]), noise, ALPHA_BAR, [0], 1)
+    assert float(relative_error(final, targets[-1]).max()) < 1e-9
+
+
+def test_few_step_schedule_and_its_errors():
+    assert segment_schedule(21, [14, 7, 0], 3) == [(21, 14, 14), (14, 7, 7), (7, 0, 0)]
+    assert [jump[:2] for jump in segment_schedule(21, [0, 0, 0], 3)] == [(21, 14), (14, 7), (7, 0)]
+    for bad in (0, 4, 24):
+        with pytest.raises(ValueError, match=r"num_inference_steps=.*choose one of \[3, 6, 9, 12, 15, 18, 21\]"):
+            segment_schedule(21, [14, 7, 0], bad)
+    with pytest.raises(ValueError, match=r"states \[14\] are not reached"):
+        sample_segments(lambda x, s: x, torch.zeros(1, 4), ALPHA_BAR, [0], 2, record=[14])
 
 
 def test_segment_boundaries_must_be_whole_steps():

@@ -66,6 +66,22 @@ def test_generation_is_batched_over_tasks_and_draws_and_seeded():
         torch.testing.assert_close(alone, batched[task], rtol=1e-12, atol=1e-12)
 
 
+def test_few_step_generation_with_every_state_is_the_full_chain_and_checks_its_steps():
+    model = tiny_generator().double()
+    support, labels = support_set(num_tasks=2, k_shot=2)
+    noise = torch.randn(2, 1, 4, DIM + 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    full, full_states = model.generate_heads(support.double(), labels, noise=noise, return_intermediates=True)
+    strided, strided_states = model.generate_heads(
+        support.double(), labels, noise=noise, return_intermediates=True, num_inference_steps=model.config.num_timesteps
+    )
+    torch.testing.assert_close(strided, full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(strided_states, full_states, rtol=1e-9, atol=1e-9)
+    few = model.generate_heads(support.double(), labels, noise=noise, num_inference_steps=3)
+    assert few.shape == full.shape and not torch.allclose(few, full)
+    with pytest.raises(ValueError, match="num_inference_steps=4 must give every one of the 3 segments"):
+        model.generate_heads(support, labels, num_inference_steps=4)
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     model = tiny_generator(loss_type="twdi", harvest_config={"lr": 0.005, "n_way": 4})
     model.save_pretrained(tmp_path, model_card_kwargs={"training_config": {"num_steps": 3}})

@@ -38,6 +38,15 @@ linear 1e-4..0.02 schedule leaves ``√ᾱ_T ≈ 0.9`` (no noise). We use diffus
 **The sampler** is the deterministic DDPM mean step of App. A / D.1 (the paper omits ``σ_z ε``):
 ``x_{s−1} = (x_s − (1−α_s)/√(1−ᾱ(s)) ε_φ(x_s, s)) / √α_s`` with ``α_s = ᾱ(s)/ᾱ(s−1)``. (The
 main text's Eq. 2 is an ``x_0`` estimate, not a step.)
+
+**The few-step sampler** (``num_inference_steps``, our addition; the paper has none): segment ``i``
+is the sub-chain ``θ_i → x_s`` with cumulative coefficient ``r = ᾱ(s)/ᾱ(s_i)``, whose noise the loss
+trains ``√((1−r)/(1−ᾱ(s))) ε_φ`` to predict, so ``θ̂ = (x − (1−r)/√(1−ᾱ(s)) ε_φ)/√r``. A jump from ``s``
+to ``s' ∈ [s_i, s)`` takes the mean of the sub-chain's posterior ``q(x_{s'} | x_s, θ̂)`` (the proof's step
+with a stride: no noise added): ``x' = (√r' (1 − r/r') θ̂ + √(r/r') (1 − r') x)/(1 − r)``. With one jump per
+state it *is* the chain above (up to rounding); a jump onto ``s_i`` lands on ``θ̂``. With the exact
+minimiser it still ends on ``θ_M`` from any number of jumps; with a trained denoiser, fewer jumps cost
+accuracy (docs/task_generation.md measures it).
 """
 
 from __future__ import annotations
@@ -138,4 +147,53 @@ def sample_chain(
         x = (x - (1 - alpha) / (1 - alpha_bar[s]).sqrt() * epsilon) / alpha.sqrt()
         if s - 1 in record:
             recorded[s - 1] = x
+    return x, torch.stack([recorded[s] for s in record], 1) if record else None
+
+
+def segment_schedule(num_timesteps: int, boundaries: list[int], num_inference_steps: int) -> list[tuple[int, int, int]]:
+    """``(s, s', s_i)`` jumps of the few-step sampler: ``num_inference_steps`` spread evenly over the segments
+    ``(s_i, s_{i−1}]`` (``s_0 = T``), each segment's steps evenly spaced and its last jump ending on ``s_i``."""
+    segments = sorted(set(boundaries), reverse=True)
+    lengths = [high - low for high, low in zip([num_timesteps, *segments], segments)]
+    if num_inference_steps % len(segments) or not 1 <= num_inference_steps // len(segments) <= min(lengths):
+        valid = [len(segments) * n for n in range(1, min(lengths) + 1)]
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps!r} must give every one of the {len(segments)} segments the same "
+            f"number of steps, at most its length: choose one of {valid}, or None for the full chain of {num_timesteps} steps."
+        )
+    per_segment = num_inference_steps // len(segments)
+    jumps = []
+    for high, low in zip([num_timesteps, *segments], segments):
+        states = torch.linspace(high, low, per_segment + 1).round().long().tolist()
+        jumps += [(s, s_next, low) for s, s_next in zip(states[:-1], states[1:])]
+    return jumps
+
+
+@torch.no_grad()
+def sample_segments(
+    denoise: DenoiseFn,
+    noise: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    boundaries: list[int],
+    num_inference_steps: int,
+    record: list[int] | tuple[int, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The few-step sampler (module docstring): strided posterior-mean jumps on each segment's sub-chain,
+    ``num_inference_steps`` denoiser calls in all. Same arguments and returns as :func:`sample_chain`; ``boundaries`` are the
+    loss's (``loss_boundaries``: Tw-Di and Mv-Di have one segment), ``record`` must be among the jumps' ends."""
+    alpha_bar = alpha_bar.to(device=noise.device, dtype=noise.dtype)
+    jumps = segment_schedule(len(alpha_bar) - 1, boundaries, num_inference_steps)
+    missing = sorted(set(record) - {s_next for _, s_next, _ in jumps})
+    if missing:
+        raise ValueError(f"states {missing} are not reached by the {num_inference_steps}-step sampler; record among {[j[1] for j in jumps]}.")
+    x, recorded = noise, {}
+    for s, s_next, low in jumps:
+        states = torch.full((x.shape[0], 1), s, dtype=torch.long, device=x.device)
+        ratio, ratio_next = alpha_bar[s] / alpha_bar[low], alpha_bar[s_next] / alpha_bar[low]
+        segment_noise = ((1 - ratio) / (1 - alpha_bar[s])).sqrt() * denoise(x.unsqueeze(1), states).squeeze(1)
+        estimate = (x - (1 - ratio).sqrt() * segment_noise) / ratio.sqrt()
+        kept = ratio / ratio_next  # the sub-chain's ᾱ(s)/ᾱ(s') over the jump
+        x = (ratio_next.sqrt() * (1 - kept) * estimate + kept.sqrt() * (1 - ratio_next) * x) / (1 - ratio)
+        if s_next in record:
+            recorded[s_next] = x
     return x, torch.stack([recorded[s] for s in record], 1) if record else None

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from ...cards import GeneratorCardData
 from ...modeling_utils import GeneratorHubMixin, load_checked_state, read_generator_files, save_generator
 from .configuration import McDiConfig, encoder_fingerprint
-from .diffusion import alpha_bars, sample_chain
+from .diffusion import alpha_bars, loss_boundaries, sample_chain, sample_segments, segment_schedule
 from .model_card import mcdi_card, write_model_card
 from .modules import HeadDenoiser, class_prototypes
 
@@ -91,6 +91,7 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         generator: torch.Generator | None = None,
         return_intermediates: bool = False,
         noise: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate ``num_samples`` heads for each task, all tasks and draws in one batched sampling loop.
 
@@ -104,6 +105,11 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
                 (Mc-Di's local targets; the last one is the head itself).
             noise: the starting noise ``x_T`` (shaped like the returned heads, in units of ``config.head_scale``)
                 instead of drawing it, like diffusers pipelines' ``latents``.
+            num_inference_steps: ``None`` runs the paper's deterministic chain through all ``T`` states; an
+                integer runs the few-step sampler (strided jumps within each segment, see
+                :mod:`~ocd_hf.methods.mcdi.diffusion`) with that many denoiser calls, a multiple of the
+                number of segments (``k`` for Mc-Di, 1 for Mv-Di / Tw-Di). Fewer calls are faster but, with the
+                generators trained so far, much less accurate (docs/task_generation.md).
 
         Returns:
             ``(num_samples, N, d+1)`` heads (weight columns then the bias), or ``(B, num_samples, N, d+1)``
@@ -111,6 +117,10 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+        config = self.config
+        segments = loss_boundaries(config.loss_type, config.num_timesteps, config.num_targets)
+        if num_inference_steps is not None:  # checked before any work
+            segment_schedule(config.num_timesteps, segments, num_inference_steps)
         batched = torch.as_tensor(support_embeddings).dim() == 3
         support, labels, num_classes = check_support(support_embeddings, support_labels, self.config.embedding_dim, self.config.max_num_classes)
         parameter = next(self.denoiser.parameters())
@@ -127,9 +137,12 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         was_training = self.training
         self.eval()
         try:
-            heads, states = sample_chain(
-                lambda x, s: denoise_heads(self.denoiser, x, s, prototypes), noise, self.alpha_bar, self.config.boundaries
-            )
+            denoise = lambda x, s: denoise_heads(self.denoiser, x, s, prototypes)  # noqa: E731
+            if num_inference_steps is None:
+                heads, states = sample_chain(denoise, noise, self.alpha_bar, config.boundaries)
+            else:
+                record = config.boundaries if return_intermediates else [config.boundaries[-1]]
+                heads, states = sample_segments(denoise, noise, self.alpha_bar, segments, num_inference_steps, record)
         finally:
             self.train(was_training)
         heads, states = heads * self.config.head_scale, states * self.config.head_scale
