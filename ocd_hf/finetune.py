@@ -275,9 +275,10 @@ def closed_form_deltas(
     shift = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
     first = torch.zeros_like(shift)
     second = torch.zeros_like(shift)
-    # Step t adds coefficient_o * x_i * scale_oi to Δ_oi: scale = 1 / (r_o |x_i| + eps) for Adam, 1 for SGD.
-    coefficients: list[torch.Tensor] = []
-    scales: list[torch.Tensor] = []
+    # Δ = x_i · Σ_t c_t,o s_t,oi: x factors out of the sum over steps. SGD: s = 1, so Δ = (Σ_t c_t) xᵀ, rank-1;
+    # Adam: s_t = 1 / (r_t,o |x_i| + eps), so the sum is kept as a (batch, out, in) tensor.
+    total = torch.zeros_like(shift) if optimizer == "sgd" else torch.zeros(*shift.shape, x.shape[-1], dtype=x.dtype, device=x.device)
+    snapshots = []
     loss_before = None
     for step in range(1, steps + 1):
         leaf = shift.detach().requires_grad_(True)
@@ -287,26 +288,28 @@ def closed_form_deltas(
         if loss_before is None:
             loss_before = losses.detach()
         if optimizer == "sgd":
-            coefficient = grad * -lr
-            shift = shift + coefficient * squared.sum(-1, keepdim=True)
+            total.add_(grad, alpha=-lr)
+            shift = total * squared.sum(-1, keepdim=True)
         else:
             # torch.optim.Adam's update (single-tensor, no weight decay), on the per-row factors.
             first.lerp_(grad, 1 - beta1)
             second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             coefficient = first * (-lr / (1 - beta1**step))
             rate = second.sqrt() / (1 - beta2**step) ** 0.5
-            scale = torch.addcmul(torch.full((), ADAM_EPS, dtype=x.dtype), rate.unsqueeze(-1), magnitude.unsqueeze(1)).reciprocal_()
-            scales.append(scale)
-            shift = shift + coefficient * torch.bmm(scale, squared.unsqueeze(-1)).squeeze(-1)
-        coefficients.append(coefficient)
+            scale = torch.addcmul(torch.full((), ADAM_EPS, dtype=x.dtype), rate.unsqueeze(-1), magnitude.unsqueeze(1))
+            total.addcdiv_(coefficient.unsqueeze(-1).expand_as(scale), scale)
+            shift = torch.bmm(total, squared.unsqueeze(-1)).squeeze(-1)
+        if return_trajectory:
+            snapshots.append(expand_rows(total, x))
     with torch.no_grad():
         loss_after = loss_fn(forward(shift), labels)
-    steps_taken = []
-    for index, coefficient in enumerate(coefficients):
-        update = coefficient.unsqueeze(-1) * x.unsqueeze(1)
-        steps_taken.append(update.mul_(scales[index]) if scales else update)
-    trajectory = torch.stack(steps_taken, 1).cumsum(1) if return_trajectory else None
-    deltas = trajectory[:, -1] if trajectory is not None else torch.stack(steps_taken).sum(0)
+    trajectory = torch.stack(snapshots, 1) if return_trajectory else None
+    deltas = trajectory[:, -1] if trajectory is not None else expand_rows(total, x)
     return OverfitResult(
         deltas=deltas, loss_before=loss_before, loss_after=loss_after.detach(), trajectory=trajectory, path=path
     )
+
+
+def expand_rows(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Δ_oi = total_o(i) · x_i`` ``(batch, out, in)`` from ``total`` ``(batch, out)`` or ``(batch, out, in)``."""
+    return (total if total.dim() == 3 else total.unsqueeze(-1)) * x.unsqueeze(1)

@@ -8,11 +8,16 @@ import copy
 import pytest
 import torch
 from conftest import image_batch, tabular_batch, text_batch, tiny_bert, tiny_deit, tiny_mlp
+from helpers.harvest_fixtures import CASES as HARVEST_CASES
+from helpers.harvest_fixtures import build_backbone, build_dataset
 from torch import nn
 from torch.nn import functional as F
 
 from ocd_hf import LeNet5Config, LeNet5ForImageClassification, find_target_linear, model_output_tensor
 from ocd_hf.finetune import OPTIMIZERS, closed_form_deltas, optimise_deltas, overfit_deltas, overfit_head_deltas, per_sample_task_loss
+from ocd_hf.methods.ocd import harvest as harvest_module
+from ocd_hf.methods.ocd.deltas import load_harvest_metadata
+from ocd_hf.methods.ocd.harvest import rank1_energy
 from ocd_hf.target import inject_deltas
 
 LR, STEPS = 5e-4, 3
@@ -180,3 +185,35 @@ def test_closed_form_respects_a_custom_loss():
 
     reference = optimise_deltas(forward, layer.weight, labels, "classification", "adam", LR, STEPS, loss_fn, False)
     assert_deltas_close(closed.deltas, reference.deltas)
+
+
+@pytest.mark.parametrize("shape", [(84, 120), (120, 84)])
+def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape):
+    generator = torch.Generator().manual_seed(0)
+    out, inp = shape
+    near_rank1 = torch.randn(16, out, 1, generator=generator) * torch.randn(16, 1, inp, generator=generator)
+    near_rank1 = near_rank1 + 1e-2 * torch.randn(16, out, inp, generator=generator)
+    # Two equal top singular values: power iteration cannot converge, the eigensolver answers.
+    tied = torch.zeros(2, out, inp)
+    tied[:, 0, 0] = tied[:, 1, 1] = 1.0
+    deltas = torch.cat([near_rank1, torch.randn(8, out, inp, generator=generator), tied, torch.zeros(1, out, inp)])
+    spectrum = torch.linalg.svdvals(deltas.double()).pow(2)
+    expected = torch.where(spectrum.sum(-1) > 0, spectrum[:, 0] / spectrum.sum(-1).clamp_min(1e-300), 1.0).float()
+    energy = rank1_energy(deltas)
+    torch.testing.assert_close(energy, expected, rtol=0, atol=1e-5)
+    assert energy[-1] == 1.0 and abs(float(energy[-3]) - 0.5) < 1e-6
+
+
+def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeypatch):
+    kind, target = HARVEST_CASES["bert-classifier"]
+    backbone, dataset = build_backbone(kind), build_dataset(kind, 7)
+    calls = []
+    original = harvest_module.harvest_batch
+    monkeypatch.setattr(harvest_module, "harvest_batch", lambda *args, **kwargs: calls.append(len(args[3])) or original(*args, **kwargs))
+    auto = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "auto", batch_size=4, progress=False)
+    assert load_harvest_metadata(tmp_path / "auto")["harvest_config"]["delta_storage"] == "factorised"
+    assert calls == [4, 3]  # the first batch once (to decide), then the rest
+    forced = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "forced", batch_size=4, delta_storage="factorised",
+                                           progress=False)
+    for column in ("id", "delta_factor", "factor_residual", "layer_input", "loss_after"):
+        torch.testing.assert_close(auto.with_format("torch")[column], forced.with_format("torch")[column], rtol=0, atol=0)
