@@ -14,13 +14,28 @@ dataset to disk, with full storage and, for the layers that see one vector per s
 fc2), with factorised storage (``u`` of ``Δ = u sign(x)ᵀ``); "max residual" is the largest
 ``‖Δ − u sign(x)ᵀ‖/‖Δ‖`` over the vectorised deltas (factorised storage refuses any above its
 tolerance, 0.05). Prints a markdown table and writes ``bench/results/harvest.json``.
+
+    python bench/harvest.py --mode official [--samples 256] [--loop-samples 32] [--repeats 3]
+
+Side by side with the official OCD procedure, written here from its published algorithm (not its code):
+for each sample, a deep copy of the model, Adam on the target layer's weight only (lr 5e-4, 3 steps,
+batch 1), the conditioning captured by hooks in the first forward. Both run on the same model and
+samples, interleaved and repeated; reported: samples/s of each, their ratio (median over repeats), the
+largest delta difference, and the fraction of the FLOP limit that ocd-hf reaches: the unavoidable work
+per sample (one forward of the whole network, then per step a forward and backward of the target's
+shift and what follows it, and Adam's element-wise work, ~10 FLOPs per weight entry), counted with
+``torch.utils.flop_counter.FlopCounterMode``, at the rate of a 1024³ float32 matmul timed in the same
+run. The result goes under ``"official"`` in ``bench/results/harvest.json``, with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +46,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -50,7 +66,9 @@ from ocd_hf import (
     harvest_batch,
     harvest_deltas,
     load_harvest_metadata,
+    model_output_tensor,
 )
+from ocd_hf.finetune import overfit_deltas
 
 
 class LeNetConfig(PretrainedConfig):
@@ -238,6 +256,161 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def official_loop(backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], labels: torch.Tensor, lr: float, steps: int) -> torch.Tensor:
+    """The official OCD procedure: per sample, a deep copy of the model and Adam on the target weight alone
+    (batch 1); ``I(x)`` recorded by hooks during the first forward. Returns the deltas ``(n, out, in)``."""
+    deltas = []
+    for index in range(labels.shape[0]):
+        model = copy.deepcopy(backbone)
+        _, layer = find_target_linear(model, target)
+        for parameter in model.parameters():
+            parameter.requires_grad_(parameter is layer.weight)
+        base = layer.weight.detach().clone()
+        optimizer = torch.optim.Adam([layer.weight], lr=lr)
+        sample = {name: value[index : index + 1] for name, value in inputs.items()}
+        conditioning: dict[str, Any] = {}
+
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            conditioning.setdefault("io", (args[0].detach(), output.detach()))
+
+        handle = layer.register_forward_hook(record)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            output = model_output_tensor(model(**sample))
+            conditioning.setdefault("output", output.detach())
+            F.cross_entropy(output, labels[index : index + 1]).backward()
+            optimizer.step()
+        handle.remove()
+        deltas.append(layer.weight.detach() - base)
+    return torch.stack(deltas)
+
+
+def ocd_hf_harvest(
+    backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int, lr: float, steps: int
+) -> torch.Tensor:
+    """``harvest_batch`` (full storage) over every sample: the deltas ``(n, out, in)``."""
+    _, layer = find_target_linear(backbone, target)
+    deltas = []
+    for start in range(0, labels.shape[0], batch_size):
+        end = min(start + batch_size, labels.shape[0])
+        batch = {name: value[start:end] for name, value in inputs.items()}
+        columns, _ = harvest_batch(backbone, layer, batch, labels[start:end], torch.arange(start, end), task="classification", lr=lr, steps=steps)
+        deltas.append(columns["delta"])
+    return torch.cat(deltas)
+
+
+def matmul_flops_per_s(size: int = 1024, repeats: int = 5) -> float:
+    """The rate of a large float32 matmul on this thread count: the FLOP limit's yardstick."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(timed(lambda: a @ b)[1] for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def unavoidable_flops(backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], steps: int) -> float:
+    """FLOPs per sample of the work no harvest can skip: one forward of the network, then per step a forward
+    and a backward (≈ 2 forwards) of the target's output shift and of the network after the target, and
+    Adam's element-wise work (~10 FLOPs per weight entry)."""
+    _, layer = find_target_linear(backbone, target)
+    batch = next(iter(inputs.values())).shape[0]
+    counter = FlopCounterMode(display=False)
+    before_target: dict[str, int] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        before_target.setdefault("flops", counter.get_total_flops())
+
+    handle = layer.register_forward_pre_hook(record)
+    with torch.no_grad(), counter:
+        backbone(**inputs)
+    handle.remove()
+    total = counter.get_total_flops() / batch
+    prefix = before_target["flops"] / batch
+    after = total - prefix  # the target itself (its shift Δx costs as much) and everything after it
+    return total + steps * 2 * after + steps * 10 * layer.weight.numel()
+
+
+def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    backbone = case.build().eval()
+    inputs = case.data(args.samples, generator)
+    labels = torch.randint(0, case.num_labels, (args.samples,), generator=generator)
+    _, layer = find_target_linear(backbone, case.target)
+    loop_inputs = {name: value[: args.loop_samples] for name, value in inputs.items()}
+    loop_labels = labels[: args.loop_samples]
+    per_token = describe_backbone(backbone, case.target, {k: v[:2] for k, v in inputs.items()})["per_token"]
+    batch_size = args.batch_size if per_token else args.closed_form_batch_size
+    official_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
+    ocd_hf_harvest(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, labels[:batch_size], batch_size, args.lr, args.steps)
+    official_rates, ocd_rates = [], []
+    for _ in range(args.repeats):  # interleaved: a drifting machine speed hits both alike
+        official_deltas, seconds = timed(lambda: official_loop(backbone, case.target, loop_inputs, loop_labels, args.lr, args.steps))
+        official_rates.append(args.loop_samples / seconds)
+        ocd_deltas, seconds = timed(lambda: ocd_hf_harvest(backbone, case.target, inputs, labels, batch_size, args.lr, args.steps))
+        ocd_rates.append(args.samples / seconds)
+    path = overfit_deltas(backbone, layer, {k: v[:2] for k, v in inputs.items()}, labels[:2], steps=1).path
+    difference = (ocd_deltas[: args.loop_samples] - official_deltas).abs().amax().item()
+    limit = matmul_rate / unavoidable_flops(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, args.steps)
+    ocd_rate = statistics.median(ocd_rates)
+    return {
+        "case": case.name,
+        "target": case.target,
+        "shape": [layer.out_features, layer.in_features],
+        "path": path,
+        "batch_size": batch_size,
+        "official_samples_per_s": statistics.median(official_rates),
+        "ocd_hf_samples_per_s": ocd_rate,
+        "ratio": statistics.median(o / f for o, f in zip(ocd_rates, official_rates)),
+        "ratios": [o / f for o, f in zip(ocd_rates, official_rates)],
+        "max_abs_delta_difference": difference,
+        "max_delta_difference_relative": difference / official_deltas.abs().amax().item(),
+        "weight_ulp": torch.finfo(torch.float32).eps * layer.weight.detach().abs().amax().item(),
+        "flop_limit_samples_per_s": limit,
+        "fraction_of_flop_limit": ocd_rate / limit,
+    }
+
+
+def side_by_side_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| case | layer (out x in) | ocd-hf path (batch) | official samples/s | ocd-hf samples/s | ratio | FLOP-limit samples/s "
+        "| fraction of limit | max delta diff (abs / rel) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['case']} | `{r['target']}` {r['shape'][0]}x{r['shape'][1]} | {r['path']} ({r['batch_size']}) | "
+            f"{r['official_samples_per_s']:.0f} | {r['ocd_hf_samples_per_s']:.0f} | {r['ratio']:.1f}x | "
+            f"{r['flop_limit_samples_per_s']:.0f} | {r['fraction_of_flop_limit']:.1%} | "
+            f"{r['max_abs_delta_difference']:.1e} / {r['max_delta_difference_relative']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def run_side_by_side(args: argparse.Namespace) -> None:
+    load_before = os.getloadavg()
+    matmul_rate = matmul_flops_per_s()
+    results = []
+    for case in CASES:
+        results.append(side_by_side_case(case, args, matmul_rate))
+        print(f"done: {case.name}", flush=True)
+    table = side_by_side_table(results)
+    print(table)
+    report = json.loads(args.output.read_text(encoding="utf-8")) if args.output.is_file() else {}
+    report["official"] = {
+        "settings": {key: value for key, value in vars(args).items() if key != "output"},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "matmul_gflops": matmul_rate / 1e9,
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "results": results,
+        "table": table,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.output}")
+
+
 def _cell(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
@@ -268,10 +441,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "harvest.json")
+    parser.add_argument("--mode", choices=["default", "official"], default="default",
+                        help="official: side by side with the official per-sample procedure (see above)")
+    parser.add_argument("--repeats", type=int, default=3, help="official mode: interleaved repeats")
+    parser.add_argument("--closed-form-batch-size", type=int, default=256,
+                        help="official mode: batch size of layers that see one vector per sample (the closed form)")
     args = parser.parse_args()
     if args.loop_samples > args.samples:
         parser.error("--loop-samples must not exceed --samples")
     torch.set_num_threads(args.threads)
+    if args.mode == "official":
+        run_side_by_side(args)
+        return
 
     results = []
     for case in CASES:
@@ -281,7 +462,9 @@ def main() -> None:
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     settings = {key: value for key, value in vars(args).items() if key != "output"}
+    previous = json.loads(args.output.read_text(encoding="utf-8")) if args.output.is_file() else {}
     report = {
+        **({"official": previous["official"]} if "official" in previous else {}),
         "settings": settings,
         "torch": torch.__version__,
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},

@@ -21,25 +21,29 @@ import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from huggingface_hub import CommitInfo
 from transformers import HfArgumentParser
 
 from .backbones import load_pretrained_backbone
 from .cards import eval_results_from_table
 from .finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS
-from .methods.ocd import PAPER_DENOISER_CONFIG, OCDTrainingArguments, OCDWrapper, evaluate_ocd
-from .methods.ocd.configuration import DEFAULT_SCHEDULER_CLASS, SAMPLING_SCHEDULERS
-from .methods.ocd.evaluation import GENERATED_KIND
-from .methods.ocd.model_card import default_task_type
+from .methods.ocd.configuration import DEFAULT_SCHEDULER_CLASS, PAPER_DENOISER_CONFIG, SAMPLING_SCHEDULERS
+from .methods.ocd.training_args import OCDTrainingArguments
 from .results import ResultsTable, aggregate_results
 from .trainer import HISTORY_NAME
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+# datasets, diffusers and the OCD model are imported by the commands that use them, so that `ocd-hf --help` is quick.
 
 
 def load_split(name_or_path: str, split: str) -> Dataset:
     """A dataset split from a ``save_to_disk`` directory or the Hub."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
     if Path(name_or_path).is_dir():
         loaded = load_from_disk(name_or_path)
         if isinstance(loaded, DatasetDict):
@@ -282,6 +286,10 @@ def push_hypernetwork_from_directory(
     and, with ``dataset_id``, the OCD rows' metrics in its ``model-index``. The training settings come
     from ``training_history_path``, default ``model_path/training_history.json`` when present.
     """
+    from .methods.ocd import OCDWrapper
+    from .methods.ocd.evaluation import GENERATED_KIND
+    from .methods.ocd.model_card import default_task_type
+
     model = OCDWrapper.from_pretrained(model_path)
     card_kwargs: dict[str, Any] = {}
     if results_path is not None:
@@ -323,6 +331,10 @@ def evaluate_from_paths(
     """Load a saved hypernetwork (and its backbone), a preprocessed dataset saved with
     ``Dataset.save_to_disk`` and optionally the harvested deltas and a second hypernetwork sharing
     the backbone; evaluate and write the results to ``output_dir``."""
+    from datasets import DatasetDict, load_from_disk
+
+    from .methods.ocd import OCDWrapper, evaluate_ocd
+
     model = OCDWrapper.from_pretrained(model_path)
     alternative = OCDWrapper.from_pretrained(alternative_model_path, backbone=model.backbone) if alternative_model_path else None
     data = load_from_disk(eval_dataset_path)

@@ -4,18 +4,29 @@ optimizer steps on sample ``s`` alone produce, for a whole batch of samples at o
 Every sample gets its own delta tensor row; the loss is the *sum* of per-sample losses, so the
 gradient of row ``b`` is exactly sample ``b``'s gradient, and an element-wise optimizer (Adam,
 SGD) stepping the ``(batch, out, in)`` tensor equals one optimizer per sample.
+
+A layer that sees one vector ``x`` per sample (a head, an MLP layer) takes a closed form instead
+(:func:`closed_form_deltas`): its every gradient is ``δ xᵀ``, so the optimizer's state is per-row
+``(batch, out)`` state times a fixed function of ``x``, and no ``(batch, out, in)`` gradient or
+optimizer state is formed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .logging import get_logger
 from .target import inject_deltas, model_output_tensor, record_layer_io
+
+logger = get_logger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -23,6 +34,12 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 DEFAULT_OPTIMIZER = "adam"
 DEFAULT_LR = 5e-4
 DEFAULT_STEPS = 3
+# torch.optim.Adam's defaults, which OPTIMIZERS["adam"] runs with: the closed form must use the same.
+_ADAM_DEFAULTS = inspect.signature(torch.optim.Adam).parameters
+ADAM_BETAS: tuple[float, float] = _ADAM_DEFAULTS["betas"].default
+ADAM_EPS: float = _ADAM_DEFAULTS["eps"].default
+# The paths overfit_deltas can take, for logs and OverfitResult.path.
+PATHS = ("closed_form_head", "closed_form", "head", "optimizer")
 
 
 def finetune_settings(recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -46,12 +63,14 @@ def per_sample_task_loss(task: str) -> LossFn:
 
 @dataclass
 class OverfitResult:
-    """Deltas ``(batch, out, in)``, per-sample losses before/after, optional trajectory ``(batch, steps, out, in)``."""
+    """Deltas ``(batch, out, in)``, per-sample losses before/after, optional trajectory ``(batch, steps, out, in)``,
+    and which of :data:`PATHS` computed them."""
 
     deltas: torch.Tensor
     loss_before: torch.Tensor
     loss_after: torch.Tensor
     trajectory: torch.Tensor | None = None
+    path: str = "optimizer"
 
 
 def overfit_deltas(
@@ -78,24 +97,77 @@ def overfit_deltas(
     was_training = backbone.training
     backbone.eval()
     try:
-        with torch.no_grad(), record_layer_io(layer) as record:
+        with torch.no_grad(), record_layer_io(layer) as record, count_calls(layer) as calls:
             base_output = model_output_tensor(backbone(**inputs))
         head_fast_path = record["output"] is base_output or (
             record["output"].shape == base_output.shape and torch.equal(record["output"], base_output)
         )
-        if head_fast_path:
-            return overfit_head_deltas(
-                record["input"].detach(), base_output, labels, task=task, optimizer=optimizer, lr=lr, steps=steps,
+        layer_input = record["input"].detach()
+        # One vector per sample, and the layer called once: every gradient is δ xᵀ with this x.
+        closed_form = layer_input.dim() == 2 and len(calls) == 1
+        if head_fast_path and closed_form:
+            result = closed_form_deltas(
+                lambda shift: base_output + shift, layer_input, base_output.shape[-1], labels, task, optimizer, lr, steps,
+                loss_fn, return_trajectory, path="closed_form_head",
+            )
+        elif head_fast_path:
+            result = overfit_head_deltas(
+                layer_input, base_output, labels, task=task, optimizer=optimizer, lr=lr, steps=steps,
                 loss_fn=loss_fn, return_trajectory=return_trajectory,
             )
+        elif closed_form:
 
-        def forward(delta: torch.Tensor) -> torch.Tensor:
-            with inject_deltas(layer, delta):
-                return model_output_tensor(backbone(**inputs))
+            def forward_shifted(shift: torch.Tensor) -> torch.Tensor:
+                with shift_output(layer, shift):
+                    return model_output_tensor(backbone(**inputs))
 
-        return optimise_deltas(forward, layer.weight, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
+            result = closed_form_deltas(
+                forward_shifted, layer_input, layer.out_features, labels, task, optimizer, lr, steps, loss_fn, return_trajectory
+            )
+        else:
+
+            def forward(delta: torch.Tensor) -> torch.Tensor:
+                with inject_deltas(layer, delta):
+                    return model_output_tensor(backbone(**inputs))
+
+            result = optimise_deltas(forward, layer.weight, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
+        log_path(result.path)
+        return result
     finally:
         backbone.train(was_training)
+
+
+@functools.lru_cache(maxsize=None)
+def log_path(path: str) -> None:
+    """Say once per process which way :func:`overfit_deltas` computes the deltas."""
+    explanations = {
+        "closed_form_head": "closed-form optimizer on a head that sees one vector per sample (no backbone pass per step)",
+        "closed_form": "closed-form optimizer on a layer that sees one vector per sample (per-row state, backbone pass per step)",
+        "head": "optimizer on (batch, out, in) deltas of a per-token head (no backbone pass per step)",
+        "optimizer": "optimizer on (batch, out, in) deltas, backbone pass per step",
+    }
+    logger.info(f"overfit_deltas: {path} path, {explanations[path]}.")
+
+
+@contextlib.contextmanager
+def count_calls(layer: nn.Module) -> Iterator[list[None]]:
+    """A list that grows by one at every call of ``layer`` inside the block."""
+    calls: list[None] = []
+    handle = layer.register_forward_hook(lambda module, args, output: calls.append(None))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def shift_output(layer: nn.Module, shift: torch.Tensor) -> Iterator[None]:
+    """Add ``shift`` ``(batch, out)`` to ``layer``'s output inside the block."""
+    handle = layer.register_forward_hook(lambda module, args, output: output + shift.to(output.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def overfit_head_deltas(
@@ -120,7 +192,9 @@ def overfit_head_deltas(
         return base_output + torch.bmm(flat, delta.transpose(1, 2)).reshape(base_output.shape)
 
     weight_like = torch.empty(base_output.shape[-1], layer_input.shape[-1], dtype=layer_input.dtype, device=layer_input.device)
-    return optimise_deltas(forward, weight_like, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
+    result = optimise_deltas(forward, weight_like, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
+    result.path = "head"
+    return result
 
 
 def check_overfit_settings(optimizer: str, steps: int) -> None:
@@ -167,3 +241,75 @@ def optimise_deltas(
         loss_after=loss_after.detach(),
         trajectory=torch.stack(trajectory, 1) if return_trajectory else None,
     )
+
+
+def closed_form_deltas(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    layer_input: torch.Tensor,
+    out_features: int,
+    labels: torch.Tensor,
+    task: str,
+    optimizer: str,
+    lr: float,
+    steps: int,
+    loss_fn: LossFn | None,
+    return_trajectory: bool,
+    path: str = "closed_form",
+) -> OverfitResult:
+    """:func:`optimise_deltas` for a Linear that sees one vector ``x`` ``(batch, in)`` per sample, in closed form.
+
+    ``forward(shift)`` is the model output when the layer's output is shifted by ``shift = Δ x``
+    ``(batch, out_features)``. Every gradient of the layer's weight is ``δ xᵀ``, ``δ`` the gradient of
+    the loss at the layer's output, so Adam's moments are exactly ``m = a xᵀ`` and ``v = b (x²)ᵀ`` with
+    per-row ``a = EMA(δ)`` and ``b = EMA(δ²)``, and its step is
+    ``−step_size · a_o x_i / (√b_o |x_i| / √(1−β₂ᵗ) + eps)`` element-wise (eps kept: it makes the delta
+    not quite rank-1). A step needs only ``Δ x``; the ``(batch, out, in)`` deltas are summed once at
+    the end. SGD's step ``−lr δ xᵀ`` is rank-1 outright. Equal to ``torch.optim`` on the full delta up
+    to float rounding (tests/test_harvest_kernels.py).
+    """
+    loss_fn = loss_fn or per_sample_task_loss(task)
+    x = layer_input.detach()
+    labels = labels.to(x.device)
+    squared, magnitude = x.pow(2), x.abs()
+    beta1, beta2 = ADAM_BETAS
+    shift = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    first = torch.zeros_like(shift)
+    second = torch.zeros_like(shift)
+    # Δ = x_i · Σ_t c_t,o s_t,oi: x factors out of the sum over steps. SGD: s = 1, so Δ = (Σ_t c_t) xᵀ, rank-1;
+    # Adam: s_t = 1 / (r_t,o |x_i| + eps), so the sum is kept as a (batch, out, in) tensor.
+    total = torch.zeros_like(shift) if optimizer == "sgd" else torch.zeros(*shift.shape, x.shape[-1], dtype=x.dtype, device=x.device)
+    snapshots = []
+    loss_before = None
+    for step in range(1, steps + 1):
+        leaf = shift.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = loss_fn(forward(leaf), labels)
+            (grad,) = torch.autograd.grad(losses.sum(), leaf)
+        if loss_before is None:
+            loss_before = losses.detach()
+        if optimizer == "sgd":
+            total.add_(grad, alpha=-lr)
+            shift = total * squared.sum(-1, keepdim=True)
+        else:
+            # torch.optim.Adam's update (single-tensor, no weight decay), on the per-row factors.
+            first.lerp_(grad, 1 - beta1)
+            second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            coefficient = first * (-lr / (1 - beta1**step))
+            rate = second.sqrt() / (1 - beta2**step) ** 0.5
+            scale = torch.addcmul(torch.full((), ADAM_EPS, dtype=x.dtype), rate.unsqueeze(-1), magnitude.unsqueeze(1))
+            total.addcdiv_(coefficient.unsqueeze(-1).expand_as(scale), scale)
+            shift = torch.bmm(total, squared.unsqueeze(-1)).squeeze(-1)
+        if return_trajectory:
+            snapshots.append(expand_rows(total, x))
+    with torch.no_grad():
+        loss_after = loss_fn(forward(shift), labels)
+    trajectory = torch.stack(snapshots, 1) if return_trajectory else None
+    deltas = trajectory[:, -1] if trajectory is not None else expand_rows(total, x)
+    return OverfitResult(
+        deltas=deltas, loss_before=loss_before, loss_after=loss_after.detach(), trajectory=trajectory, path=path
+    )
+
+
+def expand_rows(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Δ_oi = total_o(i) · x_i`` ``(batch, out, in)`` from ``total`` ``(batch, out)`` or ``(batch, out, in)``."""
+    return (total if total.dim() == 3 else total.unsqueeze(-1)) * x.unsqueeze(1)

@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from accelerate import Accelerator
@@ -23,13 +23,14 @@ from accelerate.data_loader import SeedableRandomSampler
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
-from datasets import Dataset
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from diffusers.training_utils import EMAModel
 
 logger = get_logger(__name__)
 
@@ -268,6 +269,10 @@ class GeneratorTrainer:
         batches_per_epoch = math.ceil(len(train_set) / (args.batch_size * accelerator.num_processes))
         steps_per_epoch = math.ceil(batches_per_epoch / self.accumulation)
         self.total_steps = args.num_steps if args.num_steps is not None else steps_per_epoch * (args.num_epochs or 10)
+        # diffusers is imported here, not at the top, so that the training arguments (and `ocd-hf --help`) do not import it.
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         # Accelerate steps a prepared scheduler once per process per optimizer step.
         schedule = get_scheduler(

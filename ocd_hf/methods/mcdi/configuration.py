@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from ...lazy_imports import complete_registration
 from .diffusion import DEFAULT_SCHEDULER_CONFIG, LOSS_TYPES, segment_boundaries
 
 DEFAULT_DENOISER_CONFIG: dict[str, Any] = {
@@ -93,6 +94,7 @@ class McDiConfig(PretrainedConfig):
         self.harvest_config = dict(harvest_config or {})
         self.task_distribution = dict(task_distribution or {})
         super().__init__(**kwargs)
+        complete_registration(self.model_type)  # AutoModel learns McDiHeadGenerator now (see ocd_hf.lazy_imports)
 
     @property
     def num_timesteps(self) -> int:

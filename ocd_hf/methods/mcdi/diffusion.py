@@ -54,7 +54,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import torch
-from diffusers import DDPMScheduler
 
 # (x (..., k, *shape), s (..., k)) -> predicted noise, shaped like x.
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,6 +64,8 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 21, "beta_sch
 
 def alpha_bars(scheduler_config: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``ᾱ(s)`` for ``s = 0..T`` (``ᾱ(0) = 1``): diffusers' ``alphas_cumprod`` of ``scheduler_config``, cast to ``dtype``."""
+    from diffusers import DDPMScheduler  # here, not at the top: the config imports this module, and diffusers is slow to import
+
     scheduler = DDPMScheduler(**{**DEFAULT_SCHEDULER_CONFIG, **(scheduler_config or {})})
     return torch.cat([torch.ones(1, dtype=dtype), scheduler.alphas_cumprod.to(dtype)])
 

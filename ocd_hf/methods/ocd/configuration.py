@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from transformers import PretrainedConfig
 
 from ...factorised import FACTOR_RULES
+from ...lazy_imports import complete_registration
 from ...target import CONDITION_FIELDS, describe_backbone
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     # The official OCD code: 1000 training steps, betas linspace(1e-6, 1e-2), epsilon prediction,
@@ -28,8 +31,13 @@ DEFAULT_SCHEDULER_CLASS = "DDIMScheduler"
 # The diffusers samplers that can sample from a denoiser trained on the DDPM forward process (betas,
 # ``√ᾱ x + √(1−ᾱ) ε``): diffusers' own list of schedulers compatible with DDPM, less EDM's, which
 # replaces the betas by its own σ range and conditions the denoiser on log σ instead of the timestep.
-SAMPLING_SCHEDULERS = tuple(
-    scheduler.name for scheduler in KarrasDiffusionSchedulers if scheduler.name not in ("EDMEulerScheduler",)
+# Spelled out rather than read from ``KarrasDiffusionSchedulers`` so that the config (and `ocd-hf --help`)
+# does not import diffusers; tests/test_lazy_imports.py checks it against diffusers' enum.
+SAMPLING_SCHEDULERS = (
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler",
 )
 
 DEFAULT_DENOISER_CONFIG: dict[str, Any] = {
@@ -83,6 +91,7 @@ TASKS = ("classification", "regression")
 def scheduler_class_from_name(name: str) -> type[SchedulerMixin]:
     """The diffusers scheduler class called ``name``, if it can sample from an OCD denoiser (:data:`SAMPLING_SCHEDULERS`)."""
     import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
     examples = "DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler"
     if name in SAMPLING_SCHEDULERS:
@@ -248,6 +257,7 @@ class OCDConfig(PretrainedConfig):
         self.log_rho_std = float(log_rho_std)
         self.harvest_config = dict(harvest_config or {})
         super().__init__(**kwargs)
+        complete_registration(self.model_type)  # AutoModel & co. learn OCDWrapper now (see ocd_hf.lazy_imports)
 
     @property
     def condition_sizes(self) -> dict[str, int]:

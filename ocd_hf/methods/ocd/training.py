@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,12 +38,11 @@ from .configuration import BACKBONE_FIELDS, OCDConfig
 from .deltas import delta_storage, resolve_deltas, stored_factor_rule
 from .hypernetwork import OCDHypernetwork, delta_scale
 from .modeling import OCDWrapper
+from .training_args import SCALE_LOSSES, OCDTrainingArguments
 
 __all__ = ["CHECKPOINTS_DIR", "HISTORY_NAME", "TRAINING_STATE_NAME", "OCDTrainingArguments", "list_checkpoints", "train_hypernetwork"]
 
 logger = get_logger(__name__)
-
-SCALE_LOSSES = ("log_mse", "db")
 
 REQUIRED_BACKBONE_FIELDS = ("target_module", "in_features", "out_features", "output_dim")
 # The OCDConfig fields a training run may choose; the rest come from the harvest or from the data.
@@ -363,22 +361,6 @@ class HypernetworkLoss(nn.Module):
             rho_pred = torch.exp(config.log_rho_mean + config.log_rho_std * standardised)
             scale = 10.0 * torch.log10((rho_pred - rho).pow(2) / rho.pow(2) + DB_EPSILON)
         return {"denoise": generator_loss, "scale": scale}
-
-
-@dataclass
-class OCDTrainingArguments(GeneratorTrainingArguments):
-    """The training loop's settings plus OCD's scale loss (see :func:`train_hypernetwork`)."""
-
-    scale_loss: str = field(default="log_mse", metadata={
-        "help": "log_mse: MSE on the standardised log ρ the scale net predicts; db: the paper's 10·log10((ρ̂−ρ)²/ρ² + 1e-8), "
-        "unbounded below with a gradient ∝ 1/|ρ̂−ρ| that explodes when ρ is nearly constant (Adam deltas)",
-        "choices": list(SCALE_LOSSES)})
-    scale_loss_weight: float = field(default=1.0, metadata={"help": "weight of the scale loss added to the denoising loss"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.scale_loss not in SCALE_LOSSES:
-            raise ValueError(f"scale_loss must be one of {SCALE_LOSSES}, got {self.scale_loss!r}.")
 
 
 def train_hypernetwork(

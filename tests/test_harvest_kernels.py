@@ -1,0 +1,219 @@
+"""The fast harvest kernels equal the reference: ``torch.optim`` on the ``(batch, out, in)`` deltas (today's path)
+and the official per-sample loop (a deep copy per sample, the optimizer on the layer's weight alone)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import image_batch, tabular_batch, text_batch, tiny_bert, tiny_deit, tiny_mlp
+from helpers.harvest_fixtures import CASES as HARVEST_CASES
+from helpers.harvest_fixtures import build_backbone, build_dataset
+from torch import nn
+from torch.nn import functional as F
+
+from ocd_hf import LeNet5Config, LeNet5ForImageClassification, find_target_linear, model_output_tensor
+from ocd_hf.finetune import OPTIMIZERS, closed_form_deltas, optimise_deltas, overfit_deltas, overfit_head_deltas, per_sample_task_loss
+from ocd_hf.methods.ocd import harvest as harvest_module
+from ocd_hf.methods.ocd.deltas import load_harvest_metadata
+from ocd_hf.methods.ocd.harvest import rank1_energy
+from ocd_hf.target import inject_deltas
+
+LR, STEPS = 5e-4, 3
+
+
+def lenet(seed: int = 0) -> LeNet5ForImageClassification:
+    torch.manual_seed(seed)
+    return LeNet5ForImageClassification(LeNet5Config(num_channels=1, image_size=28)).eval()
+
+
+def lenet_batch(batch: int = 6, seed: int = 1) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed))}
+
+
+def labels_for(model: nn.Module, batch: int, seed: int = 2) -> torch.Tensor:
+    if model.config.num_labels == 1:
+        return torch.randn(batch, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, model.config.num_labels, (batch,), generator=torch.Generator().manual_seed(seed))
+
+
+def task_of(model: nn.Module) -> str:
+    return "regression" if model.config.num_labels == 1 else "classification"
+
+
+def per_sample_reference(model: nn.Module, target: str, inputs: dict, labels: torch.Tensor, optimizer: str) -> torch.Tensor:
+    """The official loop: for each sample, a deep copy whose target weight alone ``optimizer`` steps on that sample."""
+    deltas = []
+    loss_fn = per_sample_task_loss(task_of(model))
+    for index in range(labels.shape[0]):
+        copied = copy.deepcopy(model)
+        _, layer = find_target_linear(copied, target)
+        for parameter in copied.parameters():
+            parameter.requires_grad_(parameter is layer.weight)
+        base = layer.weight.detach().clone()
+        opt = OPTIMIZERS[optimizer]([layer.weight], lr=LR)
+        sample = {name: value[index : index + 1] for name, value in inputs.items()}
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss_fn(model_output_tensor(copied(**sample)), labels[index : index + 1]).sum().backward()
+            opt.step()
+        deltas.append(layer.weight.detach() - base)
+    return torch.stack(deltas)
+
+
+def optimizer_path(model: nn.Module, target: str, inputs: dict, labels: torch.Tensor, optimizer: str):
+    """Today's general path: ``torch.optim`` stepping the ``(batch, out, in)`` deltas injected into the layer."""
+    _, layer = find_target_linear(model, target)
+
+    def forward(delta):
+        with inject_deltas(layer, delta):
+            return model_output_tensor(model(**inputs))
+
+    return optimise_deltas(forward, layer.weight, labels, task_of(model), optimizer, LR, STEPS, None, True)
+
+
+def assert_deltas_close(actual: torch.Tensor, expected: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    """Equal up to float32 rounding, relative to the largest entry; against the per-sample loop (``weight`` given)
+    also up to a few ulps of the weight, since that loop stores ``W + Δ`` and reads the delta back as a difference."""
+    scale = expected.abs().amax()
+    assert scale > 0
+    atol = 2e-5 * scale + (0 if weight is None else 4 * torch.finfo(torch.float32).eps * weight.detach().abs().amax())
+    torch.testing.assert_close(actual, expected, rtol=0, atol=float(atol))
+
+
+CASES = {
+    "lenet-fc2": (lenet, lenet_batch, "fc2", "closed_form"),
+    "lenet-fc3-head": (lenet, lenet_batch, "fc3", "closed_form_head"),
+    "bert-classifier-head": (tiny_bert, text_batch, "classifier", "closed_form_head"),
+    "bert-pooler": (tiny_bert, text_batch, "pooler.dense", "closed_form"),
+    "mlp-regression-fc1": (tiny_mlp, tabular_batch, "fc1", "closed_form"),
+    "mlp-regression-head": (tiny_mlp, tabular_batch, "head", "closed_form_head"),
+}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_closed_form_equals_the_optimizer_path_and_the_per_sample_loop(case, optimizer):
+    build, batch, target, path = CASES[case]
+    model, inputs = build(), batch()
+    labels = labels_for(model, next(iter(inputs.values())).shape[0])
+    _, layer = find_target_linear(model, target)
+    result = overfit_deltas(model, layer, inputs, labels, task=task_of(model), optimizer=optimizer, lr=LR, steps=STEPS,
+                            return_trajectory=True)
+    assert result.path == path
+    reference = optimizer_path(model, target, inputs, labels, optimizer)
+    assert_deltas_close(result.deltas, reference.deltas)
+    for step in range(STEPS):
+        assert_deltas_close(result.trajectory[:, step], reference.trajectory[:, step])
+    torch.testing.assert_close(result.loss_before, reference.loss_before)
+    torch.testing.assert_close(result.loss_after, reference.loss_after, rtol=1e-5, atol=1e-6)
+    assert_deltas_close(result.deltas, per_sample_reference(model, target, inputs, labels, optimizer), layer.weight)
+    assert not any(parameter.grad is not None for parameter in model.parameters())
+
+
+def test_closed_form_keeps_adams_eps_where_an_input_is_tiny():
+    """An input entry far below eps/|δ| gets a step well under lr: the closed form must not drop eps (a rank-1
+    ``u sign(x)ᵀ`` would give it the full ±lr)."""
+    model, inputs = tiny_bert(), text_batch()
+    labels = labels_for(model, 4)
+    _, layer = find_target_linear(model, "classifier")
+    captured = {}
+    handle = layer.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    x = captured["x"].clone()
+    x[:, 0] = 1e-9  # Adam's step on this column is lr·|x|/(|x|+eps): about lr/11, not lr
+    base_output = x @ layer.weight.T + layer.bias
+    closed = closed_form_deltas(lambda shift: base_output + shift, x, 3, labels, "classification", "adam", LR, STEPS, None, False)
+    reference = overfit_head_deltas(x, base_output, labels, optimizer="adam", lr=LR, steps=STEPS)
+    assert_deltas_close(closed.deltas, reference.deltas)
+    assert closed.deltas[:, :, 0].abs().max() < 0.2 * LR * STEPS
+
+
+@pytest.mark.parametrize(
+    "build, batch, target, path",
+    [
+        (tiny_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "optimizer"),  # per-token layer
+        (tiny_deit, image_batch, "deit.layers.0.mlp.fc2", "optimizer"),
+    ],
+)
+def test_layers_that_see_many_vectors_per_sample_keep_the_optimizer_path(build, batch, target, path):
+    model, inputs = build(), batch()
+    labels = labels_for(model, 4)
+    _, layer = find_target_linear(model, target)
+    assert overfit_deltas(model, layer, inputs, labels, steps=1).path == path
+
+
+class Twice(nn.Module):
+    """A Linear applied twice: its gradient is a sum of two δ xᵀ, not one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(features)))))
+
+
+def test_a_layer_called_twice_keeps_the_optimizer_path_and_matches_the_loop():
+    model = Twice().eval()
+    model.config = type("Config", (), {"num_labels": 3})()
+    inputs = {"features": torch.randn(4, 5, generator=torch.Generator().manual_seed(0))}
+    labels = torch.tensor([0, 1, 2, 0])
+    result = overfit_deltas(model, model.shared, inputs, labels)
+    assert result.path == "optimizer"
+    assert_deltas_close(result.deltas, per_sample_reference(model, "shared", inputs, labels, "adam"), model.shared.weight)
+
+
+def test_closed_form_respects_a_custom_loss():
+    model, inputs = tiny_bert(), text_batch()
+    labels = labels_for(model, 4)
+    _, layer = find_target_linear(model, "classifier")
+
+    def loss_fn(output, labels):
+        return F.cross_entropy(output, labels, reduction="none") + output.pow(2).mean(1)
+
+    closed = overfit_deltas(model, layer, inputs, labels, loss_fn=loss_fn)
+    assert closed.path == "closed_form_head"
+
+    def forward(delta):
+        with inject_deltas(layer, delta):
+            return model_output_tensor(model(**inputs))
+
+    reference = optimise_deltas(forward, layer.weight, labels, "classification", "adam", LR, STEPS, loss_fn, False)
+    assert_deltas_close(closed.deltas, reference.deltas)
+
+
+@pytest.mark.parametrize("shape", [(84, 120), (120, 84)])
+def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape):
+    generator = torch.Generator().manual_seed(0)
+    out, inp = shape
+    near_rank1 = torch.randn(16, out, 1, generator=generator) * torch.randn(16, 1, inp, generator=generator)
+    near_rank1 = near_rank1 + 1e-2 * torch.randn(16, out, inp, generator=generator)
+    # Two equal top singular values: power iteration cannot converge, the eigensolver answers.
+    tied = torch.zeros(2, out, inp)
+    tied[:, 0, 0] = tied[:, 1, 1] = 1.0
+    deltas = torch.cat([near_rank1, torch.randn(8, out, inp, generator=generator), tied, torch.zeros(1, out, inp)])
+    spectrum = torch.linalg.svdvals(deltas.double()).pow(2)
+    expected = torch.where(spectrum.sum(-1) > 0, spectrum[:, 0] / spectrum.sum(-1).clamp_min(1e-300), 1.0).float()
+    energy = rank1_energy(deltas)
+    torch.testing.assert_close(energy, expected, rtol=0, atol=1e-5)
+    assert energy[-1] == 1.0 and abs(float(energy[-3]) - 0.5) < 1e-6
+
+
+def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeypatch):
+    kind, target = HARVEST_CASES["bert-classifier"]
+    backbone, dataset = build_backbone(kind), build_dataset(kind, 7)
+    calls = []
+    original = harvest_module.harvest_batch
+    monkeypatch.setattr(harvest_module, "harvest_batch", lambda *args, **kwargs: calls.append(len(args[3])) or original(*args, **kwargs))
+    auto = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "auto", batch_size=4, progress=False)
+    assert load_harvest_metadata(tmp_path / "auto")["harvest_config"]["delta_storage"] == "factorised"
+    assert calls == [4, 3]  # the first batch once (to decide), then the rest
+    forced = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "forced", batch_size=4, delta_storage="factorised",
+                                           progress=False)
+    for column in ("id", "delta_factor", "factor_residual", "layer_input", "loss_after"):
+        torch.testing.assert_close(auto.with_format("torch")[column], forced.with_format("torch")[column], rtol=0, atol=0)
