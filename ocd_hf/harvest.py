@@ -1,8 +1,9 @@
 """The resumable shard loop every harvest runs: this process's missing shards, each written atomically.
 
 A method supplies the schema of its rows and a function that harvests rows ``[start, end)`` of its
-source; the loop handles sharding across processes, resumption (finished shards are skipped), the
-atomic shard files of :mod:`ocd_hf.weight_datasets` and one progress bar.
+source; the loop handles sharding across processes, resumption (finished shards that pass
+verification are skipped), the atomic shard files of :mod:`ocd_hf.weight_datasets` with the record
+of each (row count, ids, size, sha256) and one progress bar.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from datasets import Features
 from tqdm.auto import tqdm
 
-from .weight_datasets import ShardWriter, pending_shards, shard_path
+from .weight_datasets import ShardWriter, pending_shards, shard_path, write_shard_record
 
 HarvestRowsFn = Callable[[int, int], Mapping[str, torch.Tensor | np.ndarray]]
 
@@ -55,3 +56,4 @@ def harvest_shards(
                     end = min(start + batch_size, shard_end)
                     writer.write(harvest_rows(start, end))
                     bar.update(end - start)
+            write_shard_record(output_dir, index, num_shards, writer.record())

@@ -207,8 +207,11 @@ def format_deltas(dataset: Dataset, dtype: str) -> Dataset:
     return weight_datasets.format_weights(dataset, dtype, DELTA_COLUMNS)
 
 
-def load_deltas(path: str | os.PathLike) -> Dataset:
+def load_deltas(path: str | os.PathLike, verify: bool = False) -> Dataset:
     """Load a complete delta dataset as a memory-mapped ``datasets.Dataset`` formatted as torch tensors.
+
+    Every shard is checked against the size, row count and ids the harvest recorded; ``verify=True``
+    also checks its sha256 (reads every byte once). A bad shard raises ``ValueError`` naming the file.
 
     ``delta`` (or, in factorised storage, ``delta_factor``) and ``trajectory`` (``trajectory_factor``)
     come back as float32 tensors whatever the storage dtype; rows are in increasing ``id`` order.
@@ -216,7 +219,7 @@ def load_deltas(path: str | os.PathLike) -> Dataset:
     holds ``delta_storage`` and ``factor_rule``) and :func:`materialise_deltas` for full matrices.
     """
     load_harvest_metadata(path)
-    return weight_datasets.load_weight_dataset(path, DELTA_COLUMNS)
+    return weight_datasets.load_weight_dataset(path, DELTA_COLUMNS, verify=verify)
 
 
 def resolve_deltas(deltas: str | os.PathLike | tuple[Dataset, Mapping[str, Any]]) -> tuple[Dataset, dict[str, Any]]:

@@ -34,6 +34,7 @@ from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS
 from ...harvest import harvest_shards
 from ...logging import get_logger
 from ...target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
+from ...weight_datasets import harvest_lock
 from .deltas import (
     DELTA_COLUMNS,
     DELTA_STORAGES,
@@ -458,64 +459,65 @@ def harvest_deltas(
     backbone.to(state.device)
     was_training = backbone.training
     backbone.eval()
-    try:
-        reader = SampleReader(
-            dataset, backbone, task=backbone_task(backbone), label_column=label_column, input_columns=input_columns,
-            collate_fn=collate_fn,
-        )
-        first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
+    with harvest_lock(output_dir, enabled=state.is_main_process):  # before any work: writable, not in use
         try:
-            description = describe_backbone(backbone, name, example_inputs=first_inputs)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(
-                f"{type(backbone).__name__} failed on the first batch, built from inputs {sorted(first_inputs)}: {error}. "
-                "Pass input_columns= with the model's input columns, or collate_fn= to build its inputs."
-            ) from error
-        settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
-        storage, decision = choose_delta_storage(
-            delta_storage, backbone, layer, first_inputs, first_labels, name, output_dir, description["per_token"],
-            factor_tolerance, **settings,
-        )
-        factor_settings = {}
-        if storage == "factorised":
-            factor_settings = {
-                "factor_rule": RULE_FOR_OPTIMIZER[optimizer], "factor_tolerance": factor_tolerance,
-                "factor_tolerance_strict": delta_storage == "factorised",  # "auto" warns: it cannot switch storage midway
+            reader = SampleReader(
+                dataset, backbone, task=backbone_task(backbone), label_column=label_column, input_columns=input_columns,
+                collate_fn=collate_fn,
+            )
+            first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
+            try:
+                description = describe_backbone(backbone, name, example_inputs=first_inputs)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise ValueError(
+                    f"{type(backbone).__name__} failed on the first batch, built from inputs {sorted(first_inputs)}: {error}. "
+                    "Pass input_columns= with the model's input columns, or collate_fn= to build its inputs."
+                ) from error
+            settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
+            storage, decision = choose_delta_storage(
+                delta_storage, backbone, layer, first_inputs, first_labels, name, output_dir, description["per_token"],
+                factor_tolerance, **settings,
+            )
+            factor_settings = {}
+            if storage == "factorised":
+                factor_settings = {
+                    "factor_rule": RULE_FOR_OPTIMIZER[optimizer], "factor_tolerance": factor_tolerance,
+                    "factor_tolerance_strict": delta_storage == "factorised",  # "auto" warns: it cannot switch storage midway
+                }
+            config = getattr(backbone, "config", None)
+            metadata = {
+                "format_version": 1,
+                **description,
+                "base_model_name_or_path": base_model_name_or_path or description["base_model_name_or_path"],
+                "base_model_revision": base_model_revision or getattr(config, "_commit_hash", None),
+                "harvest_config": {
+                    "optimizer": optimizer,
+                    "lr": lr,
+                    "steps": steps,
+                    "loss": loss_name(loss, description["task"]),
+                    "dtype": dtype,
+                    "store_trajectory": store_trajectory,
+                    "shard_size": shard_size,
+                    "conditioning": "un-finetuned model; per-token tensors averaged over valid tokens",
+                    "delta_storage": storage,
+                    **factor_settings,
+                    "cross_fit": cross_fit,
+                },
+                "storage_decision": decision,
+                "source": {"num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256},
+                "num_shards": math.ceil(len(reader) / shard_size),
             }
-        config = getattr(backbone, "config", None)
-        metadata = {
-            "format_version": 1,
-            **description,
-            "base_model_name_or_path": base_model_name_or_path or description["base_model_name_or_path"],
-            "base_model_revision": base_model_revision or getattr(config, "_commit_hash", None),
-            "harvest_config": {
-                "optimizer": optimizer,
-                "lr": lr,
-                "steps": steps,
-                "loss": loss_name(loss, description["task"]),
-                "dtype": dtype,
-                "store_trajectory": store_trajectory,
-                "shard_size": shard_size,
-                "conditioning": "un-finetuned model; per-token tensors averaged over valid tokens",
-                "delta_storage": storage,
-                **factor_settings,
-                "cross_fit": cross_fit,
-            },
-            "storage_decision": decision,
-            "source": {"num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256},
-            "num_shards": math.ceil(len(reader) / shard_size),
-        }
-        prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
+            prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
+            state.wait_for_everyone()
+            models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
+            _harvest_shards(models, reader, output_dir, metadata, state, batch_size, loss, progress)
+        finally:
+            backbone.train(was_training)
         state.wait_for_everyone()
-        models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
-        _harvest_shards(models, reader, output_dir, metadata, state, batch_size, loss, progress)
-    finally:
-        backbone.train(was_training)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        final = finalize_delta_dataset(output_dir, metadata)
-        write_delta_dataset_card(output_dir, final)
-    state.wait_for_everyone()
+        if state.is_main_process:
+            final = finalize_delta_dataset(output_dir, metadata)
+            write_delta_dataset_card(output_dir, final)
+        state.wait_for_everyone()
     return load_deltas(output_dir)
 
 

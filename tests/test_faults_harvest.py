@@ -1,0 +1,167 @@
+"""Faults of weight datasets (issue 16): tampered or truncated shards, concurrent harvests, interrupted Hub pushes.
+
+Every harvest here is a tiny seeded Bert (8 rows, 2 shards of 4) or a tiny Mc-Di head harvest; each test
+damages the directory the way a user, a disk or a second process would and checks the error names the
+file and the fix, or that re-running the harvest repairs it bit-exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import subprocess_env
+from helpers.harvest_fixtures import CASES, build_backbone, build_dataset
+from helpers.mcdi import gaussian_distribution
+
+from ocd_hf.methods.ocd.deltas import load_deltas, load_harvest_metadata, shard_path
+from ocd_hf.methods.ocd.harvest import harvest_deltas
+from ocd_hf.task_heads import harvest_task_heads, load_task_heads
+
+KIND, TARGET = CASES["bert-classifier"]
+
+
+def harvest(output_dir: Path, seed: int = 1, **kwargs):
+    """8 rows of the tiny Bert's head in 2 shards of 4 (the data's seed decides the inputs and labels)."""
+    settings = {"batch_size": 4, "shard_size": 4, "delta_storage": "full", "progress": False, **kwargs}
+    return harvest_deltas(build_backbone(KIND), build_dataset(KIND, 8, seed=seed), TARGET, output_dir, **settings)
+
+
+def rows(dataset) -> dict[str, torch.Tensor]:
+    return {name: dataset[:][name] for name in ("id", "label", "delta", "layer_input")}
+
+
+def assert_same_rows(first, second) -> None:
+    a, b = rows(first), rows(second)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture
+def harvested(tmp_path) -> Path:
+    harvest(tmp_path / "deltas")
+    return tmp_path / "deltas"
+
+
+# ----- verified weight datasets (point 5) -----------------------------------------------------------------
+
+
+def test_metadata_records_each_shard_range_count_size_and_sha256(harvested):
+    records = load_harvest_metadata(harvested)["shards"]
+    assert [record["file"] for record in records] == ["data/train-00000-of-00002.arrow", "data/train-00001-of-00002.arrow"]
+    for index, record in enumerate(records):
+        data = shard_path(harvested, index, 2).read_bytes()
+        assert record["row_range"] == [4 * index, 4 * index + 4] and record["num_rows"] == 4
+        assert (record["first_id"], record["last_id"]) == (4 * index, 4 * index + 3)
+        assert record["num_bytes"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert not (harvested / ".shard_records").exists()  # the per-shard records are merged into harvest.json
+
+
+def test_shard_from_another_harvest_is_found_by_verify(harvested, tmp_path):
+    harvest(tmp_path / "other", seed=7)  # same layer, same sizes, other rows
+    shutil.copyfile(shard_path(tmp_path / "other", 0, 2), shard_path(harvested, 0, 2))
+    with pytest.raises(ValueError, match=r"train-00000-of-00002\.arrow.*sha256.*Run the harvest again"):
+        load_deltas(harvested, verify=True)
+
+
+def test_duplicated_shard_is_refused(harvested):
+    shutil.copyfile(shard_path(harvested, 0, 2), shard_path(harvested, 1, 2))  # ids 0-3 twice, 4-7 gone
+    with pytest.raises(ValueError, match=r"train-00001-of-00002\.arrow.*copy of another shard"):
+        load_deltas(harvested)
+
+
+def test_edited_dtype_in_the_metadata_is_refused(harvested):
+    metadata = load_harvest_metadata(harvested)
+    metadata["harvest_config"]["dtype"] = "bfloat16"  # float32 bits would be read as bfloat16 pairs
+    (harvested / "harvest.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"says dtype 'bfloat16'.*shards store 'delta' as float32"):
+        load_deltas(harvested)
+
+
+def test_stray_shard_is_refused_by_load_and_by_a_resumed_harvest(harvested):
+    stray = harvested / "data" / "train-00000-of-00003.arrow"  # e.g. left by an older harvest with 3 shards
+    shutil.copyfile(shard_path(harvested, 0, 2), stray)
+    with pytest.raises(ValueError, match=r"train-00000-of-00003\.arrow.*load_dataset.*Delete them"):
+        load_deltas(harvested)
+    with pytest.raises(ValueError, match=r"train-00000-of-00003\.arrow"):
+        harvest(harvested)
+
+
+def test_truncated_shard_names_the_file_and_a_rerun_repairs_it(harvested):
+    expected = load_deltas(harvested)
+    expected_rows = rows(expected)
+    path = shard_path(harvested, 1, 2)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"train-00001-of-00002\.arrow.*truncated.*Run the harvest again"):
+        load_deltas(harvested)
+    repaired = harvest(harvested)  # the same call: re-harvests the shard that fails verification
+    for name, value in rows(repaired).items():
+        assert torch.equal(value, expected_rows[name]), name
+    load_deltas(harvested, verify=True)
+
+
+def test_resume_reharvests_a_shard_whose_content_changed(tmp_path):
+    harvest(tmp_path / "other", seed=7)
+    path = tmp_path / "deltas"
+    reference = rows(harvest(path))
+    shutil.copyfile(shard_path(tmp_path / "other", 0, 2), shard_path(path, 0, 2))  # same size, other content
+    for name, value in rows(harvest(path)).items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_head_datasets_inherit_the_verification(tmp_path):
+    settings = {"num_tasks": 6, "n_way": 3, "k_shot": 1, "steps": 4, "num_targets": 2, "batch_size": 3, "shard_size": 3,
+                "progress": False}
+    distribution = gaussian_distribution(num_classes=8, per_class=4, dim=4)
+    expected = harvest_task_heads(distribution, tmp_path, **settings)[:]["targets"]
+    path = tmp_path / "data" / "train-00001-of-00002.arrow"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"train-00001-of-00002\.arrow.*truncated"):
+        load_task_heads(tmp_path)
+    assert torch.equal(harvest_task_heads(distribution, tmp_path, **settings)[:]["targets"], expected)
+
+
+# ----- one harvest at a time (point 4) ----------------------------------------------------------------------
+
+HOLDER = """
+import sys
+from ocd_hf.weight_datasets import harvest_lock
+with harvest_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_second_harvest_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+    output_dir = tmp_path / "deltas"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(output_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeError, match=rf"is locked by another harvest: pid {holder.pid} on host .*another output_dir"):
+            harvest(output_dir)
+        assert not (output_dir / "data").exists(), "nothing was written by the refused harvest"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # dies holding the lock: the kernel releases it
+        holder.wait()
+    with caplog.at_level("WARNING"):
+        dataset = harvest(output_dir)
+    assert f"pid {holder.pid}" in caplog.text and "taking the lock over" in caplog.text
+    assert len(dataset) == 8 and not (output_dir / ".harvest.lock.json").exists()
+
+
+def test_unwritable_output_dir_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"output_dir=.*a-file/deltas.*is not a writable directory"):
+        harvest(blocker / "deltas")
