@@ -165,3 +165,87 @@ def test_unwritable_output_dir_is_refused_before_any_work(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match=r"output_dir=.*a-file/deltas.*is not a writable directory"):
         harvest(blocker / "deltas")
+
+
+# ----- one-commit pushes, pinned pulls (point 2) and an unreachable Hub ------------------------------------
+
+
+def dataset_commits(loopback_hub, repo: str) -> list[str]:
+    return [commit["title"] for commit in loopback_hub.server.load("datasets", repo)["commits"].values()]
+
+
+def test_push_is_one_commit_and_a_failure_between_files_changes_nothing(loopback_hub, tmp_path, monkeypatch):
+    import hub_server
+    from huggingface_hub import HfApi
+
+    from ocd_hf.methods.ocd.hub import load_deltas_from_hub, push_deltas_to_hub
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    harvest(first)
+    harvest(second, seed=7)
+    repo = f"{loopback_hub.user}/deltas"
+    commit = push_deltas_to_hub(first, "deltas", commit_message="first push", max_shard_size=1000)  # several parquet files
+    assert dataset_commits(loopback_hub, repo) == ["initial commit", "first push"]
+    files = HfApi().list_repo_files(repo, repo_type="dataset")
+    assert {"README.md", "harvest.json"} <= set(files) and sum(name.endswith(".parquet") for name in files) >= 2
+
+    uploads, original = [], hub_server._Handler.lfs_upload
+
+    def fail_after_the_first_file(handler, oid):
+        uploads.append(oid)
+        if len(uploads) > 1:
+            raise hub_server.HubError(400, "connection dropped (injected)")
+        return original(handler, oid)
+
+    monkeypatch.setattr(hub_server._Handler, "lfs_upload", fail_after_the_first_file)
+    with pytest.raises(Exception, match="Error while uploading"):
+        push_deltas_to_hub(second, "deltas", commit_message="second push", max_shard_size=1000)
+    assert len(uploads) > 1, "the failure was injected between two files"
+    assert HfApi().dataset_info(repo).sha == commit.oid, "the repo is exactly as the first push left it"
+    deltas, metadata = load_deltas_from_hub(repo)
+    assert metadata == load_harvest_metadata(first)
+    assert_same_rows(deltas, load_deltas(first))
+
+
+def test_pull_reads_rows_and_metadata_of_one_commit(loopback_hub, tmp_path):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from ocd_hf.methods.ocd.hub import load_deltas_from_hub, push_deltas_to_hub
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    harvest(first)
+    harvest(second, seed=7)
+    repo = f"{loopback_hub.user}/deltas"
+    old = push_deltas_to_hub(first, "deltas")
+    load_deltas_from_hub(repo)  # this machine has the first push cached
+    push_deltas_to_hub(second, "deltas")
+    deltas, metadata = load_deltas_from_hub(repo)
+    assert metadata == load_harvest_metadata(second)
+    assert_same_rows(deltas, load_deltas(second))
+    deltas, metadata = load_deltas_from_hub(repo, revision=old.oid)
+    assert metadata == load_harvest_metadata(first)
+    assert_same_rows(deltas, load_deltas(first))
+
+    # Rows replaced behind the metadata's back (same row counts): found by verify=True, naming the file.
+    parquet = sorted(name for name in HfApi().list_repo_files(repo, repo_type="dataset", revision=old.oid) if name.endswith(".parquet"))
+    api = HfApi()
+    newer = [hub_file for hub_file in api.list_repo_files(repo, repo_type="dataset") if hub_file.endswith(".parquet")]
+    assert newer == parquet
+    from huggingface_hub import hf_hub_download
+
+    stale = hf_hub_download(repo, parquet[0], repo_type="dataset", revision=old.oid)
+    api.create_commit(repo, repo_type="dataset", commit_message="swap rows",
+                      operations=[CommitOperationAdd(parquet[0], stale)])
+    with pytest.raises(ValueError, match=rf"{parquet[0]}.*not the file pushed"):
+        load_deltas_from_hub(repo, verify=True)
+
+
+def test_unreachable_hub_is_a_clear_error_naming_its_url(loopback_hub, harvested):
+    from ocd_hf.methods.ocd.hub import load_deltas_from_hub, push_deltas_to_hub
+
+    endpoint = loopback_hub.endpoint
+    loopback_hub.stop()
+    with pytest.raises(ConnectionError, match=rf"Could not reach the Hub at {endpoint}.*HF_ENDPOINT"):
+        push_deltas_to_hub(harvested, "deltas")
+    with pytest.raises(FileNotFoundError, match=rf"Hub at {endpoint}.*HF_ENDPOINT"):
+        load_deltas_from_hub("user/deltas")
