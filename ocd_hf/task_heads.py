@@ -29,6 +29,7 @@ from .episodes import EpisodeSampler, TaskDistribution
 from .harvest import harvest_shards
 from .weight_datasets import (
     check_storage_dtype,
+    dataset_sha256,
     finalize_weight_dataset,
     harvest_lock,
     load_harvest_metadata,
@@ -300,7 +301,8 @@ class EpisodeTasks:
         """What identifies these tasks (recorded in the harvest metadata)."""
         dataset = self.distribution.dataset
         return {
-            "distribution": self.distribution.name, "dataset_fingerprint": dataset._fingerprint, "column": self.column,
+            "distribution": self.distribution.name, "column": self.column,
+            "inputs_sha256": dataset_sha256(dataset, [self.column, self.distribution.label_column]),
             "classes": self.distribution.classes.tolist(),
             "class_names": [self.distribution.class_names[int(c)] for c in self.distribution.classes],
             "fit_on": self.fit_on, "pool_size": self.pool_size, "seed": self.seed,

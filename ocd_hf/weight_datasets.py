@@ -202,6 +202,39 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def dataset_sha256(dataset: Dataset, columns: Sequence[str], batch_size: int = 10_000) -> str:
+    """sha256 (first 16 hex digits) of the content of ``columns`` of ``dataset``: what a harvest records of
+    its inputs, so that resuming with other data is refused.
+
+    Each batch of rows is hashed as one Arrow IPC record batch with contiguous columns, so a selected or
+    sliced view hashes like a copy of the same rows. (By hand: ``Dataset._fingerprint`` tracks how a
+    dataset was made, not its content, and falls back to a random value for unhashable transforms.)
+    """
+    view = dataset.select_columns(list(columns)).with_format("arrow")
+    digest = hashlib.sha256()
+    for start in range(0, len(view), batch_size):
+        table = view[start : start + batch_size].combine_chunks()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        digest.update(sink.getvalue())
+    return digest.hexdigest()[:16]
+
+
+def tensors_sha256(tensors: Mapping[str, Any]) -> str:
+    """sha256 (first 16 hex digits) of named tensors (names, dtypes, shapes and values), e.g. a collated batch."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        else:
+            digest.update(f"{name}:{value!r}".encode())
+    return digest.hexdigest()[:16]
+
+
 def write_metadata(output_dir: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
     """Write ``harvest.json`` atomically (temporary file + rename).
 

@@ -29,10 +29,11 @@ from ocd_hf.task_heads import harvest_task_heads, load_task_heads
 KIND, TARGET = CASES["bert-classifier"]
 
 
-def harvest(output_dir: Path, seed: int = 1, **kwargs):
+def harvest(output_dir: Path, seed: int = 1, dataset=None, **kwargs):
     """8 rows of the tiny Bert's head in 2 shards of 4 (the data's seed decides the inputs and labels)."""
     settings = {"batch_size": 4, "shard_size": 4, "delta_storage": "full", "progress": False, **kwargs}
-    return harvest_deltas(build_backbone(KIND), build_dataset(KIND, 8, seed=seed), TARGET, output_dir, **settings)
+    dataset = build_dataset(KIND, 8, seed=seed) if dataset is None else dataset
+    return harvest_deltas(build_backbone(KIND), dataset, TARGET, output_dir, **settings)
 
 
 def rows(dataset) -> dict[str, torch.Tensor]:
@@ -127,6 +128,61 @@ def test_head_datasets_inherit_the_verification(tmp_path):
     with pytest.raises(ValueError, match=r"train-00001-of-00002\.arrow.*truncated"):
         load_task_heads(tmp_path)
     assert torch.equal(harvest_task_heads(distribution, tmp_path, **settings)[:]["targets"], expected)
+
+
+# ----- resuming with other inputs (point 3) -------------------------------------------------------------------
+
+
+def interrupted_harvest(output_dir: Path, dataset, monkeypatch, **kwargs) -> None:
+    """Harvest ``dataset`` into ``output_dir`` and stop it (as a kill would) while it writes the second shard."""
+    from ocd_hf.weight_datasets import ShardWriter
+
+    original = ShardWriter.write
+
+    def write(writer, columns):
+        if "00001-of" in writer.path.name:
+            raise KeyboardInterrupt("killed")
+        return original(writer, columns)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardWriter, "write", write)
+        with pytest.raises(KeyboardInterrupt):
+            harvest_deltas(build_backbone(KIND), dataset, TARGET, output_dir, batch_size=4, shard_size=4,
+                           delta_storage="full", progress=False, **kwargs)
+
+
+def test_resuming_with_other_inputs_but_the_same_labels_is_refused(tmp_path, monkeypatch):
+    first = build_dataset(KIND, 8, seed=1)
+    other_inputs = first.map(lambda row: {"input_ids": [(token + 1) % 50 for token in row["input_ids"]]})
+    assert other_inputs["label"] == first["label"]
+    interrupted_harvest(tmp_path, first, monkeypatch)
+    with pytest.raises(ValueError, match=r"other settings or other data.*source\.inputs_sha256 \(directory: '\w+', this call: '\w+'\)"):
+        harvest(tmp_path, dataset=other_inputs)
+    assert len(harvest(tmp_path)) == 8  # the original inputs resume
+
+
+def test_resuming_with_another_collate_fn_is_refused(tmp_path, monkeypatch):
+    dataset = build_dataset(KIND, 8, seed=1)
+
+    def collate(shift):
+        return lambda batch: {
+            "input_ids": (torch.tensor(batch["input_ids"]) + shift) % 50, "attention_mask": torch.tensor(batch["attention_mask"]),
+        }
+
+    interrupted_harvest(tmp_path, dataset, monkeypatch, collate_fn=collate(0))
+    with pytest.raises(ValueError, match=r"source\.first_batch_sha256 \(directory"):
+        harvest(tmp_path, dataset=dataset, collate_fn=collate(1))
+
+
+def test_resuming_a_head_harvest_with_other_embeddings_is_refused(tmp_path):
+    from ocd_hf.episodes import TaskDistribution
+
+    settings = {"num_tasks": 3, "n_way": 3, "k_shot": 1, "steps": 4, "num_targets": 2, "batch_size": 3, "progress": False}
+    distribution = gaussian_distribution(num_classes=8, per_class=4, dim=4)
+    harvest_task_heads(distribution, tmp_path, **settings)
+    moved = distribution.dataset.map(lambda row: {"embedding": [value + 1.0 for value in row["embedding"]]})
+    with pytest.raises(ValueError, match=r"source\.inputs_sha256"):
+        harvest_task_heads(TaskDistribution(moved), tmp_path, **settings)
 
 
 # ----- one harvest at a time (point 4) ----------------------------------------------------------------------

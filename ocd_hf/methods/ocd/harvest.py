@@ -34,7 +34,7 @@ from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS
 from ...harvest import harvest_shards
 from ...logging import get_logger
 from ...target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
-from ...weight_datasets import harvest_lock
+from ...weight_datasets import dataset_sha256, harvest_lock, tensors_sha256
 from .deltas import (
     DELTA_COLUMNS,
     DELTA_STORAGES,
@@ -340,6 +340,11 @@ class SampleReader:
     def labels_sha256(self) -> str:
         return hashlib.sha256(self.labels.numpy().tobytes()).hexdigest()[:16]
 
+    def inputs_sha256(self) -> str:
+        """Content hash of the dataset columns the inputs are made from (with ``collate_fn``: every column but the label)."""
+        columns = self.input_columns or [name for name in self.dataset.column_names if name != self.label_column]
+        return dataset_sha256(self.dataset, columns)
+
     def __len__(self) -> int:
         return len(self.dataset)
 
@@ -504,7 +509,12 @@ def harvest_deltas(
                     "cross_fit": cross_fit,
                 },
                 "storage_decision": decision,
-                "source": {"num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256},
+                "source": {
+                    "num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256,
+                    # The inputs too (resuming with other inputs and the same labels would mix two datasets), and the
+                    # first batch as the backbone sees it (another collate_fn, tokenizer or max_length).
+                    "inputs_sha256": reader.inputs_sha256(), "first_batch_sha256": tensors_sha256(first_inputs),
+                },
                 "num_shards": math.ceil(len(reader) / shard_size),
             }
             prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
