@@ -305,3 +305,23 @@ def test_unreachable_hub_is_a_clear_error_naming_its_url(loopback_hub, harvested
         push_deltas_to_hub(harvested, "deltas")
     with pytest.raises(FileNotFoundError, match=rf"Hub at {endpoint}.*HF_ENDPOINT"):
         load_deltas_from_hub("user/deltas")
+
+
+# ----- a hand-written README.md survives harvests (point 9) ------------------------------------------------
+
+
+def test_harvest_keeps_a_hand_written_readme_outside_the_generated_block(tmp_path):
+    from huggingface_hub import DatasetCard
+
+    from ocd_hf.cards import GENERATED_END, GENERATED_START
+
+    output_dir = tmp_path / "deltas"
+    output_dir.mkdir()
+    (output_dir / "README.md").write_text("---\nlicense: mit\n---\n# My deltas\n\nNotes I wrote by hand.\n")
+    harvest(output_dir)
+    harvest(output_dir)  # the same call again (a no-op resume) rewrites the card
+    card = DatasetCard.load(output_dir / "README.md")
+    assert card.text.startswith("# My deltas\n\nNotes I wrote by hand.")
+    assert card.text.count(GENERATED_START) == 1 and card.text.count(GENERATED_END) == 1
+    assert "OCD weight deltas for `classifier`" in card.text
+    assert card.data.license == "mit" and card.data.configs[0]["data_files"][0]["path"] == "data/train-*.arrow"
