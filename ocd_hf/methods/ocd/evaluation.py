@@ -26,6 +26,7 @@ from ...factorised import expand_factors
 from ...finetune import overfit_deltas
 from ...results import CALIBRATION_BINS, MetricAccumulator, ResultRow, ResultsTable, pool_reliability
 from ...target import CONDITION_FIELDS, Conditioning, model_output_tensor
+from ...weight_datasets import check_writable_dir
 from .deltas import materialise_deltas, resolve_deltas
 from .modeling import OCDWrapper
 
@@ -400,6 +401,8 @@ def evaluate_ocd(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     if calibration_bins < 1:
         raise ValueError(f"calibration_bins must be >= 1, got {calibration_bins}.")
+    if output_dir is not None:
+        check_writable_dir(output_dir)  # before the evaluation, not after it
     has_deltas, has_alternative = delta_dataset is not None, alternative_model is not None
     generator = model.config.generator_type
     rows = _check_rows(

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 from accelerate import PartialState
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, load_dataset, load_from_disk
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from ...backbones import load_pretrained_backbone
+from ...data import select_split
 from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
 from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
 from ...harvest import harvest_shards
@@ -68,6 +69,8 @@ DEFAULT_FACTOR_TOLERANCE = 5e-2
 # have a long tail (above), and a later sample beyond the tolerance would stop the harvest midway.
 AUTO_MARGIN = 0.1
 MAX_LISTED_SAMPLES = 10
+IGNORE_INDEX = -100  # transformers' label to ignore in a loss: a harvest fine-tunes on every label, so it is refused
+CHECK_BATCH_SIZE = 1024
 
 
 def rank1_energy(deltas: torch.Tensor) -> torch.Tensor:
@@ -291,14 +294,24 @@ class SampleReader:
         self.dataset = dataset
         self.label_column = label_column
         self.collate_fn = collate_fn
-        self.labels = self._read_labels(task)
+        self.label_names: list[str] | None = None
+        config = getattr(backbone, "config", None)
+        self.labels = self._read_labels(task, getattr(config, "num_labels", None) if task == "classification" else None)
+        try:
+            embeddings = backbone.get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # no token embedding (images, tabular data)
+            embeddings = None
+        self.vocab_size = getattr(embeddings, "num_embeddings", None)
+        self.max_positions = getattr(config, "max_position_embeddings", None)
         self.input_columns = None if collate_fn is not None else self._input_columns(backbone, input_columns)
         self.device = next(backbone.parameters()).device
         if self.input_columns is not None:
             # numpy, not torch: 3x faster on nested-list columns (e.g. pixel_values made by .map).
             self.formatted = dataset.with_format("numpy", columns=self.input_columns)
+            for start in range(0, len(dataset), CHECK_BATCH_SIZE):  # every row before any work (with collate_fn: per batch)
+                self.check_inputs(self._stacked(start, min(start + CHECK_BATCH_SIZE, len(dataset))), start)
 
-    def _read_labels(self, task: str) -> torch.Tensor:
+    def _read_labels(self, task: str, num_classes: int | None) -> torch.Tensor:
         # Read through Arrow: the numpy formatter of some datasets releases returns object arrays for float columns with NaN.
         column = self.dataset.select_columns([self.label_column]).with_format("arrow")[:][self.label_column]
         labels = column.to_numpy(zero_copy_only=False)
@@ -308,16 +321,77 @@ class SampleReader:
             raise ValueError(
                 f"label_column {self.label_column!r} must hold one scalar label per row, got shape {labels.shape}."
             )
-        if task == "classification":
-            if not np.issubdtype(labels.dtype, np.integer):
+        feature = self.dataset.features[self.label_column]
+        if isinstance(feature, ClassLabel):
+            self.label_names = list(feature.names)
+        if task != "classification":
+            if not np.issubdtype(labels.dtype, np.number):
+                raise ValueError(f"Regression labels in {self.label_column!r} must be numbers, got dtype {labels.dtype}.")
+            return torch.from_numpy(labels.astype(np.float32))  # a non-finite label gives a non-finite delta: skipped and counted
+        if labels.dtype.kind in "OUS":  # class names, as the recipes accept: mapped to indices in sorted order
+            if any(not isinstance(value, str) for value in labels):
+                raise ValueError(f"label_column {self.label_column!r} mixes strings with other values; use one kind of label.")
+            self.label_names = sorted(set(labels.tolist()))
+            labels = np.searchsorted(np.asarray(self.label_names), labels)
+        elif labels.dtype.kind == "f":
+            self._refuse_rows(labels != np.round(labels), labels, "fractional class labels",
+                              "class labels must be integers (for regression, configure the backbone with num_labels=1)")
+        elif not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"The backbone is a classifier but label_column {self.label_column!r} has dtype {labels.dtype}; "
+                "class labels must be integers or class names (for regression, configure the backbone with num_labels=1)."
+            )
+        labels = labels.astype(np.int64)
+        self._refuse_rows(labels == IGNORE_INDEX, labels, f"the label {IGNORE_INDEX} (the Hugging Face ignore index)",
+                          f"drop them first: dataset.filter(lambda row: row[{self.label_column!r}] != {IGNORE_INDEX}); "
+                          "a harvest fine-tunes on every row's label, it cannot ignore one")
+        if num_classes is not None:
+            if self.label_names is not None and len(self.label_names) > num_classes:
                 raise ValueError(
-                    f"The backbone is a classifier but label_column {self.label_column!r} has dtype {labels.dtype}; "
-                    "class labels must be integers (for regression, configure the backbone with num_labels=1)."
+                    f"label_column {self.label_column!r} has {len(self.label_names)} classes {self.label_names[:10]}, but the "
+                    f"backbone predicts {num_classes}: use a backbone with num_labels={len(self.label_names)}."
                 )
-            return torch.from_numpy(labels.astype(np.int64))
-        if not np.issubdtype(labels.dtype, np.number):
-            raise ValueError(f"Regression labels in {self.label_column!r} must be numbers, got dtype {labels.dtype}.")
-        return torch.from_numpy(labels.astype(np.float32))
+            self._refuse_rows((labels < 0) | (labels >= num_classes), labels, f"labels outside [0, {num_classes})",
+                              f"the backbone predicts {num_classes} classes (config.num_labels); fix or drop these rows")
+        return torch.from_numpy(labels)
+
+    def _refuse_rows(self, bad: np.ndarray, values: np.ndarray, what: str, fix: str) -> None:
+        """``ValueError`` naming the first rows (index in the dataset) where ``bad`` holds, and their labels."""
+        if not bad.any():
+            return
+        rows = np.flatnonzero(bad)
+        listed = ", ".join(f"{int(row)}: {values[row].item()!r}" for row in rows[:MAX_LISTED_SAMPLES])
+        more = f" and {rows.size - MAX_LISTED_SAMPLES} more" if rows.size > MAX_LISTED_SAMPLES else ""
+        raise ValueError(
+            f"label_column {self.label_column!r} has {what} in {rows.size} row(s) (row: label {{{listed}}}{more}): {fix}."
+        )
+
+    def check_inputs(self, inputs: Mapping[str, Any], start: int) -> None:
+        """Refuse backbone inputs of rows ``start, start+1, …`` that cannot be harvested: non-finite values,
+        token ids outside the vocabulary, sequences longer than the model's positions (each naming the rows)."""
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue
+            if value.is_floating_point():
+                bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(1)
+                self._refuse_input(name, bad, start, "NaN or infinite values", "fix or drop these rows")
+            if name == "input_ids" and value.dim() >= 2:
+                if self.vocab_size is not None:
+                    bad = ((value < 0) | (value >= self.vocab_size)).any(1)
+                    self._refuse_input(name, bad, start, f"token ids outside the vocabulary [0, {self.vocab_size})",
+                                       "tokenize with the backbone's own tokenizer")
+                if self.max_positions is not None and value.shape[1] > self.max_positions:
+                    raise ValueError(
+                        f"input_ids of rows {start}..{start + value.shape[0] - 1} are {value.shape[1]} tokens long, but the backbone "
+                        f"has max_position_embeddings={self.max_positions}: truncate when tokenizing (truncation=True, "
+                        f"max_length={self.max_positions}, or ocd-hf harvest --max-length)."
+                    )
+
+    def _refuse_input(self, name: str, bad: torch.Tensor, start: int, what: str, fix: str) -> None:
+        if bool(bad.any()):
+            rows = (torch.nonzero(bad).flatten() + start).tolist()
+            more = f" and {len(rows) - MAX_LISTED_SAMPLES} more" if len(rows) > MAX_LISTED_SAMPLES else ""
+            raise ValueError(f"Input {name!r} has {what} in rows {rows[:MAX_LISTED_SAMPLES]}{more}: {fix}.")
 
     def _input_columns(self, backbone: nn.Module, input_columns: list[str] | None) -> list[str]:
         columns = self.dataset.column_names
@@ -348,19 +422,23 @@ class SampleReader:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _stacked(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        batch = self.formatted[start:end]
+        ragged = [name for name, value in batch.items() if not (isinstance(value, np.ndarray) and value.dtype.kind in "biuf")]
+        if ragged:
+            raise ValueError(
+                f"Columns {ragged} have rows of different lengths or non-numeric values and cannot be stacked. "
+                "Pad them when preprocessing (e.g. tokenizer(..., padding='max_length')) or pass "
+                "collate_fn=transformers.DataCollatorWithPadding(tokenizer)."
+            )
+        return {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in batch.items()}
+
     def __call__(self, start: int, end: int) -> tuple[dict[str, Any], torch.Tensor]:
         if self.collate_fn is not None:
             inputs = dict(self.collate_fn(self.dataset[start:end]))
+            self.check_inputs(inputs, start)
         else:
-            batch = self.formatted[start:end]
-            ragged = [name for name, value in batch.items() if not (isinstance(value, np.ndarray) and value.dtype.kind in "biuf")]
-            if ragged:
-                raise ValueError(
-                    f"Columns {ragged} have rows of different lengths or non-numeric values and cannot be stacked. "
-                    "Pad them when preprocessing (e.g. tokenizer(..., padding='max_length')) or pass "
-                    "collate_fn=transformers.DataCollatorWithPadding(tokenizer)."
-                )
-            inputs = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in batch.items()}
+            inputs = self._stacked(start, end)
         inputs = {
             name: value.to(self.device) if isinstance(value, torch.Tensor) else value
             for name, value in inputs.items()
@@ -514,6 +592,8 @@ def harvest_deltas(
                     # The inputs too (resuming with other inputs and the same labels would mix two datasets), and the
                     # first batch as the backbone sees it (another collate_fn, tokenizer or max_length).
                     "inputs_sha256": reader.inputs_sha256(), "first_batch_sha256": tensors_sha256(first_inputs),
+                    # Class names of a ClassLabel column, or of string labels mapped to indices in this (sorted) order.
+                    "label_names": reader.label_names,
                 },
                 "num_shards": math.ceil(len(reader) / shard_size),
             }
@@ -719,18 +799,18 @@ def _harvest_shards(
     )
 
 
-def load_source_dataset(name_or_path: str, config_name: str | None = None, split: str = "train") -> Dataset:
-    """One split of a dataset: a ``save_to_disk`` directory (``Dataset`` or ``DatasetDict``), else ``load_dataset``."""
+def load_source_dataset(name_or_path: str, config_name: str | None = None, split: str | None = None) -> Dataset:
+    """One split of a dataset: a ``save_to_disk`` directory (``Dataset`` or ``DatasetDict``), else ``load_dataset``.
+
+    ``split=None``: the ``"train"`` split, or the only one, or the single dataset of the directory; a
+    ``split`` the dataset does not have is a ``ValueError`` naming those it has (:func:`ocd_hf.data.select_split`).
+    """
     path = Path(name_or_path)
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         loaded = load_from_disk(str(path))
     else:
         loaded = load_dataset(name_or_path, config_name, split=split)
-    if isinstance(loaded, DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"Split {split!r} not found in {name_or_path!r}; it has {list(loaded)}. Pass split=.")
-        loaded = loaded[split]
-    return loaded
+    return select_split(loaded, split, name_or_path)
 
 
 def harvest_from_pretrained(
@@ -742,7 +822,7 @@ def harvest_from_pretrained(
     model_revision: str | None = None,
     model_class: str | None = None,
     dataset_config: str | None = None,
-    split: str = "train",
+    split: str | None = None,
     text_column: str | None = None,
     image_column: str | None = None,
     label_column: str = "label",
