@@ -324,10 +324,10 @@ def evaluate_from_paths(
     """Load a saved hypernetwork (and its backbone), a preprocessed dataset saved with
     ``Dataset.save_to_disk`` and optionally the harvested deltas and a second hypernetwork sharing
     the backbone; evaluate and write the results to ``output_dir`` (checked writable first)."""
+    data = select_split(load_from_disk(eval_dataset_path), split, eval_dataset_path, default=None)
     check_writable_dir(output_dir)
     model = OCDWrapper.from_pretrained(model_path)
     alternative = OCDWrapper.from_pretrained(alternative_model_path, backbone=model.backbone) if alternative_model_path else None
-    data = select_split(load_from_disk(eval_dataset_path), split, eval_dataset_path, default=None)
     if max_examples is not None:
         data = data.select(range(min(max_examples, len(data))))
     return evaluate_ocd(

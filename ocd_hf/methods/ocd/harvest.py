@@ -849,8 +849,8 @@ def harvest_from_pretrained(
     """
     if text_column is not None and image_column is not None:
         raise ValueError("Pass text_column or image_column, not both.")
-    backbone = load_pretrained_backbone(model_name_or_path, model_class, revision=model_revision)
     dataset = load_source_dataset(dataset_name_or_path, dataset_config, split)
+    backbone = load_pretrained_backbone(model_name_or_path, model_class, revision=model_revision)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     collate_fn = None
