@@ -329,8 +329,10 @@ def harvest_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iterato
     ``datasets`` use): the kernel releases it when its process dies, even by SIGKILL, so a killed
     harvest never leaves a stale lock; the next harvest warns that it takes over from the dead holder.
     ``enabled=False`` (the non-main processes of a distributed harvest, whose main process holds the
-    lock) only checks the directory.
+    lock) only checks the directory. A directory this call created is removed again if nothing was
+    written into it (a harvest refused after the check).
     """
+    created = not Path(output_dir).exists()
     output_dir = check_writable_dir(output_dir)
     if not enabled:
         yield output_dir
@@ -360,6 +362,8 @@ def harvest_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iterato
     finally:
         info.unlink(missing_ok=True)
         lock.release()
+        if created and {path.name for path in output_dir.iterdir()} <= {LOCK_NAME}:  # refused before writing anything
+            shutil.rmtree(output_dir, ignore_errors=True)
 
 
 # ----- shards, their records and their verification ---------------------------------------------------
@@ -527,8 +531,9 @@ def finalize_weight_dataset(
     output_dir: str | os.PathLike, metadata: Mapping[str, Any], statistics_columns: Sequence[str] = ()
 ) -> tuple[dict[str, Any], Any]:
     """Validate every shard, count samples and skipped ids, measure sizes; return the final metadata
-    (``complete``, counts, ``data_bytes``, ``bytes_per_sample``, ``shards``: each shard's file, source row
-    range, row count, first/last id, byte size and sha256, ``statistics`` of ``statistics_columns``) and
+    (``complete``, counts, ``skipped_ids`` and ``skipped_ids_by_reason``, ``data_bytes``, ``bytes_per_sample``,
+    ``shards``: each shard's file, source row range, row count, first/last id, byte size, sha256 and skipped
+    ids by reason, ``statistics`` of ``statistics_columns``) and
     the concatenated Arrow table, for a method to add its own figures before :func:`write_metadata`.
 
     ``metadata`` needs ``num_shards``, ``harvest_config.shard_size`` and ``source.num_rows``. Raises
@@ -556,7 +561,8 @@ def finalize_weight_dataset(
             )
         row_range = [index * shard_size, min((index + 1) * shard_size, num_rows)]
         shard_list.append({**{key: records[index][key] for key in ("num_rows", "first_id", "last_id", "num_bytes", "sha256")},
-                           "file": shard_file(index, num_shards), "row_range": row_range})
+                           "file": shard_file(index, num_shards), "row_range": row_range,
+                           "skipped": records[index].get("skipped") or {}})
     table = concatenate_datasets(shards).data
     ids = table.column("id").to_numpy()
     if ids.size and (np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= num_rows):
@@ -565,6 +571,14 @@ def finalize_weight_dataset(
             "Delete the directory and harvest again."
         )
     skipped = np.setdiff1d(np.arange(num_rows), ids)
+    by_reason: dict[str, list[int]] = {}
+    for record in shard_list:
+        for reason, reason_ids in record["skipped"].items():
+            by_reason.setdefault(reason, []).extend(reason_ids)
+    explained = {int(i) for reason_ids in by_reason.values() for i in reason_ids}
+    unexplained = [int(i) for i in skipped if int(i) not in explained]
+    if unexplained:  # rows a method leaves out without a reason: the non-finite ones every harvest skips
+        by_reason.setdefault("non_finite", []).extend(unexplained)
     data_bytes = sum(record["num_bytes"] for record in shard_list)
     existing = _read_json(output_dir / HARVEST_METADATA_NAME) or {}
     final = {
@@ -572,8 +586,10 @@ def finalize_weight_dataset(
         "harvest_id": existing.get("harvest_id", metadata.get("harvest_id")),
         "complete": True,
         "num_samples": int(ids.size),
-        "num_skipped_non_finite": int(skipped.size),
+        # Rows a harvest left out: all of them, and by the reason the method gave (none given: "non_finite").
         "skipped_ids": skipped.tolist(),
+        "skipped_ids_by_reason": {reason: sorted(reason_ids) for reason, reason_ids in sorted(by_reason.items())},
+        "num_skipped_non_finite": len(by_reason.get("non_finite", [])),
         "data_bytes": int(data_bytes),
         "bytes_per_sample": float(data_bytes / ids.size) if ids.size else None,
         "shards": shard_list,

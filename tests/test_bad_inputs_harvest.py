@@ -147,3 +147,61 @@ def test_split_of_a_saved_split_and_library_calls(single, splits, tmp_path):
         load_source_dataset(str(splits), split="test")
     with pytest.raises(ValueError, match="output_dir=.*is not a writable directory"):
         evaluate_from_paths(str(tmp_path / "model"), str(single), str(single / "state.json" / "eval"))
+
+
+# ----- one delta_mode decision, zero deltas, aggregation (point 12) ------------------------------------------
+
+
+def test_auto_delta_mode_is_decided_once_on_every_delta_and_training_follows_it(tmp_path):
+    from ocd_hf.methods.ocd.deltas import decide_delta_mode, load_deltas
+    from ocd_hf.methods.ocd.training import build_config
+
+    harvest_deltas(build_backbone("bert"), bert_rows(8), "classifier", tmp_path, delta_storage="full", progress=False)
+    metadata, dataset = load_harvest_metadata(tmp_path), load_deltas(tmp_path)
+    decision = metadata["delta_mode_decision"]
+    assert decision["delta_mode"] == "factorised" and "over all 8 deltas" in decision["reason"]
+    assert build_config(metadata, {}, dataset).delta_mode == "factorised"
+    assert build_config({**metadata, "delta_mode_decision": {**decision, "delta_mode": "full"}}, {}, dataset).delta_mode == "full"
+
+    # The case: the first 256 deltas are rank-1, later ones are not. Measured on every delta, so a training
+    # split (at least half the rows) never sees a mean residual above training's 0.05 limit.
+    residuals = [0.0] * 256 + [0.06] * 300
+    stored = Dataset.from_dict({"factor_residual": residuals})
+    settings = {"harvest_config": {"optimizer": "adam", "delta_storage": "factorised", "factor_rule": "sign"}}
+    decided = decide_delta_mode(settings, stored)
+    assert decided["delta_mode"] == "full" and decided["mean_factor_residual"] == pytest.approx(300 * 0.06 / 556)
+
+
+def test_all_zero_deltas_are_skipped_and_counted_at_harvest(tmp_path, caplog):
+    backbone = build_backbone("mlp")
+    dataset = build_dataset("mlp", 6)
+    with torch.no_grad():
+        predictions = backbone(features=torch.tensor(dataset["features"])).logits.view(-1)
+    labels = list(dataset["label"])
+    for row in (1, 4):  # fitted exactly: zero loss, zero gradient, an all-zero delta
+        labels[row] = float(predictions[row])
+    dataset = dataset.remove_columns("label").add_column("label", labels)
+    with caplog.at_level("WARNING"):
+        deltas = harvest_deltas(backbone, dataset, "fc2", tmp_path, delta_storage="full", progress=False)
+    metadata = load_harvest_metadata(tmp_path)
+    assert deltas[:]["id"].tolist() == [0, 2, 3, 5] and bool((deltas[:]["rho"] > 0).all())
+    assert metadata["skipped_ids_by_reason"] == {"zero_delta": [1, 4]} and metadata["num_skipped_non_finite"] == 0
+    assert "all zeros" in caplog.text and "[1, 4]" in caplog.text
+
+
+def test_aggregate_refuses_results_of_different_configurations(tmp_path, capsys):
+    from ocd_hf.results import ResultRow, ResultsTable
+
+    def table(num_samples: int, backbone: str) -> ResultsTable:
+        metadata = {"task": "classification", "num_samples": num_samples, "seeds": [0, 1], "base_model_name_or_path": backbone,
+                    "configuration_keys": ["task", "num_samples", "seeds"]}
+        return ResultsTable([ResultRow("ocd_1", "OCD", "", {"accuracy": [0.5]})], metadata)
+
+    paths = []
+    for name, num_samples, backbone in (("a", 5, "seed-0"), ("b", 5, "seed-1"), ("c", 1, "seed-2")):
+        table(num_samples, backbone).save(tmp_path / name)
+        paths.append(str(tmp_path / name / "results.json"))
+    main(["aggregate", *paths[:2]])  # other backbones (seeds) with the same settings: aggregated
+    with pytest.raises(SystemExit):
+        main(["aggregate", *paths])
+    assert re.search(r"different configurations.*num_samples: \[5, 5, 1\]", capsys.readouterr().err)

@@ -450,6 +450,11 @@ def evaluate_ocd(
         "alternative_target_module": alternative_model.target_name if has_alternative else None,
         "overfit_settings": settings,
         "global_rho": evaluator.global_rho,
+        # What must be equal for aggregate_results to average this table with another model's (the backbone may differ).
+        "configuration_keys": [
+            "task", "num_examples", "seeds", "num_samples", "num_inference_steps", "target_module", "alternative_target_module",
+            "overfit_settings",
+        ],
     }
     if task == "classification":
         metadata["majority_accuracy"] = float(label_counts.max()) / num_examples

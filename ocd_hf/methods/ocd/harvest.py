@@ -489,7 +489,9 @@ def harvest_deltas(
 
     Calling again with the same arguments after an interruption resumes from the last complete
     shard; a directory made with another backbone, layer or settings is refused. Samples with
-    non-finite values are skipped with a warning and listed in the metadata (``skipped_ids``).
+    non-finite values, and samples whose delta is all zeros (the model already fits them: nothing to learn,
+    and no scale to normalise by), are skipped with a warning and listed in the metadata
+    (``skipped_ids_by_reason``: ``non_finite``, ``zero_delta``).
     Under ``accelerate launch`` each process harvests every ``num_processes``-th shard; pass the
     ``Accelerator`` (or ``PartialState``) in use, or one is created. The backbone is moved to its
     device and run in eval mode.
@@ -772,7 +774,7 @@ def _harvest_shards(
         storage=settings["delta_storage"],
     )
 
-    def harvest_rows(start: int, end: int) -> dict[str, torch.Tensor]:
+    def harvest_rows(start: int, end: int) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
         inputs, labels = reader(start, end)
         ids = torch.arange(start, end)
         parts = [
@@ -789,9 +791,19 @@ def _harvest_shards(
         if skipped.numel():
             logger.warning(
                 f"Skipped {skipped.numel()} sample(s) with non-finite deltas or conditioning: ids "
-                f"{skipped.tolist()}. They are listed in harvest.json (skipped_ids)."
+                f"{skipped.tolist()}. They are listed in harvest.json (skipped_ids_by_reason.non_finite)."
             )
-        return columns
+        # The one place all-zero deltas are decided: a sample the model already fits exactly (zero loss gradient) has
+        # nothing to learn from and no scale to normalise by (training refuses ρ = 0), so it is skipped and counted.
+        zero = columns["rho"] == 0
+        zero_ids = columns["id"][zero].tolist()
+        if zero_ids:
+            logger.warning(
+                f"Skipped {len(zero_ids)} sample(s) whose delta is all zeros (fitted to zero loss already): ids "
+                f"{zero_ids}. They are listed in harvest.json (skipped_ids_by_reason.zero_delta)."
+            )
+            columns = {name: value[~zero] for name, value in columns.items()}
+        return columns, {"non_finite": skipped.tolist(), "zero_delta": zero_ids}
 
     harvest_shards(
         output_dir, metadata, features, harvest_rows, state=state, batch_size=batch_size, weight_columns=DELTA_COLUMNS,
