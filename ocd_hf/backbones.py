@@ -357,10 +357,29 @@ AutoConfig.register(LeNet5Config.model_type, LeNet5Config, exist_ok=True)
 AutoModelForImageClassification.register(LeNet5Config, LeNet5ForImageClassification, exist_ok=True)
 
 
+def check_model_source(name_or_path: str, argument: str = "model") -> None:
+    """Refuse, before anything is loaded, a ``name_or_path`` that can only be a local path and is not a directory.
+
+    Absolute paths, paths starting with ``.`` or ``~`` and paths with more than one ``/`` cannot be Hub ids
+    (``namespace/name``), so a missing one would otherwise surface as a Hub lookup error.
+    """
+    path = Path(name_or_path).expanduser()
+    local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{argument}={name_or_path!r} is a file; pass the directory written by save_pretrained, or a Hub id.")
+    if local and not path.exists():
+        raise FileNotFoundError(
+            f"{argument}={name_or_path!r}: no such directory. Pass a directory written by save_pretrained, or a Hub model "
+            "id ('namespace/name')."
+        )
+
+
 def load_pretrained_backbone(name_or_path: str, class_name: str | None = None, **kwargs: Any) -> nn.Module:
     """Load a backbone with the class named ``class_name`` from ``transformers`` or :mod:`ocd_hf.backbones`
     (default: the first of its config's ``architectures``, else ``AutoModelForSequenceClassification``);
-    ``"SetFitModel"`` loads a SetFit model repo as a :class:`SetFitBackbone`."""
+    ``"SetFitModel"`` loads a SetFit model repo as a :class:`SetFitBackbone`. A local path that does not
+    exist is a ``FileNotFoundError`` (:func:`check_model_source`)."""
+    check_model_source(str(name_or_path))
     if class_name == SETFIT_MODEL_CLASS:
         return SetFitBackbone.from_setfit_pretrained(name_or_path, **kwargs)
     if class_name is None:

@@ -1,9 +1,9 @@
 """Model and dataset cards (``README.md``) from the Jinja templates in ``model_cards/`` and a context dict.
 
-Every generator's card has one generated block between :data:`GENERATED_START` and
-:data:`GENERATED_END`. Writing the card again (:func:`write_card`, on every ``save_pretrained`` /
-``push_to_hub``) replaces that block and the metadata keys ocd-hf sets, and keeps everything else a
-user wrote: text before or after the block, other metadata keys, extra tags. A method supplies only
+Every generator's card and every weight dataset's card has one generated block between
+:data:`GENERATED_START` and :data:`GENERATED_END`. Writing the card again (:func:`write_card`, on every
+``save_pretrained`` / ``push_to_hub`` / harvest) replaces that block and the metadata keys ocd-hf sets,
+and keeps everything else a user wrote: text before or after the block, other metadata keys, extra tags. A method supplies only
 its template name and the context its template reads; this module never names a method.
 """
 
@@ -172,8 +172,9 @@ def _generated_block(text: str) -> tuple[int, int] | None:
     return start, end + len(GENERATED_END)
 
 
-def merge_model_card(existing: ModelCard, generated: ModelCard) -> ModelCard:
-    """``existing`` with the generated block and the metadata ocd-hf sets taken from ``generated``.
+def merge_card(existing: ModelCard | DatasetCard, generated: ModelCard | DatasetCard) -> ModelCard | DatasetCard:
+    """``existing`` with the generated block and the metadata ocd-hf sets taken from ``generated`` (a model
+    card or a dataset card; the result is of ``generated``'s type).
 
     Text outside the block and metadata keys that ``generated`` leaves unset are kept; tags are the
     union of both. A card without a generated block (written by hand) gets it appended.
@@ -189,14 +190,14 @@ def merge_model_card(existing: ModelCard, generated: ModelCard) -> ModelCard:
     new_metadata = generated.data.to_dict()
     tags = list(dict.fromkeys([*(metadata.get("tags") or []), *(new_metadata.get("tags") or [])]))
     metadata.update(new_metadata, tags=tags)
-    return ModelCard(f"---\n{ModelCardData(**metadata).to_yaml()}\n---\n{text}")
+    return type(generated)(f"---\n{type(generated.data)(**metadata).to_yaml()}\n---\n{text}")
 
 
-def write_card(card: ModelCard, directory: str | os.PathLike) -> Path:
-    """Write ``directory/README.md``, updating the card already there if any (see :func:`merge_model_card`)."""
+def write_card(card: ModelCard | DatasetCard, directory: str | os.PathLike) -> Path:
+    """Write ``directory/README.md``, updating the card already there if any (see :func:`merge_card`)."""
     path = Path(directory) / CARD_NAME
     if path.is_file():
-        card = merge_model_card(ModelCard.load(path), card)
+        card = merge_card(type(card).load(path), card)
     card.save(path)
     return path
 
@@ -231,12 +232,16 @@ def render_dataset_card(
     split: str,
     context: Mapping[str, Any],
 ) -> DatasetCard:
-    """A weight dataset's card from ``template``; the YAML header points ``datasets.load_dataset`` at
-    ``data_files``, so the directory (or a Hub repo holding it) loads with ``load_dataset(path, split=split)``."""
+    """A weight dataset's card from ``template`` (its body inside the generated block, see :func:`write_card`);
+    the YAML header points ``datasets.load_dataset`` at ``data_files``, so the directory (or a Hub repo
+    holding it) loads with ``load_dataset(path, split=split)``."""
     card_data = DatasetCardData(
         pretty_name=pretty_name,
         size_categories=size_category(num_samples),
         tags=[*tags, LIBRARY_NAME],
         configs=[{"config_name": "default", "data_files": [{"split": split, "path": data_files}]}],
     )
-    return DatasetCard.from_template(card_data, template_path=str(template_path(template)), **context)
+    return DatasetCard.from_template(
+        card_data, template_path=str(template_path(template)), generated_start=GENERATED_START, generated_end=GENERATED_END,
+        **context,
+    )

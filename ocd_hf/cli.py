@@ -40,18 +40,11 @@ if TYPE_CHECKING:
 # datasets, diffusers and the OCD model are imported by the commands that use them, so that `ocd-hf --help` is quick.
 
 
-def load_split(name_or_path: str, split: str) -> Dataset:
-    """A dataset split from a ``save_to_disk`` directory or the Hub."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+def load_split(name_or_path: str, split: str | None) -> Dataset:
+    """A dataset split from a ``save_to_disk`` directory or the Hub (``--split``: see :func:`ocd_hf.data.select_split`)."""
+    from .methods.ocd.harvest import load_source_dataset
 
-    if Path(name_or_path).is_dir():
-        loaded = load_from_disk(name_or_path)
-        if isinstance(loaded, DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{name_or_path} has splits {sorted(loaded)}, not {split!r}: pass --split.")
-            return loaded[split]
-        return loaded
-    return load_dataset(name_or_path, split=split)
+    return load_source_dataset(name_or_path, None, split)
 
 
 def load_model(args: argparse.Namespace):
@@ -65,9 +58,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="backbone revision on the Hub")
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="a Hub id or a save_to_disk directory of model inputs + labels")
-    parser.add_argument("--split", default=split)
+    parser.add_argument("--split", default=None,
+                        help="the split to use (default: 'train', or the only split, or the directory's single dataset)")
     parser.add_argument("--label-column", default="label")
 
 
@@ -90,7 +84,7 @@ def run_harvest(args: argparse.Namespace) -> None:
     harvest_from_pretrained(
         args.model, args.dataset, args.target_module, args.output_dir, model_revision=args.revision,
         model_class=args.model_class, split=args.split, text_column=args.text_column, image_column=args.image_column,
-        label_column=args.label_column, max_samples=args.max_samples, batch_size=args.batch_size,
+        label_column=args.label_column, max_length=args.max_length, max_samples=args.max_samples, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, steps=args.steps, dtype=args.dtype, shard_size=args.shard_size,
         store_trajectory=args.store_trajectory, delta_storage=args.delta_storage, factor_tolerance=args.factor_tolerance,
     )
@@ -135,8 +129,10 @@ def dataclass_from_namespace(cls: type, args: argparse.Namespace) -> Any:
 
 def run_train(args: argparse.Namespace) -> None:
     from .methods.ocd import train_hypernetwork
+    from .weight_datasets import check_writable_dir
 
     command = dataclass_from_namespace(TrainCommandArguments, args)
+    check_writable_dir(command.output_dir, "--output-dir")  # before loading and training, not after
     overrides: dict = {
         "num_inference_steps": command.num_inference_steps, "generator_type": command.generator_type, "scheduler_class": command.scheduler_class,
     }
@@ -183,12 +179,13 @@ def run_push_deltas(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ocd-hf", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     # HfArgumentParser builds a subcommand's options from dataclasses (``train``); the others add theirs by hand.
     commands = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
 
     select = commands.add_parser("select-layer", help="rank Linear layers by loss entropy under perturbation")
     add_model_arguments(select)
-    add_dataset_arguments(select, "train")
+    add_dataset_arguments(select)
     select.add_argument("--candidates", nargs="*", default=None, help="layer names (default: every Linear used)")
     select.add_argument("--num-draws", type=int, default=64)
     select.add_argument("--num-samples", type=int, default=64)
@@ -199,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     harvest = commands.add_parser("harvest", help="overfit the target layer on each sample; write the delta dataset")
     add_model_arguments(harvest)
-    add_dataset_arguments(harvest, "train")
+    add_dataset_arguments(harvest)
     harvest.add_argument("--target-module", required=True, help="exact name, dotted suffix or regex of an nn.Linear")
     harvest.add_argument("--output-dir", required=True)
     harvest.add_argument("--batch-size", type=int, default=32)
@@ -211,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     harvest.add_argument("--store-trajectory", action="store_true")
     harvest.add_argument("--text-column", default=None, help="tokenize this column with the model's tokenizer")
     harvest.add_argument("--image-column", default=None, help="preprocess this column with the model's image processor")
+    harvest.add_argument("--max-length", type=int, default=128, help="truncate --text-column to this many tokens")
     harvest.add_argument("--max-samples", type=int, default=None)
     harvest.add_argument("--delta-storage", choices=["auto", "full", "factorised"], default="auto",
                          help="auto: the rank-1 factor u where measured exact, else full matrices")
@@ -330,18 +328,17 @@ def evaluate_from_paths(
 ) -> ResultsTable:
     """Load a saved hypernetwork (and its backbone), a preprocessed dataset saved with
     ``Dataset.save_to_disk`` and optionally the harvested deltas and a second hypernetwork sharing
-    the backbone; evaluate and write the results to ``output_dir``."""
-    from datasets import DatasetDict, load_from_disk
+    the backbone; evaluate and write the results to ``output_dir`` (checked writable first)."""
+    from datasets import load_from_disk
 
+    from .data import select_split
     from .methods.ocd import OCDWrapper, evaluate_ocd
+    from .weight_datasets import check_writable_dir
 
+    data = select_split(load_from_disk(eval_dataset_path), split, eval_dataset_path, default=None)
+    check_writable_dir(output_dir)
     model = OCDWrapper.from_pretrained(model_path)
     alternative = OCDWrapper.from_pretrained(alternative_model_path, backbone=model.backbone) if alternative_model_path else None
-    data = load_from_disk(eval_dataset_path)
-    if isinstance(data, DatasetDict):
-        if split not in data:
-            raise ValueError(f"{eval_dataset_path} holds the splits {list(data)}; pass split= (e.g. 'test').")
-        data = data[split]
     if max_examples is not None:
         data = data.select(range(min(max_examples, len(data))))
     return evaluate_ocd(
@@ -360,11 +357,15 @@ def aggregate_from_paths(result_paths: Sequence[str], output_dir: str | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run a command; an error is printed as one line (``--debug``: with its traceback) and exits with status 2."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"ocd-hf {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"ocd-hf {args.command}: error: {type(error).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2) from error
 
 

@@ -1,5 +1,6 @@
 """The batching contract shared by harvests and evaluations: ``(inputs, labels)`` batches from a list,
-a DataLoader or a ``datasets.Dataset``, and float columns of a dataset as tensors."""
+a DataLoader or a ``datasets.Dataset``, float columns of a dataset as tensors, and the split of a
+loaded dataset that a command asked for."""
 
 from __future__ import annotations
 
@@ -8,11 +9,41 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from torch import nn
 from torch.utils.data import DataLoader
 
 Batch = tuple[dict[str, Any], torch.Tensor]
+DEFAULT_SPLIT = "train"
+
+
+def select_split(
+    loaded: Dataset | DatasetDict, split: str | None, source: str, default: str | None = DEFAULT_SPLIT
+) -> Dataset:
+    """The split ``split`` of a loaded dataset (``source`` names it in errors), never silently another one.
+
+    A ``DatasetDict`` must hold ``split``; with ``split=None`` its ``default`` split (``None`` for an
+    evaluation, which must not default to training data), or its only split.
+    A single ``Dataset`` (a ``save_to_disk`` directory of one split) is returned for ``split=None`` or
+    for the split it was saved from (``Dataset.split``); any other ``split`` is a ``ValueError`` naming
+    what the directory holds, since using the rows anyway could report training numbers as test numbers.
+    """
+    if isinstance(loaded, DatasetDict):
+        if split is None and (default in loaded or len(loaded) == 1):
+            split = default if default in loaded else next(iter(loaded))
+        if split not in loaded:
+            raise ValueError(
+                f"{source!r} has no split {split!r}; its splits are {sorted(loaded)}. Pass one of them as split= (--split)."
+            )
+        return loaded[split]
+    if split is not None and split != (str(loaded.split) if loaded.split is not None else None):
+        holds = f"the split {str(loaded.split)!r}" if loaded.split is not None else "one dataset without split names"
+        raise ValueError(
+            f"{source!r} holds {holds}, not a split {split!r}: its rows would be used as {split!r} data. Drop split= "
+            "(--split) to use this dataset as it is, or point at a directory saved with DatasetDict.save_to_disk "
+            "that has the split."
+        )
+    return loaded
 
 
 def column_tensor(dataset: Dataset, rows: slice | list[int], column: str) -> torch.Tensor:

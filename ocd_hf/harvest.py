@@ -1,23 +1,26 @@
 """The resumable shard loop every harvest runs: this process's missing shards, each written atomically.
 
 A method supplies the schema of its rows and a function that harvests rows ``[start, end)`` of its
-source; the loop handles sharding across processes, resumption (finished shards are skipped), the
-atomic shard files of :mod:`ocd_hf.weight_datasets` and one progress bar.
+source; the loop handles sharding across processes, resumption (finished shards that pass
+verification are skipped), the atomic shard files of :mod:`ocd_hf.weight_datasets` with the record
+of each (row count, ids, size, sha256) and one progress bar.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
 from datasets import Features
 from tqdm.auto import tqdm
 
-from .weight_datasets import ShardWriter, pending_shards, shard_path
+from .weight_datasets import ShardWriter, pending_shards, shard_path, write_shard_record
 
-HarvestRowsFn = Callable[[int, int], Mapping[str, torch.Tensor | np.ndarray]]
+Columns = Mapping[str, torch.Tensor | np.ndarray]
+# Rows [start, end) -> their columns, or (columns, {reason: ids of the rows left out for that reason}).
+HarvestRowsFn = Callable[[int, int], Columns | tuple[Columns, Mapping[str, Sequence[int]]]]
 
 
 def harvest_shards(
@@ -36,7 +39,9 @@ def harvest_shards(
 
     ``metadata`` needs ``num_shards``, ``harvest_config`` (``shard_size``, ``dtype``) and
     ``source.num_rows``; ``harvest_rows(start, end)`` returns the columns of ``features`` for the
-    source rows it could harvest among ``[start, end)`` (rows it skips are simply absent). ``state``
+    source rows it could harvest among ``[start, end)`` (rows it skips are simply absent), optionally
+    with ``{reason: skipped ids}``, kept in the shard's record (``skipped``) and summed up by
+    :func:`~ocd_hf.weight_datasets.finalize_weight_dataset`. ``state``
     is an Accelerate ``PartialState``/``Accelerator``: process ``i`` of ``n`` writes shards ``i, i+n, …``.
     """
     settings = metadata["harvest_config"]
@@ -50,8 +55,16 @@ def harvest_shards(
     with bar:
         for index, (shard_start, shard_end) in zip(shards, bounds):
             path = shard_path(output_dir, index, num_shards)
+            skipped: dict[str, list[int]] = {}
             with ShardWriter(path, features, settings["dtype"], weight_columns) as writer:
                 for start in range(shard_start, shard_end, batch_size):
                     end = min(start + batch_size, shard_end)
-                    writer.write(harvest_rows(start, end))
+                    rows = harvest_rows(start, end)
+                    if isinstance(rows, tuple):
+                        rows, reasons = rows
+                        for reason, ids in reasons.items():
+                            if len(ids):
+                                skipped.setdefault(reason, []).extend(int(i) for i in ids)
+                    writer.write(rows)
                     bar.update(end - start)
+            write_shard_record(output_dir, index, num_shards, {**writer.record(), "skipped": skipped})

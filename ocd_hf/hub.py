@@ -20,8 +20,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from datasets import Dataset, load_dataset
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, hf_hub_download, snapshot_download
+import pyarrow.parquet as pq
+from datasets import Dataset, DatasetInfo, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
+from datasets.utils.py_utils import convert_file_size_to_int
+from huggingface_hub import (
+    CommitInfo,
+    CommitOperationAdd,
+    CommitOperationDelete,
+    DatasetCard,
+    HfApi,
+    constants,
+    hf_hub_download,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
@@ -30,8 +42,13 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+try:  # the HTTP client of huggingface_hub: httpx2 from huggingface_hub 2, httpx before
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    from httpx import TransportError
+
 from .cards import CARD_NAME
-from .weight_datasets import HARVEST_METADATA_NAME, SPLIT
+from .weight_datasets import HARVEST_METADATA_NAME, SPLIT, file_sha256
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -122,6 +139,25 @@ def hub_errors(repo_id: str, filename: str, revision: str | None, repo_type: str
         yield
     except (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError, LocalEntryNotFoundError) as error:
         raise translate_hub_error(error, repo_id, filename, revision, repo_type, local_files_only) from error
+    except TransportError as error:
+        raise unreachable_hub_error(error) from error
+
+
+def unreachable_hub_error(error: Exception) -> ConnectionError:
+    """A ``ConnectionError`` for a Hub that could not be reached, naming its URL (``HF_ENDPOINT``) and the fixes."""
+    return ConnectionError(
+        f"Could not reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {error}). Check HF_ENDPOINT (unset it for "
+        "https://huggingface.co) and the network, or set HF_HUB_OFFLINE=1 to use only files already in the cache."
+    )
+
+
+@contextlib.contextmanager
+def hub_connection() -> Iterator[None]:
+    """Re-raise a failed connection to the Hub as :func:`unreachable_hub_error` (for pushes)."""
+    try:
+        yield
+    except TransportError as error:
+        raise unreachable_hub_error(error) from error
 
 
 def translate_hub_error(
@@ -153,9 +189,10 @@ def translate_hub_error(
         )
     if isinstance(error, LocalEntryNotFoundError):
         return LocalEntryNotFoundError(
-            f"{filename!r} of the {where} is not in the local cache, and the Hub was not asked "
+            f"{filename!r} of the {where} is not in the local cache, and the Hub at {constants.ENDPOINT} was not asked "
             f"(HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, local_files_only={local_files_only}) or could not be "
-            "reached. Download it once while online, or pass the path of a local directory."
+            "reached. Check HF_ENDPOINT and the network and download it once while online, or pass the path of a "
+            "local directory."
         )
     return error
 
@@ -186,8 +223,8 @@ def push_saved_directory(
     keeps the sections written outside the generated block and extra metadata.
     """
     api = HfApi(token=token)
-    repo_id = prepare_repo(api, repo_id, "model", private, revision)
-    with tempfile.TemporaryDirectory() as directory:
+    with hub_connection(), tempfile.TemporaryDirectory() as directory:
+        repo_id = prepare_repo(api, repo_id, "model", private, revision)
         try:
             existing_card = api.hf_hub_download(repo_id, CARD_NAME, revision=revision)
         except RemoteEntryNotFoundError:
@@ -199,6 +236,25 @@ def push_saved_directory(
             repo_id=repo_id, folder_path=directory, allow_patterns=list(allow_patterns), revision=revision,
             commit_message=commit_message, create_pr=create_pr,
         )
+
+
+HUB_SHARDS_KEY = "hub_shards"
+HUB_DATA_FILES = f"data/{SPLIT}-*"
+DEFAULT_MAX_SHARD_SIZE = "500MB"
+
+
+def _weight_dataset_card(card: bytes, dataset: Dataset, parquet_files: Sequence[Path]) -> bytes:
+    """``card`` with its YAML pointing ``load_dataset`` at the parquet files on the Hub, and the ``dataset_info``
+    (features, split size) that ``Dataset.push_to_hub`` would write."""
+    parsed = DatasetCard(card.decode("utf-8"))
+    parsed.data.configs = [{"config_name": "default", "data_files": [{"split": SPLIT, "path": HUB_DATA_FILES}]}]
+    num_bytes = dataset.data.nbytes
+    info = DatasetInfo(
+        features=dataset.features, splits=SplitDict({SPLIT: SplitInfo(SPLIT, num_bytes=num_bytes, num_examples=len(dataset))}),
+        download_size=sum(path.stat().st_size for path in parquet_files), dataset_size=num_bytes,
+    )
+    DatasetInfosDict({"default": info}).to_dataset_card_data(parsed.data)
+    return str(parsed).encode("utf-8")
 
 
 def push_weight_dataset(
@@ -213,24 +269,44 @@ def push_weight_dataset(
     token: str | bool | None = None,
     max_shard_size: int | str | None = None,
 ) -> CommitInfo:
-    """Push a weight dataset to a Hub dataset repo: the card and ``harvest.json`` in a first commit,
-    the rows (parquet, ``Dataset.push_to_hub``, which points the card's ``configs`` at them and keeps
-    its text) in a second one. Returns the information of the last commit."""
+    """Push a weight dataset to a Hub dataset repo in one commit: its rows (parquet shards of at most
+    ``max_shard_size``, default 500MB, readable with ``datasets.load_dataset(repo_id, split="train")``), the
+    card (its YAML pointing at them) and ``harvest.json`` with the row count and sha256 of every parquet
+    file (``hub_shards``). Data files of an earlier push that this one does not rewrite are deleted in the
+    same commit, which is made on top of the revision's head as it was read: a push landing in between
+    makes this one fail rather than mix. A failure before the commit leaves the repo as it was.
+
+    (Written with ``Dataset.to_parquet`` and ``HfApi.create_commit`` rather than ``Dataset.push_to_hub``,
+    which commits only rows and card: the metadata would need a second commit.)
+    """
     api = HfApi(token=token)
-    repo_id = prepare_repo(api, repo_id, "dataset", private, revision)
-    api.create_commit(
-        repo_id,
-        operations=[
-            CommitOperationAdd(CARD_NAME, card),
-            CommitOperationAdd(HARVEST_METADATA_NAME, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()),
-        ],
-        commit_message=f"{commit_message}: card and {HARVEST_METADATA_NAME}",
-        repo_type="dataset",
-        revision=revision,
-    )
-    return dataset.push_to_hub(
-        repo_id, split=SPLIT, revision=revision, token=token, commit_message=commit_message, max_shard_size=max_shard_size
-    )
+    num_shards = int(dataset.data.nbytes / convert_file_size_to_int(max_shard_size or DEFAULT_MAX_SHARD_SIZE)) + 1
+    with hub_connection(), tempfile.TemporaryDirectory() as directory:
+        repo_id = prepare_repo(api, repo_id, "dataset", private, revision)
+        head = api.dataset_info(repo_id, revision=revision).sha
+        previous = [name for name in api.list_repo_files(repo_id, repo_type="dataset", revision=head) if name.startswith("data/")]
+        files, records = [], []
+        for index in range(num_shards):
+            name = f"data/{SPLIT}-{index:05d}-of-{num_shards:05d}.parquet"
+            path = Path(directory) / name
+            path.parent.mkdir(exist_ok=True)
+            shard = dataset.shard(num_shards, index, contiguous=True)
+            shard.to_parquet(str(path))
+            files.append(path)
+            records.append({"file": name, "num_rows": len(shard), "num_bytes": path.stat().st_size, "sha256": file_sha256(path)})
+        pushed_metadata = {**metadata, HUB_SHARDS_KEY: records}
+        operations: list[CommitOperationAdd | CommitOperationDelete] = [
+            CommitOperationAdd(record["file"], str(path)) for record, path in zip(records, files)
+        ]
+        operations += [CommitOperationDelete(name) for name in previous if name not in {record["file"] for record in records}]
+        operations += [
+            CommitOperationAdd(CARD_NAME, _weight_dataset_card(card, dataset, files)),
+            CommitOperationAdd(HARVEST_METADATA_NAME, (json.dumps(pushed_metadata, indent=2, sort_keys=True) + "\n").encode()),
+        ]
+        return api.create_commit(
+            repo_id, operations=operations, commit_message=commit_message, repo_type="dataset", revision=revision,
+            parent_commit=head,
+        )
 
 
 def load_weight_dataset_from_hub(
@@ -239,14 +315,32 @@ def load_weight_dataset_from_hub(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    verify: bool = False,
 ) -> tuple[Dataset, dict[str, Any]]:
     """The rows (as stored) and the ``harvest.json`` metadata of a weight dataset pushed with
-    :func:`push_weight_dataset`; from the ``datasets`` cache when offline."""
-    metadata_file = resolve_file(
-        repo_id, HARVEST_METADATA_NAME, revision=revision, token=token, cache_dir=cache_dir, repo_type="dataset"
-    )
-    metadata = json.loads(Path(metadata_file).read_text(encoding="utf-8"))
-    dataset = load_dataset(repo_id, split=SPLIT, revision=revision, token=token)
+    :func:`push_weight_dataset`, all from one commit: the revision is resolved once
+    (``snapshot_download``) and every file is read from that commit's snapshot (the cached one when offline).
+
+    The row count of every parquet file is checked against the metadata's record of the push (and its
+    sha256 with ``verify=True``); ``ValueError`` names the file.
+    """
+    with hub_errors(repo_id, HARVEST_METADATA_NAME, revision, "dataset", False):
+        snapshot = Path(snapshot_download(
+            repo_id, repo_type="dataset", revision=revision, token=token, cache_dir=cache_dir,
+            allow_patterns=[HARVEST_METADATA_NAME, f"data/{SPLIT}-*.parquet"],
+        ))
+    metadata_file = snapshot / HARVEST_METADATA_NAME
+    if not metadata_file.is_file():
+        raise FileNotFoundError(
+            f"The dataset repo {repo_id!r} (commit {snapshot.name}) has no {HARVEST_METADATA_NAME}: it is not a weight dataset "
+            "pushed with ocd-hf (push_deltas_to_hub)."
+        )
+    metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+    records = metadata.pop(HUB_SHARDS_KEY, None)
+    files = sorted(snapshot.glob(f"data/{SPLIT}-*.parquet"))
+    if records is not None:
+        _check_hub_shards(repo_id, snapshot, files, records, verify)
+    dataset = Dataset.from_parquet([str(path) for path in files], cache_dir=str(cache_dir) if cache_dir else None)
     if len(dataset) != metadata.get("num_samples", len(dataset)):
         raise ValueError(
             f"Dataset repo {repo_id!r} holds {len(dataset)} rows but its {HARVEST_METADATA_NAME} says "
@@ -254,3 +348,23 @@ def load_weight_dataset_from_hub(
             "together."
         )
     return dataset, metadata
+
+
+def _check_hub_shards(repo_id: str, snapshot: Path, files: Sequence[Path], records: Sequence[Mapping[str, Any]], verify: bool) -> None:
+    """Refuse parquet files that are not those the metadata's push recorded (other names, row counts or sha256)."""
+    found = sorted(path.relative_to(snapshot).as_posix() for path in files)
+    expected = sorted(record["file"] for record in records)
+    if found != expected:
+        raise ValueError(
+            f"Dataset repo {repo_id!r} (commit {snapshot.name}) holds the data files {found}, but its {HARVEST_METADATA_NAME} "
+            f"was pushed with {expected}: the rows and the metadata come from different pushes. Push them again together."
+        )
+    for record in records:
+        path = snapshot / record["file"]
+        num_rows = pq.ParquetFile(path).metadata.num_rows
+        if num_rows != record["num_rows"] or (verify and file_sha256(path) != record["sha256"]):
+            raise ValueError(
+                f"{record['file']} of dataset repo {repo_id!r} (commit {snapshot.name}) is not the file pushed with its "
+                f"{HARVEST_METADATA_NAME} ({num_rows} rows, {record['num_rows']} recorded{', or another sha256' if verify else ''}). "
+                "Download it again (force_download) or push the dataset again."
+            )

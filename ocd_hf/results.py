@@ -246,14 +246,36 @@ def _format_cell(row: ResultRow, metric: str, interval: str = "sd") -> str:
     return fmt.format(mean) if math.isnan(spread) else f"{fmt.format(mean)} ± {fmt.format(spread)}"
 
 
+CONFIGURATION_KEYS = "configuration_keys"
+
+
+def check_same_configuration(results: Sequence[ResultsTable]) -> None:
+    """Refuse tables whose evaluation settings differ: the metadata keys each table lists under
+    ``configuration_keys`` (what an evaluation declares must match for its numbers to be comparable) must
+    hold equal values in every table; ``ValueError`` names each differing key and its values."""
+    keys = sorted({key for table in results for key in table.metadata.get(CONFIGURATION_KEYS, ())})
+    differing = []
+    for key in keys:
+        values = [table.metadata.get(key) for table in results]
+        if any(value != values[0] for value in values[1:]):
+            differing.append(f"{key}: {values}")
+    if differing:
+        raise ValueError(
+            f"Cannot aggregate results of different configurations (values per table, in the order given): "
+            f"{'; '.join(differing)}. Aggregate only runs evaluated with the same settings, or evaluate them again."
+        )
+
+
 def aggregate_results(results: Sequence[ResultsTable]) -> ResultsTable:
     """Combine the tables of independently trained models into one: each row's values become the
-    per-model means, so the table shows ``mean ± sd`` over models."""
+    per-model means, so the table shows ``mean ± sd`` over models. Tables of different configurations
+    (:func:`check_same_configuration`) are refused."""
     if not results:
         raise ValueError("aggregate_results needs at least one ResultsTable.")
     tasks = {r.metadata.get("task") for r in results}
     if len(tasks) > 1:
         raise ValueError(f"Cannot aggregate results of different tasks: {sorted(map(str, tasks))}.")
+    check_same_configuration(results)
     rows: dict[str, ResultRow] = {}
     for table in results:
         for row in table.rows:

@@ -29,7 +29,9 @@ from .episodes import EpisodeSampler, TaskDistribution
 from .harvest import harvest_shards
 from .weight_datasets import (
     check_storage_dtype,
+    dataset_sha256,
     finalize_weight_dataset,
+    harvest_lock,
     load_harvest_metadata,
     load_weight_dataset,
     prepare_output_dir,
@@ -299,7 +301,8 @@ class EpisodeTasks:
         """What identifies these tasks (recorded in the harvest metadata)."""
         dataset = self.distribution.dataset
         return {
-            "distribution": self.distribution.name, "dataset_fingerprint": dataset._fingerprint, "column": self.column,
+            "distribution": self.distribution.name, "column": self.column,
+            "inputs_sha256": dataset_sha256(dataset, [self.column, self.distribution.label_column]),
             "classes": self.distribution.classes.tolist(),
             "class_names": [self.distribution.class_names[int(c)] for c in self.distribution.classes],
             "fit_on": self.fit_on, "pool_size": self.pool_size, "seed": self.seed,
@@ -408,42 +411,45 @@ def harvest_task_heads(
         "source": {**source.describe(), "num_rows": num_tasks},
         "num_shards": math.ceil(num_tasks / shard_size),
     }
-    features = head_features(source.n_way, source.k_shot, source.embedding_dim, num_targets, dtype, early_stopping is not None)
-    prepare_output_dir(output_dir, metadata, IDENTITY_KEYS, is_main_process=state.is_main_process)
-    state.wait_for_everyone()
+    with harvest_lock(output_dir, enabled=state.is_main_process):  # before any work: writable, not in use
+        features = head_features(source.n_way, source.k_shot, source.embedding_dim, num_targets, dtype, early_stopping is not None)
+        prepare_output_dir(output_dir, metadata, IDENTITY_KEYS, is_main_process=state.is_main_process)
+        state.wait_for_everyone()
 
-    def harvest_rows(start: int, end: int) -> dict[str, torch.Tensor]:
-        tasks = source(start, end)
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([source.seed, start, 1]).generate_state(1)[0]))
-        fit = fit_task_heads(
-            tasks.fit_items, tasks.fit_labels, source.n_way, steps=steps, lr=lr, init_std=init_std, num_targets=num_targets,
-            early_stopping=early_stopping, sam_rho=sam_rho, noise_std=noise_std, generator=generator,
+        def harvest_rows(start: int, end: int) -> dict[str, torch.Tensor]:
+            tasks = source(start, end)
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([source.seed, start, 1]).generate_state(1)[0]))
+            fit = fit_task_heads(
+                tasks.fit_items, tasks.fit_labels, source.n_way, steps=steps, lr=lr, init_std=init_std, num_targets=num_targets,
+                early_stopping=early_stopping, sam_rho=sam_rho, noise_std=noise_std, generator=generator,
+            )
+            rows = {
+                "id": torch.arange(start, end), "classes": tasks.classes, "support_index": tasks.support_index, "support": tasks.support,
+                "support_labels": tasks.support_labels, "theta0": fit.theta0, "targets": fit.targets, "steps": fit.num_steps,
+                "stopped_at": fit.stopped_at, "losses": fit.losses,
+            }
+            if fit.heldout_losses is not None:
+                rows["heldout_losses"] = fit.heldout_losses
+            return rows
+
+        harvest_shards(
+            output_dir, metadata, features, harvest_rows, state=state, batch_size=batch_size, weight_columns=HEAD_COLUMNS,
+            progress=progress, description=f"Fitting {source.n_way}-way heads",
         )
-        rows = {
-            "id": torch.arange(start, end), "classes": tasks.classes, "support_index": tasks.support_index, "support": tasks.support,
-            "support_labels": tasks.support_labels, "theta0": fit.theta0, "targets": fit.targets, "steps": fit.num_steps,
-            "stopped_at": fit.stopped_at, "losses": fit.losses,
-        }
-        if fit.heldout_losses is not None:
-            rows["heldout_losses"] = fit.heldout_losses
-        return rows
-
-    harvest_shards(
-        output_dir, metadata, features, harvest_rows, state=state, batch_size=batch_size, weight_columns=HEAD_COLUMNS,
-        progress=progress, description=f"Fitting {source.n_way}-way heads",
-    )
-    state.wait_for_everyone()
-    if state.is_main_process:
-        final, _ = finalize_weight_dataset(output_dir, metadata, statistics_columns=("steps", "stopped_at"))
-        write_metadata(output_dir, final)
-    state.wait_for_everyone()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            final, _ = finalize_weight_dataset(output_dir, metadata, statistics_columns=("steps", "stopped_at"))
+            write_metadata(output_dir, final)
+        state.wait_for_everyone()
     return load_task_heads(output_dir)
 
 
-def load_task_heads(path: str | os.PathLike) -> Dataset:
-    """A complete head dataset (from :func:`harvest_task_heads`), memory-mapped, as torch tensors (heads decoded to float32)."""
+def load_task_heads(path: str | os.PathLike, verify: bool = False) -> Dataset:
+    """A complete head dataset (from :func:`harvest_task_heads`), memory-mapped, as torch tensors (heads decoded to float32).
+
+    Shards are checked like :func:`ocd_hf.load_deltas`' (sizes, counts, ids; sha256 with ``verify=True``)."""
     load_head_metadata(path)
-    return load_weight_dataset(path, HEAD_COLUMNS)
+    return load_weight_dataset(path, HEAD_COLUMNS, verify=verify)
 
 
 def load_head_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -192,9 +192,13 @@ def test_choose_delta_mode_reads_the_stored_residuals(tmp_path):
     kind, target = CASES["bert-classifier"]
     harvest_deltas(build_backbone(kind), build_dataset(kind, 4), target, tmp_path, delta_storage="factorised", progress=False)
     dataset, metadata = load_deltas(tmp_path), load_harvest_metadata(tmp_path)
+    assert metadata["delta_mode_decision"]["delta_mode"] == "factorised"
     assert choose_delta_mode(metadata, dataset) == "factorised"
     lossy = dataset.with_format(None).map(lambda row: {"factor_residual": 0.5})
-    assert choose_delta_mode(metadata, lossy) == "full"
+    assert choose_delta_mode(metadata, lossy) == "factorised", "the harvest's decision is followed"
+    undecided = {key: value for key, value in metadata.items() if key != "delta_mode_decision"}  # an older harvest
+    assert choose_delta_mode(undecided, dataset) == "factorised"
+    assert choose_delta_mode(undecided, lossy) == "full"
 
 
 @pytest.fixture(scope="module")

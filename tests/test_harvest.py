@@ -253,8 +253,9 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     ragged = Dataset.from_dict({"input_ids": [[1, 2, 3], [1, 2]], "label": [0, 1]})
     with pytest.raises(ValueError, match=r"different lengths.*DataCollatorWithPadding"):
         harvest_deltas(backbone, ragged, target, tmp_path / "c", progress=False)
-    with pytest.raises(ValueError, match="class labels must be integers"):
-        harvest_deltas(backbone, dataset.cast_column("label", dataset.features["label"].__class__("float32")), target, tmp_path / "d", progress=False)
+    fractional = dataset.cast_column("label", dataset.features["label"].__class__("float32")).map(lambda row: {"label": row["label"] + 0.5})
+    with pytest.raises(ValueError, match=r"fractional class labels in 4 row\(s\).*class labels must be integers"):
+        harvest_deltas(backbone, fractional, target, tmp_path / "d", progress=False)
     with pytest.raises(TypeError, match="must be a datasets.Dataset"):
         harvest_deltas(backbone, dataset.to_iterable_dataset(), target, tmp_path / "e", progress=False)
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -307,5 +308,5 @@ def test_harvest_from_pretrained_processes_images(tmp_path):
     assert metadata["harvest_config"]["delta_storage"] == "factorised"  # "auto" on a head
     assert materialise_deltas(deltas[:], metadata).shape == (3, 3, 16)
     DatasetDict({"train": Dataset.from_dict({"label": [0]})}).save_to_disk(tmp_path / "dict")
-    with pytest.raises(ValueError, match="Split 'test' not found"):
+    with pytest.raises(ValueError, match=r"has no split 'test'; its splits are \['train'\]"):
         harvest_from_pretrained(str(model_dir), str(tmp_path / "dict"), target, tmp_path / "x", split="test", progress=False)

@@ -18,7 +18,8 @@ import torch
 from datasets import Array2D, Array3D, Dataset, Features, List, Value
 
 from ... import weight_datasets
-from ...factorised import expand_factors
+from ...factorised import RULE_FOR_OPTIMIZER, expand_factors, factorise_deltas
+from ...logging import get_logger
 from ...weight_datasets import (
     DATA_FILES_PATTERN,
     HARVEST_METADATA_NAME,
@@ -48,10 +49,19 @@ __all__ = [
     "round_to_storage", "shard_path", "stored_factor_rule",
 ]
 
+logger = get_logger(__name__)
+
 FORMAT_VERSION = 1
 DELTA_STORAGES = ("full", "factorised")
 # Columns holding deltas or their factors: float32 values, or bfloat16 bit patterns as int16.
 DELTA_COLUMNS = ("delta", "trajectory", "delta_factor", "trajectory_factor")
+
+# delta_mode="auto" is decided once per harvest: factorised when the mean relative residual ‖Δ − u vᵀ‖/‖Δ‖ over
+# ALL deltas is at most this. Training refuses factorised deltas whose mean residual exceeds 0.05
+# (training.MAX_FACTOR_RESIDUAL); residuals are >= 0, so any subset of at least half the rows (a training split)
+# has a mean at most twice the whole mean: a decision below 0.025 is never refused by training.
+AUTO_FACTORISED_MEAN_RESIDUAL = 0.025
+DECISION_BATCH_SIZE = 256
 
 # Metadata that must agree for a harvest to continue in an existing directory.
 IDENTITY_KEYS = ("format_version", *BACKBONE_FIELDS, "harvest_config", "source", "num_shards")
@@ -198,8 +208,40 @@ def finalize_delta_dataset(output_dir: str | os.PathLike, metadata: Mapping[str,
     final["delta_bytes_per_sample"] = metadata["out_features"] * delta_itemsize if factorised else full_delta_bytes
     final["full_delta_bytes_per_sample"] = full_delta_bytes
     final["statistics"]["log_rho"] = weight_datasets.summary(np.log(rho[rho > 0]))
+    final["delta_mode_decision"] = decide_delta_mode(final, Dataset(table))
+    logger.info(f"delta_mode='auto' will train {final['delta_mode_decision']['delta_mode']!r}: {final['delta_mode_decision']['reason']}")
     write_metadata(output_dir, final)
     return final
+
+
+def decide_delta_mode(metadata: Mapping[str, Any], dataset: Dataset) -> dict[str, Any]:
+    """What ``delta_mode="auto"`` trains on these deltas, decided once for the whole harvest, with the reason.
+
+    ``"factorised"`` when the layer sees one vector per sample, its optimizer has a right-factor rule and the
+    mean relative residual of ``Δ ≈ u vᵀ`` over every delta is at most :data:`AUTO_FACTORISED_MEAN_RESIDUAL`
+    (stored factors carry their residual; full deltas are factorised here, ``DECISION_BATCH_SIZE`` at a time);
+    else ``"full"``. Stored in ``harvest.json`` (``delta_mode_decision``), which training follows.
+    """
+    optimizer = str((metadata.get("harvest_config") or {}).get("optimizer", "")).lower()
+    if metadata.get("per_token"):
+        return {"delta_mode": "full", "reason": "the layer is applied to every token, so its deltas are not rank-1"}
+    if optimizer not in RULE_FOR_OPTIMIZER:
+        return {"delta_mode": "full", "reason": f"optimizer {optimizer!r} has no right-factor rule"}
+    if len(dataset) == 0:
+        return {"delta_mode": "full", "reason": "no delta to measure the rank on"}
+    if delta_storage(metadata) == "factorised":
+        residuals = torch.as_tensor(dataset.with_format("numpy")["factor_residual"])
+    else:
+        rows = format_deltas(dataset.select_columns(["delta", "layer_input"]), metadata["harvest_config"]["dtype"])
+        residuals = torch.cat([
+            factorise_deltas(batch["delta"].float(), batch["layer_input"].float(), RULE_FOR_OPTIMIZER[optimizer])[1]
+            for batch in (rows[start : start + DECISION_BATCH_SIZE] for start in range(0, len(rows), DECISION_BATCH_SIZE))
+        ])
+    mean = float(residuals.double().mean())
+    measured = (f"mean relative residual ‖Δ − u vᵀ‖/‖Δ‖ over all {residuals.numel()} deltas {mean:.3g} "
+                f"{'<=' if mean <= AUTO_FACTORISED_MEAN_RESIDUAL else '>'} {AUTO_FACTORISED_MEAN_RESIDUAL}")
+    mode = "factorised" if mean <= AUTO_FACTORISED_MEAN_RESIDUAL else "full"
+    return {"delta_mode": mode, "mean_factor_residual": mean, "threshold": AUTO_FACTORISED_MEAN_RESIDUAL, "reason": measured}
 
 
 def format_deltas(dataset: Dataset, dtype: str) -> Dataset:
@@ -207,8 +249,11 @@ def format_deltas(dataset: Dataset, dtype: str) -> Dataset:
     return weight_datasets.format_weights(dataset, dtype, DELTA_COLUMNS)
 
 
-def load_deltas(path: str | os.PathLike) -> Dataset:
+def load_deltas(path: str | os.PathLike, verify: bool = False) -> Dataset:
     """Load a complete delta dataset as a memory-mapped ``datasets.Dataset`` formatted as torch tensors.
+
+    Every shard is checked against the size, row count and ids the harvest recorded; ``verify=True``
+    also checks its sha256 (reads every byte once). A bad shard raises ``ValueError`` naming the file.
 
     ``delta`` (or, in factorised storage, ``delta_factor``) and ``trajectory`` (``trajectory_factor``)
     come back as float32 tensors whatever the storage dtype; rows are in increasing ``id`` order.
@@ -216,7 +261,7 @@ def load_deltas(path: str | os.PathLike) -> Dataset:
     holds ``delta_storage`` and ``factor_rule``) and :func:`materialise_deltas` for full matrices.
     """
     load_harvest_metadata(path)
-    return weight_datasets.load_weight_dataset(path, DELTA_COLUMNS)
+    return weight_datasets.load_weight_dataset(path, DELTA_COLUMNS, verify=verify)
 
 
 def resolve_deltas(deltas: str | os.PathLike | tuple[Dataset, Mapping[str, Any]]) -> tuple[Dataset, dict[str, Any]]:

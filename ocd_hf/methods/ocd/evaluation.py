@@ -26,6 +26,7 @@ from ...factorised import expand_factors
 from ...finetune import overfit_deltas
 from ...results import CALIBRATION_BINS, MetricAccumulator, ResultRow, ResultsTable, pool_reliability
 from ...target import CONDITION_FIELDS, Conditioning, model_output_tensor
+from ...weight_datasets import check_writable_dir
 from .deltas import materialise_deltas, resolve_deltas
 from .modeling import OCDWrapper
 
@@ -400,6 +401,8 @@ def evaluate_ocd(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     if calibration_bins < 1:
         raise ValueError(f"calibration_bins must be >= 1, got {calibration_bins}.")
+    if output_dir is not None:
+        check_writable_dir(output_dir)  # before the evaluation, not after it
     has_deltas, has_alternative = delta_dataset is not None, alternative_model is not None
     generator = model.config.generator_type
     rows = _check_rows(
@@ -447,6 +450,11 @@ def evaluate_ocd(
         "alternative_target_module": alternative_model.target_name if has_alternative else None,
         "overfit_settings": settings,
         "global_rho": evaluator.global_rho,
+        # What must be equal for aggregate_results to average this table with another model's (the backbone may differ).
+        "configuration_keys": [
+            "task", "num_examples", "seeds", "num_samples", "num_inference_steps", "target_module", "alternative_target_module",
+            "overfit_settings",
+        ],
     }
     if task == "classification":
         metadata["majority_accuracy"] = float(label_counts.max()) / num_examples

@@ -24,16 +24,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 from accelerate import PartialState
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, load_dataset, load_from_disk
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from ...backbones import load_pretrained_backbone
+from ...data import select_split
 from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
 from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
 from ...harvest import harvest_shards
 from ...logging import get_logger
 from ...target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
+from ...weight_datasets import dataset_sha256, harvest_lock, tensors_sha256
 from .deltas import (
     DELTA_COLUMNS,
     DELTA_STORAGES,
@@ -67,6 +69,8 @@ DEFAULT_FACTOR_TOLERANCE = 5e-2
 # have a long tail (above), and a later sample beyond the tolerance would stop the harvest midway.
 AUTO_MARGIN = 0.1
 MAX_LISTED_SAMPLES = 10
+IGNORE_INDEX = -100  # transformers' label to ignore in a loss: a harvest fine-tunes on every label, so it is refused
+CHECK_BATCH_SIZE = 1024
 
 
 def rank1_energy(deltas: torch.Tensor, iterations: int = 50, tolerance: float = 1e-5) -> torch.Tensor:
@@ -304,14 +308,24 @@ class SampleReader:
         self.dataset = dataset
         self.label_column = label_column
         self.collate_fn = collate_fn
-        self.labels = self._read_labels(task)
+        self.label_names: list[str] | None = None
+        config = getattr(backbone, "config", None)
+        self.labels = self._read_labels(task, getattr(config, "num_labels", None) if task == "classification" else None)
+        try:
+            embeddings = backbone.get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # no token embedding (images, tabular data)
+            embeddings = None
+        self.vocab_size = getattr(embeddings, "num_embeddings", None)
+        self.max_positions = getattr(config, "max_position_embeddings", None)
         self.input_columns = None if collate_fn is not None else self._input_columns(backbone, input_columns)
         self.device = next(backbone.parameters()).device
         if self.input_columns is not None:
             # numpy, not torch: 3x faster on nested-list columns (e.g. pixel_values made by .map).
             self.formatted = dataset.with_format("numpy", columns=self.input_columns)
+            for start in range(0, len(dataset), CHECK_BATCH_SIZE):  # every row before any work (with collate_fn: per batch)
+                self.check_inputs(self._stacked(start, min(start + CHECK_BATCH_SIZE, len(dataset))), start)
 
-    def _read_labels(self, task: str) -> torch.Tensor:
+    def _read_labels(self, task: str, num_classes: int | None) -> torch.Tensor:
         # Read through Arrow: the numpy formatter of some datasets releases returns object arrays for float columns with NaN.
         column = self.dataset.select_columns([self.label_column]).with_format("arrow")[:][self.label_column]
         labels = column.to_numpy(zero_copy_only=False)
@@ -321,16 +335,77 @@ class SampleReader:
             raise ValueError(
                 f"label_column {self.label_column!r} must hold one scalar label per row, got shape {labels.shape}."
             )
-        if task == "classification":
-            if not np.issubdtype(labels.dtype, np.integer):
+        feature = self.dataset.features[self.label_column]
+        if isinstance(feature, ClassLabel):
+            self.label_names = list(feature.names)
+        if task != "classification":
+            if not np.issubdtype(labels.dtype, np.number):
+                raise ValueError(f"Regression labels in {self.label_column!r} must be numbers, got dtype {labels.dtype}.")
+            return torch.from_numpy(labels.astype(np.float32))  # a non-finite label gives a non-finite delta: skipped and counted
+        if labels.dtype.kind in "OUS":  # class names, as the recipes accept: mapped to indices in sorted order
+            if any(not isinstance(value, str) for value in labels):
+                raise ValueError(f"label_column {self.label_column!r} mixes strings with other values; use one kind of label.")
+            self.label_names = sorted(set(labels.tolist()))
+            labels = np.searchsorted(np.asarray(self.label_names), labels)
+        elif labels.dtype.kind == "f":
+            self._refuse_rows(labels != np.round(labels), labels, "fractional class labels",
+                              "class labels must be integers (for regression, configure the backbone with num_labels=1)")
+        elif not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"The backbone is a classifier but label_column {self.label_column!r} has dtype {labels.dtype}; "
+                "class labels must be integers or class names (for regression, configure the backbone with num_labels=1)."
+            )
+        labels = labels.astype(np.int64)
+        self._refuse_rows(labels == IGNORE_INDEX, labels, f"the label {IGNORE_INDEX} (the Hugging Face ignore index)",
+                          f"drop them first: dataset.filter(lambda row: row[{self.label_column!r}] != {IGNORE_INDEX}); "
+                          "a harvest fine-tunes on every row's label, it cannot ignore one")
+        if num_classes is not None:
+            if self.label_names is not None and len(self.label_names) > num_classes:
                 raise ValueError(
-                    f"The backbone is a classifier but label_column {self.label_column!r} has dtype {labels.dtype}; "
-                    "class labels must be integers (for regression, configure the backbone with num_labels=1)."
+                    f"label_column {self.label_column!r} has {len(self.label_names)} classes {self.label_names[:10]}, but the "
+                    f"backbone predicts {num_classes}: use a backbone with num_labels={len(self.label_names)}."
                 )
-            return torch.from_numpy(labels.astype(np.int64))
-        if not np.issubdtype(labels.dtype, np.number):
-            raise ValueError(f"Regression labels in {self.label_column!r} must be numbers, got dtype {labels.dtype}.")
-        return torch.from_numpy(labels.astype(np.float32))
+            self._refuse_rows((labels < 0) | (labels >= num_classes), labels, f"labels outside [0, {num_classes})",
+                              f"the backbone predicts {num_classes} classes (config.num_labels); fix or drop these rows")
+        return torch.from_numpy(labels)
+
+    def _refuse_rows(self, bad: np.ndarray, values: np.ndarray, what: str, fix: str) -> None:
+        """``ValueError`` naming the first rows (index in the dataset) where ``bad`` holds, and their labels."""
+        if not bad.any():
+            return
+        rows = np.flatnonzero(bad)
+        listed = ", ".join(f"{int(row)}: {values[row].item()!r}" for row in rows[:MAX_LISTED_SAMPLES])
+        more = f" and {rows.size - MAX_LISTED_SAMPLES} more" if rows.size > MAX_LISTED_SAMPLES else ""
+        raise ValueError(
+            f"label_column {self.label_column!r} has {what} in {rows.size} row(s) (row: label {{{listed}}}{more}): {fix}."
+        )
+
+    def check_inputs(self, inputs: Mapping[str, Any], start: int) -> None:
+        """Refuse backbone inputs of rows ``start, start+1, …`` that cannot be harvested: non-finite values,
+        token ids outside the vocabulary, sequences longer than the model's positions (each naming the rows)."""
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue
+            if value.is_floating_point():
+                bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(1)
+                self._refuse_input(name, bad, start, "NaN or infinite values", "fix or drop these rows")
+            if name == "input_ids" and value.dim() >= 2:
+                if self.vocab_size is not None:
+                    bad = ((value < 0) | (value >= self.vocab_size)).any(1)
+                    self._refuse_input(name, bad, start, f"token ids outside the vocabulary [0, {self.vocab_size})",
+                                       "tokenize with the backbone's own tokenizer")
+                if self.max_positions is not None and value.shape[1] > self.max_positions:
+                    raise ValueError(
+                        f"input_ids of rows {start}..{start + value.shape[0] - 1} are {value.shape[1]} tokens long, but the backbone "
+                        f"has max_position_embeddings={self.max_positions}: truncate when tokenizing (truncation=True, "
+                        f"max_length={self.max_positions}, or ocd-hf harvest --max-length)."
+                    )
+
+    def _refuse_input(self, name: str, bad: torch.Tensor, start: int, what: str, fix: str) -> None:
+        if bool(bad.any()):
+            rows = (torch.nonzero(bad).flatten() + start).tolist()
+            more = f" and {len(rows) - MAX_LISTED_SAMPLES} more" if len(rows) > MAX_LISTED_SAMPLES else ""
+            raise ValueError(f"Input {name!r} has {what} in rows {rows[:MAX_LISTED_SAMPLES]}{more}: {fix}.")
 
     def _input_columns(self, backbone: nn.Module, input_columns: list[str] | None) -> list[str]:
         columns = self.dataset.column_names
@@ -353,22 +428,31 @@ class SampleReader:
     def labels_sha256(self) -> str:
         return hashlib.sha256(self.labels.numpy().tobytes()).hexdigest()[:16]
 
+    def inputs_sha256(self) -> str:
+        """Content hash of the dataset columns the inputs are made from (with ``collate_fn``: every column but the label)."""
+        columns = self.input_columns or [name for name in self.dataset.column_names if name != self.label_column]
+        return dataset_sha256(self.dataset, columns)
+
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def _stacked(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        batch = self.formatted[start:end]
+        ragged = [name for name, value in batch.items() if not (isinstance(value, np.ndarray) and value.dtype.kind in "biuf")]
+        if ragged:
+            raise ValueError(
+                f"Columns {ragged} have rows of different lengths or non-numeric values and cannot be stacked. "
+                "Pad them when preprocessing (e.g. tokenizer(..., padding='max_length')) or pass "
+                "collate_fn=transformers.DataCollatorWithPadding(tokenizer)."
+            )
+        return {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in batch.items()}
 
     def __call__(self, start: int, end: int) -> tuple[dict[str, Any], torch.Tensor]:
         if self.collate_fn is not None:
             inputs = dict(self.collate_fn(self.dataset[start:end]))
+            self.check_inputs(inputs, start)
         else:
-            batch = self.formatted[start:end]
-            ragged = [name for name, value in batch.items() if not (isinstance(value, np.ndarray) and value.dtype.kind in "biuf")]
-            if ragged:
-                raise ValueError(
-                    f"Columns {ragged} have rows of different lengths or non-numeric values and cannot be stacked. "
-                    "Pad them when preprocessing (e.g. tokenizer(..., padding='max_length')) or pass "
-                    "collate_fn=transformers.DataCollatorWithPadding(tokenizer)."
-                )
-            inputs = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in batch.items()}
+            inputs = self._stacked(start, end)
         inputs = {
             name: value.to(self.device) if isinstance(value, torch.Tensor) else value
             for name, value in inputs.items()
@@ -419,7 +503,9 @@ def harvest_deltas(
 
     Calling again with the same arguments after an interruption resumes from the last complete
     shard; a directory made with another backbone, layer or settings is refused. Samples with
-    non-finite values are skipped with a warning and listed in the metadata (``skipped_ids``).
+    non-finite values, and samples whose delta is all zeros (the model already fits them: nothing to learn,
+    and no scale to normalise by), are skipped with a warning and listed in the metadata
+    (``skipped_ids_by_reason``: ``non_finite``, ``zero_delta``).
     Under ``accelerate launch`` each process harvests every ``num_processes``-th shard; pass the
     ``Accelerator`` (or ``PartialState``) in use, or one is created. The backbone is moved to its
     device and run in eval mode.
@@ -472,66 +558,74 @@ def harvest_deltas(
     backbone.to(state.device)
     was_training = backbone.training
     backbone.eval()
-    try:
-        reader = SampleReader(
-            dataset, backbone, task=backbone_task(backbone), label_column=label_column, input_columns=input_columns,
-            collate_fn=collate_fn,
-        )
-        first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
+    with harvest_lock(output_dir, enabled=state.is_main_process):  # before any work: writable, not in use
         try:
-            description = describe_backbone(backbone, name, example_inputs=first_inputs)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(
-                f"{type(backbone).__name__} failed on the first batch, built from inputs {sorted(first_inputs)}: {error}. "
-                "Pass input_columns= with the model's input columns, or collate_fn= to build its inputs."
-            ) from error
-        settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
-        storage, decision, trial = choose_delta_storage(
-            delta_storage, backbone, layer, first_inputs, first_labels, name, output_dir, description["per_token"],
-            factor_tolerance, dtype=dtype, **settings,
-        )
-        factor_settings = {}
-        if storage == "factorised":
-            factor_settings = {
-                "factor_rule": RULE_FOR_OPTIMIZER[optimizer], "factor_tolerance": factor_tolerance,
-                "factor_tolerance_strict": delta_storage == "factorised",  # "auto" warns: it cannot switch storage midway
+            reader = SampleReader(
+                dataset, backbone, task=backbone_task(backbone), label_column=label_column, input_columns=input_columns,
+                collate_fn=collate_fn,
+            )
+            first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
+            try:
+                description = describe_backbone(backbone, name, example_inputs=first_inputs)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise ValueError(
+                    f"{type(backbone).__name__} failed on the first batch, built from inputs {sorted(first_inputs)}: {error}. "
+                    "Pass input_columns= with the model's input columns, or collate_fn= to build its inputs."
+                ) from error
+            settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
+            storage, decision, trial = choose_delta_storage(
+                delta_storage, backbone, layer, first_inputs, first_labels, name, output_dir, description["per_token"],
+                factor_tolerance, dtype=dtype, **settings,
+            )
+            factor_settings = {}
+            if storage == "factorised":
+                factor_settings = {
+                    "factor_rule": RULE_FOR_OPTIMIZER[optimizer], "factor_tolerance": factor_tolerance,
+                    "factor_tolerance_strict": delta_storage == "factorised",  # "auto" warns: it cannot switch storage midway
+                }
+            config = getattr(backbone, "config", None)
+            metadata = {
+                "format_version": 1,
+                **description,
+                "base_model_name_or_path": base_model_name_or_path or description["base_model_name_or_path"],
+                "base_model_revision": base_model_revision or getattr(config, "_commit_hash", None),
+                "harvest_config": {
+                    "optimizer": optimizer,
+                    "lr": lr,
+                    "steps": steps,
+                    "loss": loss_name(loss, description["task"]),
+                    "dtype": dtype,
+                    "store_trajectory": store_trajectory,
+                    "shard_size": shard_size,
+                    "conditioning": "un-finetuned model; per-token tensors averaged over valid tokens",
+                    "delta_storage": storage,
+                    **factor_settings,
+                    "cross_fit": cross_fit,
+                },
+                "storage_decision": decision,
+                "source": {
+                    "num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256,
+                    # The inputs too (resuming with other inputs and the same labels would mix two datasets), and the
+                    # first batch as the backbone sees it (another collate_fn, tokenizer or max_length).
+                    "inputs_sha256": reader.inputs_sha256(), "first_batch_sha256": tensors_sha256(first_inputs),
+                    # Class names of a ClassLabel column, or of string labels mapped to indices in this (sorted) order.
+                    "label_names": reader.label_names,
+                },
+                "num_shards": math.ceil(len(reader) / shard_size),
             }
-        config = getattr(backbone, "config", None)
-        metadata = {
-            "format_version": 1,
-            **description,
-            "base_model_name_or_path": base_model_name_or_path or description["base_model_name_or_path"],
-            "base_model_revision": base_model_revision or getattr(config, "_commit_hash", None),
-            "harvest_config": {
-                "optimizer": optimizer,
-                "lr": lr,
-                "steps": steps,
-                "loss": loss_name(loss, description["task"]),
-                "dtype": dtype,
-                "store_trajectory": store_trajectory,
-                "shard_size": shard_size,
-                "conditioning": "un-finetuned model; per-token tensors averaged over valid tokens",
-                "delta_storage": storage,
-                **factor_settings,
-                "cross_fit": cross_fit,
-            },
-            "storage_decision": decision,
-            "source": {"num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256},
-            "num_shards": math.ceil(len(reader) / shard_size),
-        }
-        prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
+            prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
+            state.wait_for_everyone()
+            models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
+            # The batch "auto" overfitted to choose factorised storage is rows [0, batch_size) as the harvest would store them.
+            first_batch = trial if storage == "factorised" and cross_fit is None and not store_trajectory else None
+            _harvest_shards(models, reader, output_dir, metadata, state, batch_size, loss, progress, first_batch)
+        finally:
+            backbone.train(was_training)
         state.wait_for_everyone()
-        models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
-        # The batch "auto" overfitted to choose factorised storage is rows [0, batch_size) as the harvest would store them.
-        first_batch = trial if storage == "factorised" and cross_fit is None and not store_trajectory else None
-        _harvest_shards(models, reader, output_dir, metadata, state, batch_size, loss, progress, first_batch)
-    finally:
-        backbone.train(was_training)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        final = finalize_delta_dataset(output_dir, metadata)
-        write_delta_dataset_card(output_dir, final)
-    state.wait_for_everyone()
+        if state.is_main_process:
+            final = finalize_delta_dataset(output_dir, metadata)
+            write_delta_dataset_card(output_dir, final)
+        state.wait_for_everyone()
     return load_deltas(output_dir)
 
 
@@ -701,7 +795,7 @@ def _harvest_shards(
         storage=settings["delta_storage"],
     )
 
-    def harvest_rows(start: int, end: int) -> dict[str, torch.Tensor]:
+    def harvest_rows(start: int, end: int) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
         if first_batch is not None and start == 0 and end == min(batch_size, len(reader)):
             return checked(*first_batch)
         inputs, labels = reader(start, end)
@@ -722,9 +816,19 @@ def _harvest_shards(
         if skipped.numel():
             logger.warning(
                 f"Skipped {skipped.numel()} sample(s) with non-finite deltas or conditioning: ids "
-                f"{skipped.tolist()}. They are listed in harvest.json (skipped_ids)."
+                f"{skipped.tolist()}. They are listed in harvest.json (skipped_ids_by_reason.non_finite)."
             )
-        return columns
+        # The one place all-zero deltas are decided: a sample the model already fits exactly (zero loss gradient) has
+        # nothing to learn from and no scale to normalise by (training refuses ρ = 0), so it is skipped and counted.
+        zero = columns["rho"] == 0
+        zero_ids = columns["id"][zero].tolist()
+        if zero_ids:
+            logger.warning(
+                f"Skipped {len(zero_ids)} sample(s) whose delta is all zeros (fitted to zero loss already): ids "
+                f"{zero_ids}. They are listed in harvest.json (skipped_ids_by_reason.zero_delta)."
+            )
+            columns = {name: value[~zero] for name, value in columns.items()}
+        return columns, {"non_finite": skipped.tolist(), "zero_delta": zero_ids}
 
     harvest_shards(
         output_dir, metadata, features, harvest_rows, state=state, batch_size=batch_size, weight_columns=DELTA_COLUMNS,
@@ -732,18 +836,18 @@ def _harvest_shards(
     )
 
 
-def load_source_dataset(name_or_path: str, config_name: str | None = None, split: str = "train") -> Dataset:
-    """One split of a dataset: a ``save_to_disk`` directory (``Dataset`` or ``DatasetDict``), else ``load_dataset``."""
+def load_source_dataset(name_or_path: str, config_name: str | None = None, split: str | None = None) -> Dataset:
+    """One split of a dataset: a ``save_to_disk`` directory (``Dataset`` or ``DatasetDict``), else ``load_dataset``.
+
+    ``split=None``: the ``"train"`` split, or the only one, or the single dataset of the directory; a
+    ``split`` the dataset does not have is a ``ValueError`` naming those it has (:func:`ocd_hf.data.select_split`).
+    """
     path = Path(name_or_path)
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         loaded = load_from_disk(str(path))
     else:
         loaded = load_dataset(name_or_path, config_name, split=split)
-    if isinstance(loaded, DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"Split {split!r} not found in {name_or_path!r}; it has {list(loaded)}. Pass split=.")
-        loaded = loaded[split]
-    return loaded
+    return select_split(loaded, split, name_or_path)
 
 
 def harvest_from_pretrained(
@@ -755,7 +859,7 @@ def harvest_from_pretrained(
     model_revision: str | None = None,
     model_class: str | None = None,
     dataset_config: str | None = None,
-    split: str = "train",
+    split: str | None = None,
     text_column: str | None = None,
     image_column: str | None = None,
     label_column: str = "label",
@@ -782,8 +886,8 @@ def harvest_from_pretrained(
     """
     if text_column is not None and image_column is not None:
         raise ValueError("Pass text_column or image_column, not both.")
-    backbone = load_pretrained_backbone(model_name_or_path, model_class, revision=model_revision)
     dataset = load_source_dataset(dataset_name_or_path, dataset_config, split)
+    backbone = load_pretrained_backbone(model_name_or_path, model_class, revision=model_revision)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     collate_fn = None

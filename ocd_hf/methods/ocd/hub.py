@@ -38,7 +38,8 @@ def push_deltas_to_hub(
     ``path_or_dataset`` is a harvest directory (its ``harvest.json`` and ``README.md`` are used), or
     a ``datasets.Dataset`` with the delta columns plus its harvest ``metadata``. Read it back with
     :func:`load_deltas_from_hub` or ``datasets.load_dataset(repo_id, split="train")``.
-    Returns the information of the last commit.
+    Rows, card and metadata go in one commit (:func:`ocd_hf.hub.push_weight_dataset`), whose information
+    is returned.
     """
     if isinstance(path_or_dataset, Dataset):
         if metadata is None:
@@ -64,13 +65,16 @@ def load_deltas_from_hub(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    verify: bool = False,
 ) -> tuple[Dataset, dict[str, Any]]:
-    """A delta dataset pushed with :func:`push_deltas_to_hub`, and its harvest metadata.
+    """A delta dataset pushed with :func:`push_deltas_to_hub`, and its harvest metadata, both from one commit.
 
-    The dataset is formatted like :func:`load_deltas`' (torch tensors, ``delta`` as float32 whatever
-    the storage dtype); it comes from the ``datasets`` cache when offline.
+    The revision is resolved once and rows and metadata are read from that commit (from the cache when
+    offline); every parquet file's row count (``verify=True``: its sha256) is checked against the push's
+    record. The dataset is formatted like :func:`load_deltas`' (torch tensors, ``delta`` as float32
+    whatever the storage dtype).
     """
-    dataset, metadata = load_weight_dataset_from_hub(repo_id, revision=revision, token=token, cache_dir=cache_dir)
+    dataset, metadata = load_weight_dataset_from_hub(repo_id, revision=revision, token=token, cache_dir=cache_dir, verify=verify)
     return format_deltas(dataset, metadata.get("harvest_config", {}).get("dtype", "float32")), metadata
 
 

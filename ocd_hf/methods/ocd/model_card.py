@@ -109,7 +109,6 @@ def delta_dataset_card(metadata: Mapping[str, Any]) -> DatasetCard:
 
 
 def write_delta_dataset_card(output_dir: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
-    """Render the dataset card of ``metadata`` and save it as ``output_dir/README.md``."""
-    path = Path(output_dir) / "README.md"
-    delta_dataset_card(metadata).save(path)
-    return path
+    """Render the dataset card of ``metadata`` as ``output_dir/README.md``; a card already there keeps the text
+    outside its generated block (:func:`ocd_hf.cards.write_card`)."""
+    return write_card(delta_dataset_card(metadata), output_dir)

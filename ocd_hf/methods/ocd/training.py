@@ -80,8 +80,12 @@ def stores_factors(dataset: Dataset) -> bool:
 
 def choose_delta_mode(metadata: Mapping[str, Any], dataset: Dataset, max_samples: int = 256) -> str:
     """``"factorised"`` where the harvested deltas are rank-1 with the right factor their optimizer
-    implies, else ``"full"``. Measured, never assumed: factorised storage carries the residual of
-    every delta (``factor_residual``); full storage is factorised here on up to ``max_samples`` deltas."""
+    implies, else ``"full"``: the harvest's own decision (``delta_mode_decision`` in ``harvest.json``, made
+    once on every delta). For a harvest without one (older ocd-hf): measured here, factorised storage
+    from every delta's ``factor_residual``, full storage on up to ``max_samples`` deltas."""
+    decision = metadata.get("delta_mode_decision")
+    if decision is not None:  # logged by the harvest; training logs the delta_mode it trains
+        return decision["delta_mode"]
     if len(dataset) == 0:
         return "full"
     if stores_factors(dataset):
