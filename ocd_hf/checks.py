@@ -95,7 +95,7 @@ def check_class_labels(labels: Any, num_classes: int | None, name: str = "labels
             f" {IGNORE_INDEX} is transformers' ignore index: a per-sample fit needs a real label, so drop those rows."
             if IGNORE_INDEX in labels[bad].tolist() else ""
         )
-        bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+        bound = f"[0, {num_classes})" if num_classes is not None else "0..N-1 (no negative labels)"
         raise ValueError(f"{name} must be class indices in {bound}; got {values} at {rows_named(bad, ids)}.{ignore}")
     return labels
 

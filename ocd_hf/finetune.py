@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import check_class_labels
 from .target import inject_deltas, model_output_tensor, record_layer_io
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -80,6 +81,7 @@ def overfit_deltas(
     try:
         with torch.no_grad(), record_layer_io(layer) as record:
             base_output = model_output_tensor(backbone(**inputs))
+        labels = check_task_labels(labels, task, base_output, loss_fn)
         head_fast_path = record["output"] is base_output or (
             record["output"].shape == base_output.shape and torch.equal(record["output"], base_output)
         )
@@ -113,6 +115,7 @@ def overfit_head_deltas(
     ``(batch, [tokens,] in)`` and the base output alone: the model output under ``Δ`` is
     ``base_output + x Δᵀ``, so no backbone is needed."""
     check_overfit_settings(optimizer, steps)
+    labels = check_task_labels(labels, task, base_output, loss_fn)
     layer_input = layer_input.detach()
     flat = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
 
@@ -121,6 +124,16 @@ def overfit_head_deltas(
 
     weight_like = torch.empty(base_output.shape[-1], layer_input.shape[-1], dtype=layer_input.dtype, device=layer_input.device)
     return optimise_deltas(forward, weight_like, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
+
+
+def check_task_labels(labels: torch.Tensor, task: str, base_output: torch.Tensor, loss_fn: LossFn | None) -> torch.Tensor:
+    """The labels the task loss needs: class indices below the output's width (``-100``, fractional or non-finite
+    labels would give zero or NaN deltas without a word). Regression targets pass as they are (a harvest skips and
+    counts the non-finite deltas that non-finite inputs or targets give); a custom ``loss_fn`` decides for itself."""
+    labels = torch.as_tensor(labels)
+    if loss_fn is not None or task != "classification":
+        return labels
+    return check_class_labels(labels, base_output.shape[-1]).to(labels.device)
 
 
 def check_overfit_settings(optimizer: str, steps: int) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ...cards import GeneratorCardData
+from ...checks import check_class_labels, check_finite_inputs, check_generator
 from ...modeling_utils import GeneratorHubMixin, load_checked_state, read_generator_files, save_generator
 from .configuration import McDiConfig, encoder_fingerprint
 from .diffusion import alpha_bars, sample_chain
@@ -46,8 +47,10 @@ def check_support(support: torch.Tensor, labels: torch.Tensor, embedding_dim: in
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"support_labels must be integer class indices, got {labels.dtype}.")
-    if support.shape[1] == 0 or int(labels.min()) < 0:
-        raise ValueError("support_labels must be 0..N-1 over a non-empty support set; got negative labels or no items.")
+    if support.shape[1] == 0:
+        raise ValueError("support_labels must be 0..N-1 over a non-empty support set; got no items.")
+    check_class_labels(labels, None, name="support_labels")  # negative labels (-100 included), by position in the flattened batch
+    check_finite_inputs({"support_embeddings": support.flatten(0, 1)})
     num_classes = int(labels.max()) + 1
     present = torch.nn.functional.one_hot(labels.long(), num_classes).sum(1) > 0  # (B, N)
     if not bool(present.all()):
@@ -111,6 +114,7 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+        check_generator(generator)
         batched = torch.as_tensor(support_embeddings).dim() == 3
         support, labels, num_classes = check_support(support_embeddings, support_labels, self.config.embedding_dim, self.config.max_num_classes)
         parameter = next(self.denoiser.parameters())
