@@ -146,6 +146,9 @@ def run_train(args: argparse.Namespace) -> None:
         command.deltas, load_model(args), command.output_dir, dataclass_from_namespace(OCDTrainingArguments, args),
         config_overrides=overrides, resume_from_checkpoint=command.resume_from_checkpoint,
     )
+    history = json.loads((Path(command.output_dir) / HISTORY_NAME).read_text())
+    best = f" (lowest validation loss {history['best_val_loss']:.4g})" if history["saved_step"] == history["best_step"] else ""
+    print(f"Saved the weights of step {history['saved_step']} of {history['global_step']}{best} to {command.output_dir}")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -232,3 +233,15 @@ def test_a_deterministic_generator_is_evaluated_once_not_as_identical_seeds():
     sampled = OCDWrapper.attach(backbone, "classifier", example_inputs=inputs, denoiser_config=TINY_DENOISER, condition_hidden_dim=16,
                                 num_inference_steps=2)
     assert evaluate_ocd(sampled, [(inputs, torch.tensor([0, 1, 2, 1]))], seeds=(0, 1), progress=False)["ocd_ens5"].num_runs == 2
+
+
+def test_recipes_respect_a_user_set_omp_num_threads(monkeypatch):
+    from ocd_options import threads_per_process
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_process(2) == 3 and threads_per_process(2, requested=5) == 5
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads_per_process(1) == max(1, os.cpu_count() or 1)
+    for recipe in ("setfit_ocd", "deit_ocd", "lenet_ocd"):
+        source = (Path(__file__).parents[1] / "recipes" / f"{recipe}.py").read_text()
+        assert "torch.set_num_threads(threads_per_process(" in source and "os.cpu_count()" not in source, recipe
