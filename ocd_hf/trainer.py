@@ -297,12 +297,15 @@ def json_value(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def run_settings(args: GeneratorTrainingArguments, model: nn.Module, generator_settings: Mapping[str, Any] | None) -> dict[str, Any]:
+def run_settings(
+    args: GeneratorTrainingArguments, model: nn.Module, generator_settings: Mapping[str, Any] | None, num_train: int, num_validation: int
+) -> dict[str, Any]:
     """What a checkpoint records to refuse a resume that would silently mix runs: the training arguments, the
-    method's generator settings and the shapes of the trained tensors."""
+    method's generator settings, the sizes of the training and validation splits (the data order and the position
+    in the epoch depend on them) and the shapes of the trained tensors."""
     return {
         "arguments": json_value(asdict(args)),
-        "generator": json_value(dict(generator_settings or {})),
+        "generator": json_value({**(generator_settings or {}), "num_train_items": num_train, "num_validation_items": num_validation}),
         "tensors": {name: list(tensor.shape) for name, tensor in model.state_dict().items()},
     }
 
@@ -322,7 +325,7 @@ def check_resume_settings(path: Path, current: Mapping[str, Any]) -> None:
     differing = sorted(name for name in set(tensors_then) | set(tensors_now) if tensors_then.get(name) != tensors_now.get(name))
     if generator or differing:
         raise ValueError(
-            f"Checkpoint {path} was written for another generator: {'; '.join(generator) or 'same settings'}; "
+            f"Checkpoint {path} was written for another generator or dataset: {'; '.join(generator) or 'same settings'}; "
             f"{len(differing)} tensor(s) differ in name or shape (e.g. {differing[:3]}). Resume with the generator settings "
             "of that run (config_overrides), or train into another output_dir (or without resume_from_checkpoint)."
         )
@@ -498,7 +501,7 @@ class GeneratorTrainer:
             self.ema = EMAModel(self.parameters, decay=args.ema_decay, use_ema_warmup=True, power=args.ema_power)
         self.generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
         self.state = TrainingState()
-        self.settings = run_settings(args, model, generator_settings)
+        self.settings = run_settings(args, model, generator_settings, len(train_set), len(validation_set or []))
         self.best = BestWeights(self.state, self.parameters, self.ema)
         self.saved_step = 0
 

@@ -98,14 +98,21 @@ KILL_POINTS = {
 }
 
 
-# A limit matters where a checkpoint is being written; elsewhere one setting each keeps the suite fast.
-KILL_CASES = [("inside-step-5", None), ("inside-save-state-of-checkpoint-4", None), ("inside-save-state-of-checkpoint-4", 1),
-              ("writing-loop-state-of-checkpoint-4", None), ("writing-loop-state-of-checkpoint-4", 1), ("pruning-after-checkpoint-4", 1),
-              ("saving-the-final-model", None)]
+# (reptile, kill point, checkpoints_total_limit): both trainers where a checkpoint is being written (with and without a
+# limit); elsewhere one case each keeps the suite fast (tests/test_mcdi_training.py kills both inside a step too).
+KILL_CASES = [
+    (True, "inside-step-5", None),
+    (True, "saving-the-final-model", None),
+    (True, "pruning-after-checkpoint-4", 1),
+    *[(reptile, point, limit) for reptile in (True, False)
+      for point in ("inside-save-state-of-checkpoint-4", "writing-loop-state-of-checkpoint-4") for limit in (None, 1)],
+]
 
 
-@pytest.mark.parametrize("point, limit", KILL_CASES, ids=[f"{point}-{'limit-1' if limit else 'keep-all'}" for point, limit in KILL_CASES])
-@pytest.mark.parametrize("reptile", [True, False], ids=["reptile", "single-level"])
+@pytest.mark.parametrize(
+    "reptile, point, limit", KILL_CASES,
+    ids=[f"{'reptile' if reptile else 'single-level'}-{point}-{'limit-1' if limit else 'keep-all'}" for reptile, point, limit in KILL_CASES],
+)
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(heads, uninterrupted, tmp_path, monkeypatch, reptile, point, limit):
     owners, name, call, after = KILL_POINTS[point]
     if owners is None:
@@ -198,6 +205,16 @@ def test_resuming_with_another_generator_architecture_is_a_clear_error(heads, tm
     wider = {"denoiser_config": {**TINY["denoiser_config"], "hidden_size": 16}}
     with pytest.raises(ValueError, match=r"another generator.*hidden_size|another generator"):
         train_head_generator(heads, tmp_path, resume_from_checkpoint="latest", **{**settings, "num_steps": 4, "config_overrides": wider})
+
+
+def test_resuming_on_another_dataset_size_is_a_clear_error(heads, tmp_path):
+    from ocd_hf.task_heads import load_head_metadata, load_task_heads
+
+    settings = {**SETTINGS, "reptile": False, "num_steps": 2}
+    train_head_generator(heads, tmp_path, **settings)
+    fewer = (load_task_heads(heads).select(range(20)), load_head_metadata(heads))
+    with pytest.raises(ValueError, match=r"num_train_items: 18 in the checkpoint, 15 now"):
+        train_head_generator(fewer, tmp_path, resume_from_checkpoint="latest", **{**settings, "num_steps": 4})
 
 
 def test_ocd_resuming_with_another_generator_type_is_a_clear_error(tmp_path):

@@ -183,7 +183,7 @@ class ReptileTrainer:
         self.outer = prepared[1] if self.outer is not None else None
         self.ema = EMAModel(self.parameters, decay=args.ema_decay, use_ema_warmup=True, power=args.ema_power) if args.ema_decay else None
         self.state = TrainingState()
-        self.settings = run_settings(args, model.denoiser, generator_settings)
+        self.settings = run_settings(args, model.denoiser, generator_settings, len(train_set), len(validation_set or []))
         self.best = BestWeights(self.state, self.parameters, self.ema)
         self.saved_step = 0
 
