@@ -14,13 +14,16 @@ from typing import Any, Callable
 import pytest
 import torch
 from conftest import TINY_DENOISER, tabular_batch, text_batch, tiny_bert, tiny_mlp
-from helpers.mcdi import support_set, tiny_generator
+from helpers.mcdi import gaussian_distribution, support_set, tiny_generator
 from test_training import harvest_tiny
 
 from ocd_hf import OCDWrapper
+from ocd_hf.episodes import EpisodeSampler
+from ocd_hf.fewshot import evaluate_episodes
 from ocd_hf.finetune import overfit_deltas
 from ocd_hf.methods.mcdi import McDiHeadGenerator, McDiTrainingArguments, train_head_generator
 from ocd_hf.methods.ocd.evaluation import evaluate_ocd
+from ocd_hf.methods.ocd.layer_selection import select_layer
 from ocd_hf.methods.ocd.training import OCDTrainingArguments, train_hypernetwork
 
 TINY_OVERRIDES = {"delta_mode": "full", "denoiser_config": TINY_DENOISER, "condition_hidden_dim": 16}
@@ -74,6 +77,11 @@ def with_nan(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def cond(ctx: Context):
     return ctx.ocd.conditioning(**ctx.inputs)
+
+
+def episodes():
+    """Four 3-way 1-shot episodes of Gaussian classes."""
+    return EpisodeSampler(gaussian_distribution(num_classes=6, dim=4), 3, 1, q_queries=2, seed=0).sample(4, column="embedding")
 
 
 def labels_with(value: Any) -> torch.Tensor:
@@ -130,6 +138,11 @@ CASES: dict[str, tuple[Callable[[Context], Any], type[Exception], str]] = {
     "evaluate-steps-0": (lambda c: evaluate_ocd(c.ocd, c.data([0, 1, 2, 1]), num_inference_steps=0, progress=False), ValueError,
                          "num_inference_steps"),
     "evaluate-labels-ignore-index": (lambda c: evaluate_ocd(c.ocd, c.data(labels_with(-100)), progress=False), ValueError, r"-100.*row"),
+    "select-layer-into-unwritable-dir": (lambda c: select_layer(c.ocd.backbone, c.inputs, torch.tensor([0, 1, 2, 1]), ["classifier"],
+                                                                num_draws=2, output_dir=c.unwritable(), progress=False),
+                                         ValueError, "output_dir.*not a writable directory"),
+    "few-shot-evaluation-into-unwritable-dir": (lambda c: evaluate_episodes(episodes(), {}, output_dir=c.unwritable()), ValueError,
+                                                "output_dir.*not a writable directory"),
     # the shared per-sample fit (harvests, oracles)
     "overfit-labels-ignore-index": (lambda c: overfit_deltas(c.ocd.backbone, c.ocd.target_layer, c.inputs, labels_with(-100)), ValueError,
                                     r"-100.*row\(s\) \[2\]"),
