@@ -20,6 +20,7 @@ from huggingface_hub import CommitInfo, HfApi
 from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
+from .atomic import replace_atomically
 from .cards import CARD_NAME, GeneratorCardData
 from .hub import push_saved_directory, resolve_files
 from .logging import get_logger
@@ -122,18 +123,6 @@ def load_checked_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor
     module.load_state_dict(state)
 
 
-def replace_atomically(path: str | os.PathLike, write: Any) -> None:
-    """``write(temporary_path)``, flush it to disk, then rename it to ``path``: a crash leaves the old file or the new one."""
-    partial = f"{os.fspath(path)}.partial"
-    write(partial)
-    descriptor = os.open(partial, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(partial, path)
-
-
 def save_generator(save_directory: str | os.PathLike, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
     """Write ``model.safetensors`` (``state`` made contiguous on CPU), then ``config.json`` recording the weights' sha256
     (``weights_sha256``), each through a temporary file renamed into place, into ``save_directory``."""
@@ -142,10 +131,10 @@ def save_generator(save_directory: str | os.PathLike, config: PretrainedConfig, 
     os.makedirs(save_directory, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
     weights_file = os.path.join(save_directory, WEIGHTS_NAME)
-    replace_atomically(weights_file, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    replace_atomically(weights_file, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
     data = json.loads(config.to_json_string(use_diff=True))  # what config.save_pretrained writes, plus the checksum
     data[CHECKSUM_KEY] = file_sha256(weights_file)
-    replace_atomically(os.path.join(save_directory, CONFIG_NAME), lambda path: Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    replace_atomically(os.path.join(save_directory, CONFIG_NAME), lambda path: path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 # The keyword arguments of push_to_hub that save_pretrained(..., push_to_hub=True) passes on.

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .atomic import PARTIAL_PREFIX, commit_directory
 from .checks import check_int, check_number
 
 logger = get_logger(__name__)
@@ -166,7 +167,6 @@ class TrainingState:
 # Settings that may change when a run resumes: they decide how long it runs and what it reports, not what it computes.
 RESUMABLE_SETTINGS = ("num_steps", "num_epochs", "progress", "report_to", "logging_steps", "validation_steps", "checkpointing_steps",
                       "checkpoints_total_limit", "load_best_model_at_end")
-PARTIAL_PREFIX = ".partial-"  # a checkpoint being written; renamed to checkpoint-<step> once complete
 BEST_WEIGHTS_NAME = "best.safetensors"
 
 
@@ -225,37 +225,6 @@ def prune_checkpoints(output_dir: str | os.PathLike, limit: int | None) -> None:
             shutil.rmtree(old)
 
 
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file or a directory entry to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def commit_directory(partial: Path, final: Path) -> None:
-    """Make a fully written directory ``partial`` appear as ``final`` in one rename, after flushing its files.
-
-    By hand because neither Accelerate nor ``huggingface_hub`` offers an atomic directory write: ``save_state``
-    writes into its target directory file by file. An existing ``final`` (a resumed run saving a step again)
-    is moved aside first and deleted after the rename.
-    """
-    for root, _, files in os.walk(partial):
-        for name in files:
-            fsync_path(os.path.join(root, name))
-        fsync_path(root)
-    stale = None
-    if final.exists():
-        stale = final.with_name(f"{PARTIAL_PREFIX}replaced-{final.name}")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(final, stale)
-    os.replace(partial, final)
-    fsync_path(final.parent)
-    if stale is not None:
-        shutil.rmtree(stale)
-
-
 def save_checkpoint_atomically(
     accelerator: Accelerator, output_dir: str | os.PathLike, step: int, limit: int | None, write: Any
 ) -> Path:
@@ -279,17 +248,6 @@ def save_checkpoint_atomically(
     accelerator.wait_for_everyone()
     logger.info(f"Saved checkpoint {final}", main_process_only=True)
     return final
-
-
-def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` through a temporary file renamed into place: a crash leaves the old file or the new one."""
-    path = Path(path)
-    partial = path.with_name(PARTIAL_PREFIX + path.name)
-    with open(partial, "w") as handle:
-        handle.write(json.dumps(value, indent=2))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
 
 
 def json_value(value: Any) -> Any:

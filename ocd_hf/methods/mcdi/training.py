@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from ...atomic import write_json_atomically
 from ...checks import check_number, check_writable_dir
 from ...task_heads import resolve_head_dataset
 from ...trainer import (
@@ -39,7 +40,6 @@ from ...trainer import (
     saved_weights,
     split_rows,
     training_arguments,
-    write_json_atomically,
 )
 from .configuration import McDiConfig
 from .diffusion import LOSS_TYPES, draw_states, local_consistency_loss, loss_boundaries

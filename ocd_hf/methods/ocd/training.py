@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ...atomic import write_json_atomically
 from ...checks import check_writable_dir
 from ...factorised import RULE_FOR_OPTIMIZER, expand_factors, factorise_deltas
 from ...target import CONDITION_FIELDS, find_target_linear
@@ -34,7 +35,6 @@ from ...trainer import (
     split_rows,
     tracker_values,
     training_arguments,
-    write_json_atomically,
 )
 from .configuration import BACKBONE_FIELDS, OCDConfig
 from .deltas import delta_storage, resolve_deltas, stored_factor_rule
