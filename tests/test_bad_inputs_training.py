@@ -107,6 +107,8 @@ CASES: dict[str, tuple[Callable[[Context], Any], type[Exception], str]] = {
     "forward-input-ids-float": (lambda c: c.ocd(**{**c.inputs, "input_ids": c.inputs["input_ids"].float()}), ValueError, "input_ids"),
     "forward-input-ids-3d": (lambda c: c.ocd(**{**c.inputs, "input_ids": c.inputs["input_ids"][None]}), ValueError, "input_ids"),
     "forward-out-of-vocabulary": (lambda c: c.ocd(**{**c.inputs, "input_ids": c.inputs["input_ids"] + 1000}), ValueError, "input_ids"),
+    "forward-sequence-too-long": (lambda c: c.ocd(input_ids=torch.ones(2, 600, dtype=torch.long), attention_mask=torch.ones(2, 600, dtype=torch.long)),
+                                  ValueError, r"input_ids \(2, 600\) int64.*max_position_embeddings = 512"),
     "forward-nan-features": (lambda c: c.mlp(**with_nan(c.mlp_inputs)), ValueError, r"'features'.*NaN.*row\(s\) \[2\]"),
     "generate-conditioning-of-another-layer": (lambda c: c.ocd.generate_deltas(c.mlp.conditioning(**c.mlp_inputs)), ValueError, "conditioning"),
     "predict-proba-batch-size-0": (lambda c: c.ocd.predict_proba(["a text"], batch_size=0), ValueError, "batch_size"),
