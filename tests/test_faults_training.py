@@ -132,6 +132,17 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(heads, unint
     assert kept == (["checkpoint-6"] if limit == 1 else ["checkpoint-2", "checkpoint-4", "checkpoint-6"])
 
 
+def test_resuming_from_an_older_checkpoint_replaces_the_newer_ones(heads, uninterrupted, tmp_path):
+    settings = {**SETTINGS, "reptile": False}
+    train_head_generator(heads, tmp_path, **settings)
+    older = tmp_path / CHECKPOINTS_DIR / "checkpoint-2"
+    resumed = train_head_generator(heads, tmp_path, resume_from_checkpoint=older, **settings)
+    expected, log = uninterrupted[False]
+    for key, tensor in state_of(resumed).items():
+        torch.testing.assert_close(tensor, expected[key], msg=key)
+    assert sorted(os.listdir(tmp_path / CHECKPOINTS_DIR)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # no partial left
+
+
 def test_a_sigkilled_save_resumes_to_the_uninterrupted_weights(heads, uninterrupted, tmp_path):
     # A real SIGKILL while checkpoint-4 is being written (after Accelerate's files, before the loop state), limit 1.
     script = Path(__file__).parent / "scripts" / "train_killed.py"
