@@ -128,8 +128,8 @@ def dataclass_from_namespace(cls: type, args: argparse.Namespace) -> Any:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from .checks import check_writable_dir
     from .methods.ocd import train_hypernetwork
-    from .weight_datasets import check_writable_dir
 
     command = dataclass_from_namespace(TrainCommandArguments, args)
     check_writable_dir(command.output_dir, "--output-dir")  # before loading and training, not after
@@ -146,6 +146,9 @@ def run_train(args: argparse.Namespace) -> None:
         command.deltas, load_model(args), command.output_dir, dataclass_from_namespace(OCDTrainingArguments, args),
         config_overrides=overrides, resume_from_checkpoint=command.resume_from_checkpoint,
     )
+    history = json.loads((Path(command.output_dir) / HISTORY_NAME).read_text())
+    best = f" (lowest validation loss {history['best_val_loss']:.4g})" if history["saved_step"] == history["best_step"] else ""
+    print(f"Saved the weights of step {history['saved_step']} of {history['global_step']}{best} to {command.output_dir}")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -331,9 +334,9 @@ def evaluate_from_paths(
     the backbone; evaluate and write the results to ``output_dir`` (checked writable first)."""
     from datasets import load_from_disk
 
+    from .checks import check_writable_dir
     from .data import select_split
     from .methods.ocd import OCDWrapper, evaluate_ocd
-    from .weight_datasets import check_writable_dir
 
     data = select_split(load_from_disk(eval_dataset_path), split, eval_dataset_path, default=None)
     check_writable_dir(output_dir)

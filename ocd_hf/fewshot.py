@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .checks import check_writable_dir
 from .episodes import Episode
 from .results import ResultRow, ResultsTable
 from .task_heads import fit_task_heads
@@ -167,6 +168,8 @@ def evaluate_episodes(
     ``"baseline"`` or ``"ablation"``.
     """
     check_episodes(episodes)
+    if output_dir is not None:
+        check_writable_dir(output_dir)
     rows: dict[str, tuple[str, str, HeadFitter]] = {}
     if include_baselines:
         rows[REFERENCE] = ("baseline", "logistic regression on the support (SetFit's default head)", logistic_regression_heads)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import check_class_labels
 from .logging import get_logger
 from .target import inject_deltas, model_output_tensor, record_layer_io
 
@@ -99,6 +100,7 @@ def overfit_deltas(
     try:
         with torch.no_grad(), record_layer_io(layer) as record, count_calls(layer) as calls:
             base_output = model_output_tensor(backbone(**inputs))
+        labels = check_task_labels(labels, task, base_output, loss_fn)
         head_fast_path = record["output"] is base_output or (
             record["output"].shape == base_output.shape and torch.equal(record["output"], base_output)
         )
@@ -185,6 +187,7 @@ def overfit_head_deltas(
     ``(batch, [tokens,] in)`` and the base output alone: the model output under ``Δ`` is
     ``base_output + x Δᵀ``, so no backbone is needed."""
     check_overfit_settings(optimizer, steps)
+    labels = check_task_labels(labels, task, base_output, loss_fn)
     layer_input = layer_input.detach()
     flat = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
 
@@ -195,6 +198,16 @@ def overfit_head_deltas(
     result = optimise_deltas(forward, weight_like, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
     result.path = "head"
     return result
+
+
+def check_task_labels(labels: torch.Tensor, task: str, base_output: torch.Tensor, loss_fn: LossFn | None) -> torch.Tensor:
+    """The labels the task loss needs: class indices below the output's width (``-100``, fractional or non-finite
+    labels would give zero or NaN deltas without a word). Regression targets pass as they are (a harvest skips and
+    counts the non-finite deltas that non-finite inputs or targets give); a custom ``loss_fn`` decides for itself."""
+    labels = torch.as_tensor(labels)
+    if loss_fn is not None or task != "classification":
+        return labels
+    return check_class_labels(labels, base_output.shape[-1]).to(labels.device)
 
 
 def check_overfit_settings(optimizer: str, steps: int) -> None:

@@ -9,6 +9,7 @@ commit, keeping a card's user-written sections.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,20 +20,61 @@ from huggingface_hub import CommitInfo, HfApi
 from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
+from .atomic import replace_atomically
 from .cards import CARD_NAME, GeneratorCardData
 from .hub import push_saved_directory, resolve_files
+from .logging import get_logger
+
+logger = get_logger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# The config key holding the sha256 of model.safetensors: a flipped bit or a file from another save is refused at load.
+CHECKSUM_KEY = "weights_sha256"
 SAVE_ADVICE = "save or push the model again (or pass force_download=True if it came from the Hub cache)"
 
 
-def read_config(config_class: type[PretrainedConfig], config_file: str | os.PathLike) -> PretrainedConfig:
-    """The ``config_class`` config in ``config_file``; ``ValueError`` naming the file if it is not valid JSON."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_config_dict(config_file: str | os.PathLike) -> dict[str, Any]:
+    """The JSON of a saved config; ``ValueError`` naming the file if it is not valid JSON."""
     try:
-        return config_class.from_json_file(config_file)
+        return json.loads(Path(config_file).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"Cannot read the config {config_file}: {error}. The file is corrupt or truncated; {SAVE_ADVICE}.") from error
+
+
+def read_config(config_class: type[PretrainedConfig], config_file: str | os.PathLike) -> PretrainedConfig:
+    """The ``config_class`` config in ``config_file`` (without the weights' checksum, which describes the file, not the
+    model); ``ValueError`` naming the file if it is not valid JSON."""
+    data = read_config_dict(config_file)
+    data.pop(CHECKSUM_KEY, None)
+    return config_class(**data)  # what PretrainedConfig.from_json_file does with the parsed JSON
+
+
+def verify_weights(weights_file: str | os.PathLike, config_file: str | os.PathLike) -> None:
+    """Refuse ``weights_file`` if its sha256 differs from the one ``config_file`` records; warn if none is recorded
+    (a model saved before checksums were written: it still loads)."""
+    recorded = read_config_dict(config_file).get(CHECKSUM_KEY)
+    if recorded is None:
+        logger.warning(
+            f"{config_file} records no {CHECKSUM_KEY} (saved by an older version of ocd-hf): {weights_file} cannot be verified. "
+            "Save the model again to record it."
+        )
+        return
+    actual = file_sha256(weights_file)
+    if actual != recorded:
+        raise ValueError(
+            f"Weights {weights_file} have sha256 {actual}, but {config_file} records {recorded}: the file is corrupt (a flipped "
+            f"byte keeps its size) or comes from another save; {SAVE_ADVICE}."
+        )
 
 
 def read_weights(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -61,7 +103,10 @@ def read_generator_files(
     """The config (``config`` if given), the checked weights and the weights' path of a saved generator, both files
     from one commit (:func:`ocd_hf.hub.resolve_files`); nothing is built, so a corrupt file fails first."""
     config_file, weights_file = resolve_files(path_or_repo, [CONFIG_NAME, WEIGHTS_NAME], subfolder=subfolder, **hub_kwargs)
-    return config or read_config(config_class, config_file), read_weights(weights_file), weights_file
+    config = config or read_config(config_class, config_file)
+    state = read_weights(weights_file)  # a truncated file is named as such first
+    verify_weights(weights_file, config_file)
+    return config, state, weights_file
 
 
 def load_checked_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
@@ -79,13 +124,17 @@ def load_checked_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor
 
 
 def save_generator(save_directory: str | os.PathLike, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (``state`` made contiguous on CPU) into ``save_directory``."""
+    """Write ``model.safetensors`` (``state`` made contiguous on CPU), then ``config.json`` recording the weights' sha256
+    (``weights_sha256``), each through a temporary file renamed into place, into ``save_directory``."""
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
     os.makedirs(save_directory, exist_ok=True)
-    config.save_pretrained(save_directory)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
-    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    weights_file = os.path.join(save_directory, WEIGHTS_NAME)
+    replace_atomically(weights_file, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    data = json.loads(config.to_json_string(use_diff=True))  # what config.save_pretrained writes, plus the checksum
+    data[CHECKSUM_KEY] = file_sha256(weights_file)
+    replace_atomically(os.path.join(save_directory, CONFIG_NAME), lambda path: path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 # The keyword arguments of push_to_hub that save_pretrained(..., push_to_hub=True) passes on.

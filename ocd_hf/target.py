@@ -178,10 +178,31 @@ def record_layer_io(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         handle.remove()
 
 
+def describe_inputs(inputs: Mapping[str, Any]) -> str:
+    """``name (shape) dtype`` of every tensor input."""
+    return ", ".join(
+        f"{name} {tuple(value.shape)} {str(value.dtype).replace('torch.', '')}" if isinstance(value, torch.Tensor) else f"{name}={value!r}"
+        for name, value in inputs.items()
+    )
+
+
+def input_limits(backbone: nn.Module) -> str:
+    """What a transformers backbone's config says its token inputs must respect (empty for other backbones)."""
+    config = getattr(backbone, "config", None)
+    limits = [f"{name} = {getattr(config, name)}" for name in ("vocab_size", "max_position_embeddings") if getattr(config, name, None)]
+    return f" (token ids below vocab_size, sequences no longer than max_position_embeddings: {', '.join(limits)})" if limits else ""
+
+
 def capture_conditioning(backbone: nn.Module, layer: nn.Module, inputs: Mapping[str, Any]) -> Conditioning:
     """Run one unmodified forward pass of ``backbone`` and return ``I(x)`` for the target ``layer``."""
     with record_layer_io(layer) as record:
-        outputs = backbone(**inputs)
+        try:
+            outputs = backbone(**inputs)
+        except (RuntimeError, IndexError, TypeError, ValueError) as error:  # torch's and transformers' errors name no input
+            raise ValueError(
+                f"{type(backbone).__name__} cannot run on the inputs {describe_inputs(inputs)}: {type(error).__name__}: "
+                f"{error}. Pass the inputs its forward takes, with their dtypes and shapes{input_limits(backbone)}."
+            ) from error
     if "input" not in record:
         raise ValueError(
             "The target layer was not called during the backbone's forward pass; pick a layer that "

@@ -28,6 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .atomic import PARTIAL_PREFIX, commit_directory
+from .checks import check_int, check_number
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from diffusers.training_utils import EMAModel
@@ -73,6 +76,9 @@ class GeneratorTrainingArguments:
     progress: bool = field(default=True, metadata={"help": "show a progress bar (main process only)"})
     report_to: list[str] = field(default_factory=list, metadata={
         "help": "Accelerate trackers to log to (e.g. tensorboard, wandb; none: no tracker); used when the trainer creates the Accelerator"})
+    load_best_model_at_end: bool = field(default=True, metadata={
+        "help": "end with (and save) the weights of the validation with the lowest loss rather than the last ones; "
+        "training_history.json names the step saved (saved_step). Needs a validation split"})
 
     def __post_init__(self) -> None:
         if self.num_steps is not None and self.num_epochs is not None:
@@ -80,12 +86,16 @@ class GeneratorTrainingArguments:
         positive = ("num_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "validation_steps",
                     "checkpointing_steps", "checkpoints_total_limit")
         for name in positive:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}.")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            check_int(name, getattr(self, name), minimum=1, optional=True)
+        check_int("lr_warmup_steps", self.lr_warmup_steps, minimum=0)
+        check_number("learning_rate", self.learning_rate, positive=True, fix="e.g. learning_rate=1e-4")
+        check_number("weight_decay", self.weight_decay, positive=False, fix="e.g. weight_decay=0.0")
+        check_number("ema_power", self.ema_power, positive=True, fix="e.g. ema_power=0.75")
+        if self.max_grad_norm is not None:
+            check_number("max_grad_norm", self.max_grad_norm, positive=True, fix="e.g. max_grad_norm=1.0, or None to disable clipping")
+        if self.ema_decay is not None and not (isinstance(self.ema_decay, (int, float)) and 0.0 < self.ema_decay < 1.0):
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}.")
-        if not 0.0 <= self.validation_fraction < 1.0:
+        if not (isinstance(self.validation_fraction, (int, float)) and 0.0 <= self.validation_fraction < 1.0):
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}.")
         report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
         self.report_to = [name for name in report_to if name != "none"]  # transformers' spelling of "no tracker"
@@ -144,68 +154,227 @@ def prepare_accelerator(
 
 @dataclass
 class TrainingState:
-    """What a checkpoint stores besides Accelerate's state: the step, the history, the open logging window."""
+    """What a checkpoint stores besides Accelerate's state: the step, the history, the open logging window, and
+    the step and total loss of the best validation so far."""
 
     global_step: int = 0
     log_history: list[dict[str, Any]] = field(default_factory=list)
     window_sums: dict[str, float] = field(default_factory=dict)
     window_batches: int = 0
+    best_step: int | None = None
+    best_val_loss: float | None = None
+
+
+# Settings that may change when a run resumes: they decide how long it runs and what it reports, not what it computes.
+RESUMABLE_SETTINGS = ("num_steps", "num_epochs", "progress", "report_to", "logging_steps", "validation_steps", "checkpointing_steps",
+                      "checkpoints_total_limit", "load_best_model_at_end")
+BEST_WEIGHTS_NAME = "best.safetensors"
 
 
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX):])
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The checkpoints written under ``output_dir``, oldest first."""
+def numbered_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoint-<step>`` directory under ``output_dir``, complete or not, oldest first."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     found = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=checkpoint_step)
 
 
+def is_complete(path: Path) -> bool:
+    """Whether checkpoint ``path`` was fully written: the loop state is its last file (and since checkpoints are
+    renamed into place only when complete, only a checkpoint left by an older version can lack it)."""
+    return (path / TRAINING_STATE_NAME).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints written under ``output_dir``, oldest first."""
+    return [path for path in numbered_checkpoints(output_dir) if is_complete(path)]
+
+
 def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | None) -> Path | None:
-    """The checkpoint directory to resume from: ``"latest"`` (``None`` if there is none yet) or an explicit path."""
+    """The checkpoint directory to resume from: ``"latest"`` (the newest complete one, ``None`` if there is none yet;
+    incomplete ones are skipped with a warning naming them) or an explicit path."""
     if resume_from_checkpoint is None:
         return None
     if str(resume_from_checkpoint) == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        complete = list_checkpoints(output_dir)
+        incomplete = [path for path in numbered_checkpoints(output_dir) if not is_complete(path)]
+        if incomplete:
+            logger.warning(
+                f"Skipping incomplete checkpoint(s) {[str(path) for path in incomplete]} (a run died while writing them); "
+                f"resuming from {str(complete[-1]) if complete else 'scratch'}. Delete them to silence this warning.",
+                main_process_only=True,
+            )
+        return complete[-1] if complete else None
     path = Path(resume_from_checkpoint)
-    if not (path / TRAINING_STATE_NAME).is_file():
+    if not is_complete(path):
         raise ValueError(
-            f"resume_from_checkpoint={str(path)!r} is not a checkpoint written by an ocd-hf trainer (no {TRAINING_STATE_NAME}); "
+            f"resume_from_checkpoint={str(path)!r} is not a checkpoint written by an ocd-hf trainer, or an incomplete one (no {TRAINING_STATE_NAME}); "
             f"pass 'latest' or a directory like {Path(output_dir) / CHECKPOINTS_DIR / (CHECKPOINT_PREFIX + '100')}."
         )
     return path
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, limit: int | None) -> None:
-    """Delete the oldest checkpoints so that one more leaves at most ``limit`` (``None``: keep all)."""
+    """Delete the oldest complete checkpoints beyond the newest ``limit`` (``None``: keep all). Called only once the
+    newest checkpoint is complete, so that a crash never leaves fewer complete checkpoints than before."""
     if limit is not None:
         existing = list_checkpoints(output_dir)
-        for old in existing[: max(0, len(existing) - limit + 1)]:
+        for old in existing[: max(0, len(existing) - limit)]:
             shutil.rmtree(old)
 
 
-def save_loop_state(path: Path, state: TrainingState, ema: EMAModel | None) -> None:
-    """Write the loop state (JSON) and the EMA weights (safetensors) into checkpoint ``path``."""
+def save_checkpoint_atomically(
+    accelerator: Accelerator, output_dir: str | os.PathLike, step: int, limit: int | None, write: Any
+) -> Path:
+    """``accelerator.save_state`` plus ``write(directory)`` (every process; the trainer's own files) into a temporary
+    directory, renamed to ``checkpoints/checkpoint-<step>`` once complete; then the oldest beyond ``limit`` are pruned.
+    A process killed at any instant leaves the previous checkpoints intact (and at worst a ``.partial-*`` directory
+    that the next save deletes)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    partial, final = root / f"{PARTIAL_PREFIX}{CHECKPOINT_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(PARTIAL_PREFIX + "*"):
+            shutil.rmtree(leftover)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    write(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        commit_directory(partial, final)
+        prune_checkpoints(output_dir, limit)
+    accelerator.wait_for_everyone()
+    logger.info(f"Saved checkpoint {final}", main_process_only=True)
+    return final
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so that settings compare across a save."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_settings(
+    args: GeneratorTrainingArguments, model: nn.Module, generator_settings: Mapping[str, Any] | None, num_train: int, num_validation: int
+) -> dict[str, Any]:
+    """What a checkpoint records to refuse a resume that would silently mix runs: the training arguments, the
+    method's generator settings, the sizes of the training and validation splits (the data order and the position
+    in the epoch depend on them) and the shapes of the trained tensors."""
+    return {
+        "arguments": json_value(asdict(args)),
+        "generator": json_value({**(generator_settings or {}), "num_train_items": num_train, "num_validation_items": num_validation}),
+        "tensors": {name: list(tensor.shape) for name, tensor in model.state_dict().items()},
+    }
+
+
+def check_resume_settings(path: Path, current: Mapping[str, Any]) -> None:
+    """Refuse to resume from checkpoint ``path`` with other settings than it was written with (those in
+    :data:`RESUMABLE_SETTINGS` may change), or onto another generator; name each difference."""
+    saved = json.loads((path / TRAINING_STATE_NAME).read_text()).get("settings")
+    if saved is None:
+        logger.warning(f"Checkpoint {path} records no settings (an older version wrote it): the resume cannot be checked.")
+        return
+    generator = sorted(
+        f"{name}: {saved['generator'].get(name)!r} in the checkpoint, {value!r} now"
+        for name, value in current["generator"].items() if saved["generator"].get(name) != value
+    )
+    tensors_then, tensors_now = saved["tensors"], current["tensors"]
+    differing = sorted(name for name in set(tensors_then) | set(tensors_now) if tensors_then.get(name) != tensors_now.get(name))
+    if generator or differing:
+        raise ValueError(
+            f"Checkpoint {path} was written for another generator or dataset: {'; '.join(generator) or 'same settings'}; "
+            f"{len(differing)} tensor(s) differ in name or shape (e.g. {differing[:3]}). Resume with the generator settings "
+            "of that run (config_overrides), or train into another output_dir (or without resume_from_checkpoint)."
+        )
+    changed = sorted(
+        f"{name}={value!r} (the checkpoint has {saved['arguments'].get(name)!r})"
+        for name, value in current["arguments"].items()
+        if name not in RESUMABLE_SETTINGS and name in saved["arguments"] and saved["arguments"][name] != value
+    )
+    if changed:
+        raise ValueError(
+            f"Resuming from {path} with changed training settings: {', '.join(changed)}. A resume continues the run exactly, "
+            f"so only {list(RESUMABLE_SETTINGS)} may change: resume with the checkpoint's values, or train into another "
+            "output_dir (or without resume_from_checkpoint) to use the new ones."
+        )
+
+
+def save_loop_state(path: Path, state: TrainingState, ema: EMAModel | None, settings: Mapping[str, Any] | None = None,
+                    best: list[torch.Tensor] | None = None) -> None:
+    """Write the EMA weights and the best weights so far (safetensors), then the loop state and ``settings`` (JSON,
+    last: its presence marks a complete checkpoint) into checkpoint ``path``."""
     ema_state = {}
     if ema is not None:
         save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}, str(path / EMA_WEIGHTS_NAME))
         ema_state = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
-    (path / TRAINING_STATE_NAME).write_text(json.dumps({**asdict(state), "ema": ema_state}, indent=2))
+    if best is not None:
+        save_file({str(i): tensor.detach().cpu().contiguous() for i, tensor in enumerate(best)}, str(path / BEST_WEIGHTS_NAME))
+    (path / TRAINING_STATE_NAME).write_text(json.dumps({**asdict(state), "ema": ema_state, "settings": settings}, indent=2))
 
 
-def load_loop_state(path: Path, ema: EMAModel | None) -> TrainingState:
-    """Inverse of :func:`save_loop_state`: the loop state, with the EMA (if any) restored in place."""
+def load_loop_state(path: Path, ema: EMAModel | None) -> tuple[TrainingState, list[torch.Tensor] | None]:
+    """Inverse of :func:`save_loop_state`: the loop state and the best weights so far (if any), with the EMA (if any)
+    restored in place."""
     if ema is not None and not (path / EMA_WEIGHTS_NAME).is_file():
         raise ValueError(f"Checkpoint {path} holds no EMA weights but ema_decay is set; resume with ema_decay=None.")
     saved = json.loads((path / TRAINING_STATE_NAME).read_text())
     ema_state = saved.pop("ema")
+    saved.pop("settings", None)
     if ema is not None:
         shadow = load_file(str(path / EMA_WEIGHTS_NAME))
         ema.load_state_dict({**ema_state, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    return TrainingState(**saved)
+    best = None
+    if (path / BEST_WEIGHTS_NAME).is_file():
+        tensors = load_file(str(path / BEST_WEIGHTS_NAME))
+        best = [tensors[str(i)] for i in range(len(tensors))]
+    return TrainingState(**saved), best
+
+
+def saved_weights(state: TrainingState, saved_step: int) -> dict[str, Any]:
+    """The history's record of which weights were saved: their step, and the best validation's step and loss."""
+    return {"saved_step": saved_step, "best_step": state.best_step, "best_val_loss": state.best_val_loss}
+
+
+def validation_total(entry: Mapping[str, Any], loss_weights: Mapping[str, float]) -> float | None:
+    """The weighted sum of a log entry's validation losses (``val_<name>_loss``), ``None`` if it has none."""
+    values = {key[len("val_"):-len("_loss")]: value for key, value in entry.items() if key.startswith("val_") and key.endswith("_loss")}
+    return sum(loss_weights.get(name, 1.0) * value for name, value in values.items()) if values else None
+
+
+class BestWeights:
+    """The weights of the validation with the lowest loss so far (those validated: the EMA's when there is one),
+    kept in memory and in every checkpoint, and put back at the end of training."""
+
+    def __init__(self, state: TrainingState, parameters: list[nn.Parameter], ema: EMAModel | None) -> None:
+        self.state, self.parameters, self.ema = state, parameters, ema
+        self.tensors: list[torch.Tensor] | None = None
+
+    def update(self, entry: Mapping[str, Any], loss_weights: Mapping[str, float]) -> None:
+        """Remember the validated weights if ``entry``'s validation loss is the lowest yet."""
+        total = validation_total(entry, loss_weights)
+        if total is None or (self.state.best_val_loss is not None and not total < self.state.best_val_loss):
+            return
+        self.state.best_step, self.state.best_val_loss = self.state.global_step, float(total)
+        source = self.ema.shadow_params if self.ema is not None else self.parameters
+        self.tensors = [tensor.detach().clone() for tensor in source]
+
+    def finish(self, load_best: bool) -> int:
+        """Put the weights to save into the model (the best ones with ``load_best``, else the last EMA or raw ones); return their step."""
+        if load_best and self.tensors is not None:
+            with torch.no_grad():
+                for parameter, tensor in zip(self.parameters, self.tensors):
+                    parameter.copy_(tensor.to(parameter.device))
+            saved = self.state.best_step
+            logger.info(
+                f"Keeping the weights of step {saved} (lowest validation loss, {self.state.best_val_loss:.4g}) of "
+                f"{self.state.global_step} steps", main_process_only=True,
+            )
+            return saved
+        if self.ema is not None:
+            self.ema.copy_to(self.parameters)
+        return self.state.global_step
 
 
 def split_rows(dataset: Dataset, validation_fraction: float, seed: int, item_name: str = "row") -> tuple[Dataset, Dataset | None]:
@@ -259,6 +428,7 @@ class GeneratorTrainer:
         accelerator: Accelerator,
         output_dir: str | os.PathLike,
         loss_weights: Mapping[str, float] | None = None,
+        generator_settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.loss_weights = dict(loss_weights or {})
@@ -294,6 +464,9 @@ class GeneratorTrainer:
             self.ema = EMAModel(self.parameters, decay=args.ema_decay, use_ema_warmup=True, power=args.ema_power)
         self.generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
         self.state = TrainingState()
+        self.settings = run_settings(args, model, generator_settings, len(train_set), len(validation_set or []))
+        self.best = BestWeights(self.state, self.parameters, self.ema)
+        self.saved_step = 0
 
     def train(self, resume_from_checkpoint: str | os.PathLike | None = None) -> TrainingState:
         """Run (or resume) training to ``total_steps``; the model ends with the EMA weights, in eval mode."""
@@ -317,8 +490,7 @@ class GeneratorTrainer:
             epoch += 1
         bar.close()
         self.accelerator.wait_for_everyone()
-        if self.ema is not None:
-            self.ema.copy_to(self.parameters)
+        self.saved_step = self.best.finish(self.args.load_best_model_at_end)
         self.model.eval()
         return self.state
 
@@ -358,6 +530,7 @@ class GeneratorTrainer:
             entry.update(self.validate())
         if entry:
             entry = {"step": state.global_step, "epoch": round(state.global_step / self.steps_per_epoch, 4), **entry}
+            self.best.update(entry, self.loss_weights)
             state.log_history.append(entry)
             self.accelerator.log({key: value for key, value in entry.items() if key != "step"}, step=state.global_step)
             bar.set_postfix({key: f"{value:.4g}" for key, value in entry.items() if key.endswith("loss")})
@@ -392,24 +565,23 @@ class GeneratorTrainer:
         return {f"val_{name}_loss": float(torch.cat(values).mean()) for name, values in sorted(gathered.items())}
 
     def save_checkpoint(self) -> Path:
-        """``accelerator.save_state`` to ``checkpoints/checkpoint-<step>`` plus the loop state, the EMA weights
-        and each process's noise generator; keeps at most ``checkpoints_total_limit`` checkpoints."""
+        """``accelerator.save_state`` plus the loop state, the EMA and best weights and each process's noise generator,
+        written atomically to ``checkpoints/checkpoint-<step>`` (:func:`save_checkpoint_atomically`); keeps at most
+        ``checkpoints_total_limit`` checkpoints."""
         accelerator = self.accelerator
-        if accelerator.is_main_process:
-            prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit)
-        path = self.output_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(path))
-        save_file({"state": self.generator.get_state()}, str(path / f"noise_generator_{accelerator.process_index}.safetensors"))
-        if accelerator.is_main_process:
-            save_loop_state(path, self.state, self.ema)
-        accelerator.wait_for_everyone()
-        logger.info(f"Saved checkpoint {path}", main_process_only=True)
-        return path
+
+        def write(path: Path) -> None:
+            save_file({"state": self.generator.get_state()}, str(path / f"noise_generator_{accelerator.process_index}.safetensors"))
+            accelerator.wait_for_everyone()  # every process's files are written before the main process marks it complete
+            if accelerator.is_main_process:
+                save_loop_state(path, self.state, self.ema, self.settings, self.best.tensors)
+
+        return save_checkpoint_atomically(accelerator, self.output_dir, self.state.global_step, self.args.checkpoints_total_limit, write)
 
     def load_checkpoint(self, path: Path) -> None:
-        """Inverse of :meth:`save_checkpoint`."""
+        """Inverse of :meth:`save_checkpoint`, after checking that the run's settings and generator are the checkpoint's."""
         accelerator = self.accelerator
+        check_resume_settings(path, self.settings)
         generator_file = path / f"noise_generator_{accelerator.process_index}.safetensors"
         if not generator_file.is_file():
             raise ValueError(
@@ -419,7 +591,9 @@ class GeneratorTrainer:
         if self.ema is not None and not (path / EMA_WEIGHTS_NAME).is_file():
             raise ValueError(f"Checkpoint {path} holds no EMA weights but ema_decay is set; resume with ema_decay=None.")
         accelerator.load_state(str(path))
-        self.state = load_loop_state(path, self.ema)
+        self.state, best = load_loop_state(path, self.ema)
+        self.best.state = self.state
+        self.best.tensors = None if best is None else [tensor.to(accelerator.device) for tensor in best]
         self.generator.set_state(load_file(str(generator_file))["state"])
         if self.ema is not None:
             self.ema.to(accelerator.device)
@@ -434,6 +608,7 @@ class GeneratorTrainer:
             f"num_validation_{item_name}": num_validation,
             "num_processes": self.accelerator.num_processes,
             "total_batch_size": self.args.batch_size * self.accelerator.num_processes * self.accumulation,
+            **saved_weights(self.state, self.saved_step),
             "settings": {**asdict(self.args), "gradient_accumulation_steps": self.accumulation},
             "log_history": self.state.log_history,
         }

@@ -45,6 +45,7 @@ import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 
+from .checks import check_writable_dir
 from .logging import get_logger
 
 logger = get_logger(__name__)
@@ -289,25 +290,6 @@ def check_compatible(
 
 class DirectoryLockedError(RuntimeError):
     """Another harvest is writing into the directory (it holds :func:`harvest_lock`)."""
-
-
-def check_writable_dir(path: str | os.PathLike, argument: str = "output_dir") -> Path:
-    """Create directory ``path`` if needed and check that files can be created in it, before any work is done.
-
-    Raises ``ValueError`` naming ``argument``, the path and the reason.
-    """
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".ocd-hf-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(
-            f"{argument}={str(path)!r} is not a writable directory ({error.strerror or error}). Choose a directory you can "
-            "write to, or fix its permissions, before starting: nothing was computed."
-        ) from error
-    return path
 
 
 def _holder_text(holder: Mapping[str, Any] | None) -> str:

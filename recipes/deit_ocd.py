@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides
+from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides, threads_per_process
 
 HEAD_NAMES = ("classifier", "cls_classifier")  # DeiTForImageClassification, ...WithTeacher (distilled checkpoints)
 
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ocd_hf import evaluate_ocd, find_target_linear, harvest_deltas, train_hypernetwork
 
     state = PartialState()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
+    torch.set_num_threads(threads_per_process(state.num_processes))
     output_dir, progress, started = Path(args.output_dir), not args.no_progress, time.perf_counter()
     timings: dict[str, float] = {}
     train, test = load_image_classification(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides
+from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides, threads_per_process
 
 if TYPE_CHECKING:  # the HF libraries are imported in functions: main() may set HF_HUB_OFFLINE first
     import numpy as np
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-module", default="fc2", help="Linear layer of LeNet-5 to generate (fc1, fc2 or fc3)")
     parser.add_argument("--output-dir", default="outputs/lenet_ocd")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-threads", type=int, default=None, help="torch threads per process (default: CPU cores / processes)")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads per process (default: OMP_NUM_THREADS if set, else CPU cores / processes)")
     parser.add_argument(
         "--validation-size", type=int, default=5000, help="training images held out (seeded) as the validation split; LeNet never sees them"
     )
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.eval_split == "validation" and args.validation_size == 0:
         raise ValueError("--eval-split validation needs a validation split: pass --validation-size > 0.")
     state = PartialState()
-    torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 1) // state.num_processes))
+    torch.set_num_threads(threads_per_process(state.num_processes, args.num_threads))
     output_dir, progress, started = Path(args.output_dir), not args.no_progress, time.perf_counter()
     timings: dict[str, float] = {}
     train, test = load_image_classification(

@@ -7,12 +7,24 @@ Kept free of HF imports: a recipe may set ``HF_HUB_OFFLINE`` after parsing its a
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 # ocd_hf.GENERATOR_TYPES and ocd_hf.CONDITION_COMPONENTS, repeated because importing ocd_hf imports huggingface_hub,
 # which reads HF_HUB_OFFLINE once; tests/test_recipes.py checks that the two stay equal.
 GENERATORS = ("diffusion", "regression", "label")
 CONDITION_COMPONENTS = ("input", "activation", "output")
+
+
+def threads_per_process(num_processes: int, requested: int | None = None) -> int:
+    """torch threads for each of ``num_processes`` processes: ``requested`` (a recipe's option), else the user's
+    ``OMP_NUM_THREADS`` (respected, never overridden), else the machine's cores shared out."""
+    if requested:
+        return requested
+    user = os.environ.get("OMP_NUM_THREADS", "")
+    if user.isdigit() and int(user) > 0:
+        return int(user)
+    return max(1, (os.cpu_count() or 1) // num_processes)
 
 
 def add_ocd_arguments(

@@ -49,7 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides
+from ocd_options import add_ocd_arguments, cross_fit_folds, hypernetwork_overrides, threads_per_process
 
 PER_TOKEN_TARGET = "body.encoder.layer.5.output.dense"
 DEFAULT_TARGETS = ("head",)
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     quiet_libraries()
     state = PartialState()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
+    torch.set_num_threads(threads_per_process(state.num_processes))
     output_dir, progress, started = Path(args.output_dir), not args.quiet, time.perf_counter()
     say: Callable[..., None] = (lambda *_, **__: None) if args.quiet else partial(state.print, flush=True)
     timings: dict[str, float] = {}

@@ -4,6 +4,7 @@ evaluate, push."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,11 +69,13 @@ def test_cli_errors_are_reported_without_a_traceback(workspace, capsys):
     assert "ocd-hf harvest: error:" in error and "matches no module" in error and "classifier" in error
 
 
-def test_train_passes_the_scheduler_class_and_trackers(monkeypatch, tmp_path):
+def test_train_passes_the_scheduler_class_and_trackers(monkeypatch, tmp_path, capsys):
     calls = {}
 
     def fake_train(deltas, backbone, output_dir, args, config_overrides, resume_from_checkpoint):
         calls.update(args=args, overrides=config_overrides)
+        history = {"global_step": 10, "saved_step": 4, "best_step": 4, "best_val_loss": 0.5}  # what the CLI reports
+        (Path(output_dir) / "training_history.json").write_text(json.dumps(history))
 
     monkeypatch.setattr("ocd_hf.methods.ocd.train_hypernetwork", fake_train)
     monkeypatch.setattr("ocd_hf.cli.load_model", lambda args: None)
@@ -80,6 +83,7 @@ def test_train_passes_the_scheduler_class_and_trackers(monkeypatch, tmp_path):
           "--report-to", "tensorboard"])
     assert calls["overrides"]["scheduler_class"] == "DPMSolverMultistepScheduler"
     assert calls["args"].report_to == ["tensorboard"]
+    assert "Saved the weights of step 4 of 10 (lowest validation loss 0.5)" in capsys.readouterr().out
     main(["train", "--model", "m", "--deltas", "d", "--output-dir", str(tmp_path)])
     assert calls["overrides"]["scheduler_class"] == "DDIMScheduler" and calls["args"].report_to == []
     with pytest.raises(SystemExit):

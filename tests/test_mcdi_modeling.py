@@ -80,6 +80,8 @@ def test_few_step_generation_with_every_state_is_the_full_chain_and_checks_its_s
     assert few.shape == full.shape and not torch.allclose(few, full)
     with pytest.raises(ValueError, match="num_inference_steps=4 must give every one of the 3 segments"):
         model.generate_heads(support, labels, num_inference_steps=4)
+    with pytest.raises(TypeError, match="num_inference_steps must be an integer"):
+        model.generate_heads(support, labels, num_inference_steps=3.0)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):

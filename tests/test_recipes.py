@@ -142,7 +142,8 @@ def test_deit_recipe_default_small_deit_on_idx_files(tmp_path):
     summary = deit_ocd.main(["--dataset", str(tmp_path / "idx"), "--output-dir", str(output), *TINY_DEIT])
     assert summary["target_module"] == "classifier" and summary["delta_mode"] == "factorised"  # the head's Adam deltas are rank-1
     results = output / "evaluation" / "results.json"
-    assert rows_of(results) >= {"base", "ocd_1", "ocd_ens2", "oracle", "label_free", "nearest_neighbour"}
+    assert rows_of(results) >= {"base", "ocd_1", "oracle", "label_free", "nearest_neighbour"}
+    assert "ocd_ens2" not in rows_of(results)  # the recipe's regression generator is deterministic: its ensemble is ocd_1 again
     assert json.loads(results.read_text())["metadata"]["num_examples"] == 6
     backbone = DeiTForImageClassification.from_pretrained(output / "backbone")
     assert backbone.config.num_labels == 10 and backbone.config.id2label[9] == "Ankle boot"

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ...cards import GeneratorCardData
+from ...checks import check_class_labels, check_finite_inputs, check_generator, check_int
 from ...modeling_utils import GeneratorHubMixin, load_checked_state, read_generator_files, save_generator
 from .configuration import McDiConfig, encoder_fingerprint
 from .diffusion import alpha_bars, loss_boundaries, sample_chain, sample_segments, segment_schedule
@@ -46,8 +47,10 @@ def check_support(support: torch.Tensor, labels: torch.Tensor, embedding_dim: in
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"support_labels must be integer class indices, got {labels.dtype}.")
-    if support.shape[1] == 0 or int(labels.min()) < 0:
-        raise ValueError("support_labels must be 0..N-1 over a non-empty support set; got negative labels or no items.")
+    if support.shape[1] == 0:
+        raise ValueError("support_labels must be 0..N-1 over a non-empty support set; got no items.")
+    check_class_labels(labels, None, name="support_labels")  # negative labels (-100 included), by position in the flattened batch
+    check_finite_inputs({"support_embeddings": support.flatten(0, 1)})
     num_classes = int(labels.max()) + 1
     present = torch.nn.functional.one_hot(labels.long(), num_classes).sum(1) > 0  # (B, N)
     if not bool(present.all()):
@@ -115,8 +118,9 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
             ``(num_samples, N, d+1)`` heads (weight columns then the bias), or ``(B, num_samples, N, d+1)``
             for a batch; with ``return_intermediates`` also the boundary states ``(..., k, N, d+1)``.
         """
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+        check_int("num_samples", num_samples, minimum=1, fix="draws per task, e.g. num_samples=1")
+        check_int("num_inference_steps", num_inference_steps, minimum=1, optional=True, fix="None runs the paper's full chain")
+        check_generator(generator)
         config = self.config
         segments = loss_boundaries(config.loss_type, config.num_timesteps, config.num_targets)
         if num_inference_steps is not None:  # checked before any work

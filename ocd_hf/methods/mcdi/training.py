@@ -4,7 +4,6 @@ REPTILE (the paper's Alg. 2), both resuming exactly from their checkpoints."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,18 +21,23 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from ...atomic import write_json_atomically
+from ...checks import check_number, check_writable_dir
 from ...task_heads import resolve_head_dataset
 from ...trainer import (
-    CHECKPOINTS_DIR,
     HISTORY_NAME,
+    BestWeights,
     GeneratorTrainer,
     GeneratorTrainingArguments,
     TrainingState,
+    check_resume_settings,
     load_loop_state,
     prepare_accelerator,
-    prune_checkpoints,
     resolve_checkpoint,
+    run_settings,
+    save_checkpoint_atomically,
     save_loop_state,
+    saved_weights,
     split_rows,
     training_arguments,
 )
@@ -84,6 +88,8 @@ class McDiTrainingArguments(GeneratorTrainingArguments):
             raise ValueError(f"loss_type='mvdi' uses θ_M alone: leave num_targets unset (or 1), got {self.num_targets}.")
         if self.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(f"meta_optimizer must be one of {META_OPTIMIZERS}, got {self.meta_optimizer!r}.")
+        check_number("inner_lr", self.inner_lr, positive=True, fix="e.g. inner_lr=0.005")
+        check_number("meta_lr", self.meta_lr, positive=True, fix="e.g. meta_lr=0.001")
         for name in ("num_targets", "inner_steps", "meta_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -160,6 +166,7 @@ class ReptileTrainer:
     def __init__(
         self, model: McDiHeadGenerator, loss: HeadDiffusionLoss, train_set: Dataset, validation_set: Dataset | None,
         args: McDiTrainingArguments, accelerator: Accelerator, output_dir: str | os.PathLike,
+        generator_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if accelerator.num_processes > 1:
             raise ValueError("REPTILE training runs in one process; launch it without --num_processes, or set reptile=False.")
@@ -176,6 +183,9 @@ class ReptileTrainer:
         self.outer = prepared[1] if self.outer is not None else None
         self.ema = EMAModel(self.parameters, decay=args.ema_decay, use_ema_warmup=True, power=args.ema_power) if args.ema_decay else None
         self.state = TrainingState()
+        self.settings = run_settings(args, model.denoiser, generator_settings, len(train_set), len(validation_set or []))
+        self.best = BestWeights(self.state, self.parameters, self.ema)
+        self.saved_step = 0
 
     def task_indices(self, step: int) -> list[int]:
         epoch, position = divmod(step, self.steps_per_epoch)
@@ -244,14 +254,14 @@ class ReptileTrainer:
                 state.window_sums, state.window_batches = {}, 0
                 if self.validation_set is not None:
                     entry.update(self.validate())
+                self.best.update(entry, {})
                 state.log_history.append(entry)
                 self.accelerator.log(entry, step=state.global_step)
                 bar.set_postfix({key: f"{value:.4g}" for key, value in entry.items() if key.endswith("loss")})
             if args.checkpointing_steps is not None and state.global_step % args.checkpointing_steps == 0:
                 self.save_checkpoint()
         bar.close()
-        if self.ema is not None:
-            self.ema.copy_to(self.parameters)
+        self.saved_step = self.best.finish(args.load_best_model_at_end)
         self.model.eval()
         return state
 
@@ -268,23 +278,27 @@ class ReptileTrainer:
         return {"val_denoise_loss": float(torch.cat(losses).mean())}
 
     def save_checkpoint(self) -> Path:
-        """``accelerator.save_state`` (φ, the outer optimizer) plus the loop state and the EMA, as the shared trainer writes them."""
-        prune_checkpoints(self.output_dir, self.args.checkpoints_total_limit)
-        path = self.output_dir / CHECKPOINTS_DIR / f"checkpoint-{self.state.global_step}"
-        self.accelerator.save_state(str(path))
-        save_loop_state(path, self.state, self.ema)
-        return path
+        """``accelerator.save_state`` (φ, the outer optimizer) plus the loop state, the EMA and the best weights, written
+        atomically as the shared trainer writes them."""
+
+        def write(path: Path) -> None:
+            save_loop_state(path, self.state, self.ema, self.settings, self.best.tensors)
+
+        return save_checkpoint_atomically(self.accelerator, self.output_dir, self.state.global_step, self.args.checkpoints_total_limit, write)
 
     def load_checkpoint(self, path: Path) -> None:
-        """Inverse of :meth:`save_checkpoint`."""
+        """Inverse of :meth:`save_checkpoint`, after checking that the run's settings and generator are the checkpoint's."""
+        check_resume_settings(path, self.settings)
         self.accelerator.load_state(str(path))
-        self.state = load_loop_state(path, self.ema)
+        self.state, self.best.tensors = load_loop_state(path, self.ema)
+        self.best.state = self.state
 
     def history(self, num_train: int, num_validation: int) -> dict[str, Any]:
         """The JSON written to ``training_history.json``."""
         return {
             "global_step": self.state.global_step, "num_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
             "num_train_tasks": num_train, "num_validation_tasks": num_validation, "num_processes": 1,
+            **saved_weights(self.state, self.saved_step),
             "settings": asdict(self.args), "log_history": self.state.log_history,
         }
 
@@ -335,6 +349,7 @@ def train_head_generator(
         accelerator: an ``Accelerator`` to use (default: a new one).
     """
     args = training_arguments(McDiTrainingArguments, args, training_kwargs)
+    check_writable_dir(output_dir)
     refused = sorted(set(config_overrides or {}) - set(TRAINABLE_CONFIG_FIELDS))
     if refused:
         raise ValueError(
@@ -366,10 +381,13 @@ def train_head_generator(
     set_seed(args.seed)
     model = McDiHeadGenerator(config)
     loss = HeadDiffusionLoss(model, index)
+    # The config fields that decide what is trained (loss_type and num_targets are training arguments, compared as such).
+    generator_settings = {name: getattr(config, name) for name in (*TRAINABLE_CONFIG_FIELDS, "embedding_dim")}
     if args.reptile:
-        trainer = ReptileTrainer(model, loss, train_set, validation_set, args, accelerator, output_dir)
+        trainer = ReptileTrainer(model, loss, train_set, validation_set, args, accelerator, output_dir, generator_settings)
     else:
-        trainer = GeneratorTrainer(model.denoiser, loss, train_set, validation_set, args, accelerator, output_dir)
+        trainer = GeneratorTrainer(model.denoiser, loss, train_set, validation_set, args, accelerator, output_dir,
+                                   generator_settings=generator_settings)
     num_validation = 0 if validation_set is None else len(validation_set)
     logger.info(
         f"Training a {args.loss_type} head generator ({'REPTILE' if args.reptile else 'single-level'}) on {len(train_set)} tasks "
@@ -380,7 +398,7 @@ def train_head_generator(
     if accelerator.is_main_process:
         history = trainer.history(len(train_set), num_validation) if args.reptile else trainer.history(len(train_set), num_validation, "tasks")
         model.save_pretrained(output_dir, model_card_kwargs={"training_config": history["settings"]})
-        (Path(output_dir) / HISTORY_NAME).write_text(json.dumps(history, indent=2))
+        write_json_atomically(Path(output_dir) / HISTORY_NAME, history)
     accelerator.wait_for_everyone()
     if created_accelerator:
         accelerator.end_training()

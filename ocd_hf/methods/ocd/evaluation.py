@@ -17,16 +17,17 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from datasets import Dataset
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ...checks import check_class_labels, check_int, check_writable_dir
 from ...data import column_tensor, iterate_batches, split_batch, to_device
 from ...factorised import expand_factors
 from ...finetune import overfit_deltas
 from ...results import CALIBRATION_BINS, MetricAccumulator, ResultRow, ResultsTable, pool_reliability
 from ...target import CONDITION_FIELDS, Conditioning, model_output_tensor
-from ...weight_datasets import check_writable_dir
 from .deltas import materialise_deltas, resolve_deltas
 from .modeling import OCDWrapper
 
@@ -160,9 +161,17 @@ def oracle_settings(model: OCDWrapper, overrides: Mapping[str, Any] | None = Non
     return {**model.overfit_settings(), **(overrides or {})}
 
 
-def available_rows(task: str, has_deltas: bool, has_alternative: bool, generator: str = "diffusion") -> list[str]:
-    """Every row that the task, the generator and the given inputs allow, in table order."""
-    rows = ["base", "ocd_1", "ocd_ens", "ocd_mean"] + ([] if generator == "label" else ["no_scale"])
+def is_deterministic(model: OCDWrapper) -> bool:
+    """Whether ``model`` generates the same delta at every draw: a regressor, or a label classifier combining the
+    exact deltas by their expectation. Its ensemble and mean network equal one draw, and seeds change nothing."""
+    config = model.config
+    return config.generator_type == "regression" or (config.generator_type == "label" and config.label_combination == "expectation")
+
+
+def available_rows(task: str, has_deltas: bool, has_alternative: bool, generator: str = "diffusion", deterministic: bool = False) -> list[str]:
+    """Every row that the task, the generator and the given inputs allow, in table order (a deterministic generator's
+    ensemble and mean network are left out: they equal ``ocd_1``)."""
+    rows = ["base", "ocd_1"] + ([] if deterministic else ["ocd_ens", "ocd_mean"]) + ([] if generator == "label" else ["no_scale"])
     if has_deltas:
         rows.append("nearest_neighbour")
     if has_alternative:
@@ -191,17 +200,14 @@ def _check_rows(
     return ["base", *[r for r in requested if r != "base"]]
 
 
-def _check_labels(labels: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:
-    """Class indices ``(batch,)`` for classification, float targets for regression."""
+def _check_labels(labels: torch.Tensor, task: str, num_classes: int, first_row: int = 0) -> torch.Tensor:
+    """Class indices ``(batch,)`` for classification (refused with the row ids, counted over the evaluation data from
+    ``first_row``, when not in ``[0, num_classes)``), float targets for regression."""
     if task == "regression":
         return labels.float()
-    labels = labels.reshape(-1)
-    if labels.is_floating_point() or labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
-            f"Classification labels must be integer class indices in [0, {num_classes}); got {labels.dtype} values "
-            f"in [{labels.min().item()}, {labels.max().item()}]."
-        )
-    return labels.long()
+    if labels.is_floating_point():
+        raise ValueError(f"Classification labels must be integer class indices in [0, {num_classes}); got dtype {labels.dtype}.")
+    return check_class_labels(labels, num_classes, ids=torch.arange(first_row, first_row + labels.numel()))
 
 
 def _output_rows(outputs: Any, batch: int, task: str) -> torch.Tensor:
@@ -260,6 +266,36 @@ class _RowEvaluator:
         device = model.device
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         self.alternative_generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.noise: list[torch.Tensor | None] = [None] * len(seeds)
+        self.alternative_noise: list[torch.Tensor | None] = [None] * len(seeds)
+        self.chunk_noise, self.chunk_alternative_noise = self.noise, self.alternative_noise
+
+    def draws(self) -> int:
+        """Deltas drawn per input and seed for the OCD rows (0 when none is requested)."""
+        if not any(r in self.rows for r in ("ocd_1", "ocd_ens", "ocd_mean", "no_scale")):
+            return 0
+        return self.num_samples if any(r in self.rows for r in ("ocd_ens", "ocd_mean")) else 1
+
+    def draw_noise(self, batch: int) -> None:
+        """Draw the diffusion samplers' starting noise for a whole batch, from each seed's generator, before the batch is
+        split into chunks: a chunk takes its rows' noise, so chunked and whole batches sample the same deltas."""
+
+        def noise(model: OCDWrapper, draws: int, generator: torch.Generator) -> torch.Tensor | None:
+            if model.config.generator_type != "diffusion" or draws == 0:
+                return None
+            parameter = next(model.hypernetwork.parameters())
+            shape = (batch, draws, *model.hypernetwork.denoiser_sample_shape())
+            return randn_tensor(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+
+        self.noise = [noise(self.model, self.draws(), generator) for generator in self.generators]
+        if "alternative_layer" in self.rows:
+            self.alternative_noise = [noise(self.alternative, 1, generator) for generator in self.alternative_generators]
+
+    def chunk(self, start: int, end: int) -> "_RowEvaluator":
+        """Restrict the drawn noise to rows ``[start, end)`` of the batch (see :meth:`draw_noise`)."""
+        self.chunk_noise = [None if n is None else n[start:end] for n in self.noise]
+        self.chunk_alternative_noise = [None if n is None else n[start:end] for n in self.alternative_noise]
+        return self
 
     def predict(self, cond: Conditioning, deltas: torch.Tensor, inputs: dict[str, Any], draws: bool = False) -> torch.Tensor:
         """Outputs with one delta per input, ``(batch, out, in)`` (or factors ``(batch, out)``) ->
@@ -310,12 +346,14 @@ class _RowEvaluator:
         factorised hypernetwork's draws stay left factors; only the oracle cosines expand them.
         """
         batch = labels.shape[0]
-        if any(r in self.rows for r in ("ocd_1", "ocd_ens", "ocd_mean", "no_scale")):
-            draws = self.num_samples if any(r in self.rows for r in ("ocd_ens", "ocd_mean")) else 1
+        draws = self.draws()
+        if draws:
             if self.model.config.generator_type == "label":
                 deltas = self.model.generate_deltas(cond, draws, self.generators[run], inputs=inputs)
             else:
-                unit = self.model.generate_deltas(cond, draws, self.generators[run], self.num_inference_steps, rho=1.0, inputs=inputs)
+                unit = self.model.generate_deltas(
+                    cond, draws, self.generators[run], self.num_inference_steps, rho=1.0, inputs=inputs, noise=self.chunk_noise[run]
+                )
                 hypernetwork = self.model.hypernetwork
                 with torch.no_grad(), self.model.hypernetwork_eval():
                     rho = hypernetwork.predict_rho(hypernetwork.embed_condition(hypernetwork.condition_values(cond)))
@@ -334,7 +372,10 @@ class _RowEvaluator:
                 self.update("no_scale", self.predict(cond, fixed, inputs), labels, base, cosine(fixed, factors), run)
         if "alternative_layer" in self.rows:
             alternative = self.alternative
-            deltas = alternative.generate_deltas(alternative.conditioning(**inputs), 1, self.alternative_generators[run], self.num_inference_steps)
+            deltas = alternative.generate_deltas(
+                alternative.conditioning(**inputs), 1, self.alternative_generators[run], self.num_inference_steps,
+                noise=self.chunk_alternative_noise[run],
+            )
             with torch.no_grad():
                 outputs = _output_rows(alternative.forward_with_deltas(deltas[:, 0], **inputs), batch, self.task)
             self.update("alternative_layer", outputs, labels, base, None, run)
@@ -365,6 +406,7 @@ def evaluate_ocd(
     calibration_bins: int = CALIBRATION_BINS,
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    max_chunk_size: int | None = 256,
 ) -> ResultsTable:
     """Evaluate ``model`` on a held-out split: base, OCD, ensemble, mean network, ablations and bounds.
 
@@ -377,13 +419,20 @@ def evaluate_ocd(
             deltas stored as factors then expand with the factor rule of the model's own harvest,
             ``model.config.harvest_config``).
         alternative_model: a trained ``OCDWrapper`` on another layer; enables ``alternative_layer``.
-        seeds: sampling seeds; the stochastic rows are run once per seed, the others once.
+        seeds: sampling seeds; the stochastic rows are run once per seed, the others once. A deterministic generator
+            (``"regression"``, or ``"label"`` with ``label_combination="expectation"``) is run with the first seed only,
+            and its ensemble and mean-network rows are left out by default (they equal ``ocd_1``).
         num_samples: draws of the ensemble and mean-network rows.
         rows: the rows to compute (default: all that the inputs allow).
         oracle_overrides: overfitting settings replacing the harvest's for ``oracle`` and ``label_free``.
         neighbour_chunk_size: training rows per distance block of the nearest-neighbour search.
         calibration_bins: equal-width bins of the top-label confidence for the ECE and the reliability diagrams.
-        output_dir: if given, ``results.json``, ``results.md`` and ``results.png`` are written there.
+        output_dir: if given, ``results.json``, ``results.md`` and ``results.png`` are written there (checked
+            writable before the evaluation starts).
+        max_chunk_size: at most this many inputs go through the rows at once (a batch is split), so that memory
+            does not grow with the batch size (``None``: whole batches). The samplers' starting noise is drawn for the
+            whole batch first, so chunking does not change the results (a ``"label"`` generator with
+            ``label_combination="sample"`` or a stochastic scheduler draws per chunk: same distribution, other draws).
 
     Returns:
         A :class:`ResultsTable`: accuracy, balanced accuracy, cross-entropy, expected calibration error
@@ -397,16 +446,23 @@ def evaluate_ocd(
     task = model.config.task
     if not seeds:
         raise ValueError("seeds must hold at least one sampling seed, e.g. seeds=(0, 1, 2).")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-    if calibration_bins < 1:
-        raise ValueError(f"calibration_bins must be >= 1, got {calibration_bins}.")
+    for seed in seeds:
+        check_int("seeds", seed, minimum=0, fix="sampling seeds are non-negative integers, e.g. seeds=(0, 1, 2)")
+    check_int("num_samples", num_samples, minimum=1, fix="draws of the ensemble rows, e.g. num_samples=5")
+    check_int("batch_size", batch_size, minimum=1, fix="inputs per batch of a datasets.Dataset, e.g. batch_size=32")
+    check_int("num_inference_steps", num_inference_steps, minimum=1, optional=True,
+              fix="sampler steps, e.g. 10, or None for config.num_inference_steps")
+    check_int("max_chunk_size", max_chunk_size, minimum=1, optional=True, fix="inputs through the rows at once, or None for whole batches")
+    check_int("calibration_bins", calibration_bins, minimum=1, fix="e.g. calibration_bins=15")
     if output_dir is not None:
-        check_writable_dir(output_dir)  # before the evaluation, not after it
+        check_writable_dir(output_dir)
     has_deltas, has_alternative = delta_dataset is not None, alternative_model is not None
     generator = model.config.generator_type
+    deterministic = is_deterministic(model) and (alternative_model is None or is_deterministic(alternative_model))
+    seeds = list(seeds)[:1] if deterministic else list(seeds)
     rows = _check_rows(
-        rows or available_rows(task, has_deltas, has_alternative, generator), task, has_deltas, has_alternative, num_samples, generator
+        rows or available_rows(task, has_deltas, has_alternative, generator, is_deterministic(model)), task, has_deltas, has_alternative,
+        num_samples, generator,
     )
     if has_alternative and alternative_model.config.task != task:
         raise ValueError(f"The alternative model's task is {alternative_model.config.task!r}, the model's is {task!r}.")
@@ -432,9 +488,15 @@ def evaluate_ocd(
     with eval_mode(*modules):
         for batch in tqdm(batches, total=total, desc="evaluating OCD", unit="batch", disable=not progress):
             inputs, labels = split_batch(batch)
-            labels = _check_labels(labels, task, model.config.output_dim).to(model.device)
-            evaluator(to_device(inputs, model.device), labels)
-            num_examples += labels.shape[0]
+            labels = _check_labels(labels, task, model.config.output_dim, num_examples).to(model.device)
+            inputs = to_device(inputs, model.device)
+            size = labels.shape[0]
+            evaluator.draw_noise(size)
+            step = max_chunk_size or size
+            for start in range(0, size, step):
+                end = min(start + step, size)
+                evaluator.chunk(start, end)(slice_batch(inputs, start, end, size), labels[start:end])
+            num_examples += size
             if task == "classification":
                 label_counts += torch.bincount(labels.view(-1).cpu(), minlength=model.config.output_dim)
     if num_examples == 0:
@@ -445,6 +507,7 @@ def evaluate_ocd(
         "seeds": list(seeds),
         "num_samples": num_samples,
         "num_inference_steps": num_inference_steps or model.config.num_inference_steps,
+        "max_chunk_size": max_chunk_size,
         "base_model_name_or_path": model.config.base_model_name_or_path,
         "target_module": model.target_name,
         "alternative_target_module": alternative_model.target_name if has_alternative else None,
@@ -464,6 +527,14 @@ def evaluate_ocd(
     if output_dir is not None:
         table.save(output_dir)
     return table
+
+
+def slice_batch(inputs: Mapping[str, Any], start: int, end: int, size: int) -> dict[str, Any]:
+    """Rows ``[start, end)`` of every tensor input whose first dimension is the batch (``size``); other inputs as they are."""
+    return {
+        key: value[start:end] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size else value
+        for key, value in inputs.items()
+    }
 
 
 def _build_table(results: dict[str, list[dict[str, float]]], metadata: dict[str, Any], num_samples: int, alternative: OCDWrapper | None) -> ResultsTable:

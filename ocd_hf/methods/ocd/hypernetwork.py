@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn import functional as F
 
+from ...checks import check_int
 from ...target import Conditioning
 from .configuration import OCDConfig, scheduler_class_from_name
 
@@ -218,20 +219,28 @@ class OCDHypernetwork(nn.Module):
         embedding: torch.Tensor,
         generator: torch.Generator | None = None,
         num_inference_steps: int | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample one normalised delta (or factor) per row of ``embedding`` with ``config.scheduler_class``
         (DDIM with eta 0 by default), as a diffusers pipeline does: initial noise scaled by the scheduler's
         ``init_noise_sigma``, ``scale_model_input`` before every denoiser call, and ``generator`` for the
-        noise of stochastic steps.
+        noise of stochastic steps. ``noise`` ``(batch, *denoiser_sample_shape())`` is the starting noise
+        instead of a draw from ``generator`` (like a diffusers pipeline's ``latents``).
 
         Returns ``(batch, out, in)`` deltas, or ``(batch, out)`` factors, rescaled to unit ``ρ``
         (the training normalisation).
         """
         scheduler = self.make_scheduler()
-        scheduler.set_timesteps(num_inference_steps or self.config.num_inference_steps, device=embedding.device)
-        sample = randn_tensor(
-            (embedding.shape[0], *self.denoiser_sample_shape()), generator=generator, device=embedding.device, dtype=embedding.dtype
-        )
+        steps = self.config.num_inference_steps if num_inference_steps is None else num_inference_steps
+        check_int("num_inference_steps", steps, minimum=1, fix="sampler steps, or None for config.num_inference_steps")
+        scheduler.set_timesteps(steps, device=embedding.device)
+        shape = (embedding.shape[0], *self.denoiser_sample_shape())
+        if noise is None:
+            sample = randn_tensor(shape, generator=generator, device=embedding.device, dtype=embedding.dtype)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape} (one starting sample per row of the embedding), got {tuple(noise.shape)}.")
+        else:
+            sample = noise.to(device=embedding.device, dtype=embedding.dtype)
         sample = sample * scheduler.init_noise_sigma
         extra = step_kwargs(scheduler, generator)
         for t in scheduler.timesteps:

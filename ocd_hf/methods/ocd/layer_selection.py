@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...checks import check_writable_dir
 from ...finetune import LossFn, per_sample_task_loss
 from ...logging import get_logger
 from ...target import backbone_task, find_target_linear, linear_layers, model_output_tensor
@@ -494,6 +495,8 @@ def select_layer(
     if noise_scale < 0:
         raise ValueError(f"noise_scale must be >= 0, got {noise_scale}.")
     bandwidth_factor(num_draws, bw_method)
+    if output_dir is not None:
+        check_writable_dir(output_dir)
     loss_fn = loss_fn or per_sample_task_loss(backbone_task(backbone))
     device = next(backbone.parameters()).device
     batches = collect_batches(batches_or_inputs, labels, num_samples, device)

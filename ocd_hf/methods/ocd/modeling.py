@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from ...backbones import SetFitBackbone, load_pretrained_backbone, tokenizer_from_setfit
 from ...cards import GeneratorCardData
+from ...checks import check_class_labels, check_finite_inputs, check_generator, check_int, check_number
 from ...factorised import expand_factors
 from ...finetune import finetune_settings, overfit_deltas, overfit_head_deltas
 from ...logging import get_logger
@@ -66,6 +67,14 @@ def check_backbone(config: OCDConfig, backbone: nn.Module, strict_fingerprint: b
             raise ValueError(message)
         logger.warning(message)
     return name, layer
+
+
+def check_generation_arguments(num_samples: Any, generator: Any, num_inference_steps: Any) -> None:
+    """Refuse non-integer or non-positive ``num_samples`` / ``num_inference_steps`` and a ``generator`` that is not a ``torch.Generator``."""
+    check_int("num_samples", num_samples, minimum=1, fix="draws per input, e.g. num_samples=5")
+    check_int("num_inference_steps", num_inference_steps, minimum=1, optional=True,
+              fix="sampler steps, e.g. 10, or None for config.num_inference_steps")
+    check_generator(generator)
 
 
 def repeat_batch(inputs: Mapping[str, Any], repeats: int, batch_size: int) -> dict[str, Any]:
@@ -233,6 +242,7 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         """
         if self.config.task != "classification":
             raise ValueError("predict_proba is for classification backbones; call the model for regression outputs.")
+        check_int("batch_size", batch_size, minimum=1, fix="texts tokenized and scored per forward, e.g. batch_size=32")
         single = isinstance(inputs, str)
         texts = [inputs] if single else list(inputs)
         tokenizer = tokenizer or self.text_tokenizer()
@@ -296,7 +306,9 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
 
     @torch.no_grad()
     def conditioning(self, **inputs: Any) -> Conditioning:
-        """``I(x)`` from one unmodified forward pass of the backbone (no gradients)."""
+        """``I(x)`` from one unmodified forward pass of the backbone (no gradients). Non-finite float inputs are refused,
+        and inputs the backbone cannot run on raise a ``ValueError`` naming them (their shapes and dtypes)."""
+        check_finite_inputs(inputs)
         return capture_conditioning(self.backbone, self.target_layer, inputs)
 
     @torch.no_grad()
@@ -308,6 +320,7 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         num_inference_steps: int | None = None,
         rho: float | None = None,
         inputs: Mapping[str, Any] | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate ``num_samples`` scaled deltas ``ρ̂·Δ̂`` per input.
 
@@ -317,9 +330,13 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         same prediction for every draw (not renormalised: its size carries its certainty). A
         ``"label"`` generator returns full deltas combined from :meth:`label_deltas` with its
         ``q(y | I(x))``; it needs the backbone ``inputs`` unless the target layer is the model's head.
+        ``noise`` ``(batch, num_samples, *sample shape)`` is the diffusion sampler's starting noise instead
+        of a draw from ``generator`` (what lets an evaluation split a batch into chunks and draw the same deltas).
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        check_generation_arguments(num_samples, generator, num_inference_steps)
+        if rho is not None:
+            check_number("rho", rho, positive=True, fix="a constant scale for every delta, or None for the scale net's")
+        self.check_conditioning(cond)
         hypernetwork = self.hypernetwork
         with self.hypernetwork_eval():
             embedding = hypernetwork.embed_condition(hypernetwork.condition_values(cond))
@@ -331,11 +348,28 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
             if self.config.generator_type == "regression":
                 deltas = hypernetwork.regress(embedding).repeat_interleave(num_samples, dim=0)
             else:
+                if noise is not None:
+                    expected = (embedding.shape[0], num_samples, *hypernetwork.denoiser_sample_shape())
+                    if tuple(noise.shape) != expected:
+                        raise ValueError(f"noise must have shape (batch, num_samples, *sample shape) = {expected}, got {tuple(noise.shape)}.")
+                    noise = noise.flatten(0, 1)
                 embedding = embedding.repeat_interleave(num_samples, dim=0)
-                deltas = hypernetwork.sample(embedding, generator=generator, num_inference_steps=num_inference_steps)
+                deltas = hypernetwork.sample(embedding, generator=generator, num_inference_steps=num_inference_steps, noise=noise)
             scale = scale.repeat_interleave(num_samples, dim=0)
         deltas = deltas * scale.view(-1, *([1] * (deltas.dim() - 1)))
         return deltas.view(-1, num_samples, *deltas.shape[1:])
+
+    def check_conditioning(self, cond: Conditioning) -> None:
+        """Refuse a conditioning ``I(x)`` whose components do not have the widths this hypernetwork was made for."""
+        values = cond.components()
+        for component, size in self.config.condition_sizes.items():
+            value = values.get(component)
+            if value is None or value.dim() != 2 or value.shape[1] != size:
+                shape = None if value is None else tuple(value.shape)
+                raise ValueError(
+                    f"The conditioning's {component!r} component has shape {shape}, but this hypernetwork expects (batch, {size}): "
+                    f"the conditioning comes from another layer or backbone. Build it with this model's conditioning(**inputs)."
+                )
 
     def overfit_settings(self) -> dict[str, Any]:
         """The single-sample fine-tuning of the harvest (``config.harvest_config``; defaults Adam, lr 5e-4, 3 steps)."""
@@ -474,7 +508,12 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         regression). With ``return_draws`` it also holds ``draw_logits`` ``(batch, k, ...)``; with
         ``return_mean_network``, ``mean_network_logits``: the prediction of the mean delta.
         """
-        batch_size_of(inputs)
+        batch = batch_size_of(inputs)
+        check_generation_arguments(num_samples, generator, num_inference_steps)
+        if labels is not None and self.config.task == "classification":
+            labels = check_class_labels(labels, self.config.output_dim)
+            if labels.shape[0] != batch:
+                raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {batch} inputs; pass one label per input.")
         cond = self.conditioning(**inputs)
         deltas = self.generate_deltas(cond, num_samples, generator, num_inference_steps, inputs=inputs)
         draws = self.predict_with_deltas(cond, deltas, inputs)
@@ -546,8 +585,10 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         model is returned. Without ``backbone`` the backbone named in the config
         (``base_model_class`` from ``base_model_name_or_path`` at ``base_model_revision``) is
         loaded with ``backbone_kwargs``. A backbone whose target layer is missing, of another
-        shape, or holds other weights is refused (``strict_fingerprint=False`` downgrades the last
-        check to a warning).
+        shape, or holds other weights is refused, and so is a config recording no
+        ``base_layer_fingerprint`` (``strict_fingerprint=False`` downgrades these two checks to
+        warnings). A ``model.safetensors`` whose sha256 differs from the ``weights_sha256`` in the
+        config is refused; a config without one (saved by an older version) loads with a warning.
         """
         if model_args:
             raise TypeError("OCDWrapper.from_pretrained takes no positional arguments besides the path.")
@@ -558,6 +599,15 @@ class OCDWrapper(GeneratorHubMixin, PreTrainedModel):
         config, state, weights_file = read_generator_files(
             OCDConfig, pretrained_model_name_or_path, config=config, subfolder=subfolder, **hub_kwargs
         )
+        if not config.base_layer_fingerprint:
+            message = (
+                f"The config of {pretrained_model_name_or_path} has no base_layer_fingerprint: nothing shows that the backbone's "
+                f"{config.target_module!r} holds the weights the hypernetwork was trained on. Save the model again from a config "
+                "made by OCDConfig.from_backbone(...) (which records it), or pass strict_fingerprint=False to load it anyway."
+            )
+            if strict_fingerprint:
+                raise ValueError(message)
+            logger.warning(message)
         if backbone is None:
             backbone = load_backbone(config, **backbone_kwargs)
         model = cls(config, backbone, strict_fingerprint=strict_fingerprint)

@@ -4,7 +4,6 @@ clipping, EMA, a validation split, checkpoints that resume exactly, and DDP."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -20,6 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ...atomic import write_json_atomically
+from ...checks import check_writable_dir
 from ...factorised import RULE_FOR_OPTIMIZER, expand_factors, factorise_deltas
 from ...target import CONDITION_FIELDS, find_target_linear
 from ...trainer import (
@@ -297,6 +298,17 @@ def set_log_rho_statistics(config: OCDConfig, log_rho: torch.Tensor) -> None:
     config.log_rho_std = max(spread, MIN_LOG_RHO_STD)
 
 
+# The OCDConfig fields that only choose how to sample: they may change when a run resumes.
+SAMPLING_FIELDS = ("scheduler_class", "num_inference_steps")
+
+
+def resume_settings(config: OCDConfig) -> dict[str, Any]:
+    """The config fields a resumed run must share with its checkpoint: those the run chose that decide what is trained,
+    and the target layer."""
+    names = [name for name in TRAINABLE_CONFIG_FIELDS if name not in SAMPLING_FIELDS] + ["target_module", "base_layer_fingerprint"]
+    return {name: getattr(config, name) for name in names}
+
+
 # The OCDConfig fields a tracker records next to the training settings, so that runs compare by them.
 TRACKED_CONFIG_FIELDS = ("target_module", "delta_mode", "generator_type", "scheduler_class", "num_inference_steps", "condition_components")
 
@@ -404,6 +416,7 @@ def train_hypernetwork(
         The trained :class:`OCDWrapper` (EMA weights in its hypernetwork), in eval mode.
     """
     args = training_arguments(OCDTrainingArguments, args, training_kwargs)
+    check_writable_dir(output_dir)
     seed, progress = args.seed, args.progress
     dataset, metadata = resolve_deltas(deltas)
     config = build_config(metadata, config_overrides, dataset)
@@ -425,7 +438,7 @@ def train_hypernetwork(
     loss_module = HypernetworkLoss(wrapper.hypernetwork, args.scale_loss)
     trainer = GeneratorTrainer(
         wrapper.hypernetwork, loss_module, train_set, validation_set, args, accelerator, output_dir,
-        loss_weights={"scale": args.scale_loss_weight},
+        loss_weights={"scale": args.scale_loss_weight}, generator_settings=resume_settings(config),
     )
     num_validation = 0 if validation_set is None else len(validation_set)
     logger.info(
@@ -438,7 +451,7 @@ def train_hypernetwork(
     if accelerator.is_main_process:
         wrapper.save_pretrained(output_dir)
         history = trainer.history(len(train_set), num_validation, item_name="deltas")
-        (Path(output_dir) / HISTORY_NAME).write_text(json.dumps(history, indent=2))
+        write_json_atomically(Path(output_dir) / HISTORY_NAME, history)
         logger.info(f"Saved the hypernetwork and {HISTORY_NAME} to {output_dir}", main_process_only=True)
     accelerator.wait_for_everyone()
     if created_accelerator:
