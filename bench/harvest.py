@@ -213,14 +213,19 @@ def timed(function: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+def prepare_case(case: Case, args: argparse.Namespace) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor, nn.Linear, dict[str, torch.Tensor]]:
+    """The seeded backbone, ``--samples`` inputs and labels, the target Linear and the per-sample loop's share of the inputs."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     backbone = case.build().eval()
     inputs = case.data(args.samples, generator)
     labels = torch.randint(0, case.num_labels, (args.samples,), generator=generator)
     _, layer = find_target_linear(backbone, case.target)
-    loop_inputs = {name: value[: args.loop_samples] for name, value in inputs.items()}
+    return backbone, inputs, labels, layer, {name: value[: args.loop_samples] for name, value in inputs.items()}
+
+
+def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    backbone, inputs, labels, layer, loop_inputs = prepare_case(case, args)
 
     per_sample_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
     loop_deltas, loop_seconds = timed(lambda: per_sample_loop(backbone, case.target, loop_inputs, labels[: args.loop_samples], args.lr, args.steps))
@@ -330,13 +335,7 @@ def unavoidable_flops(backbone: nn.Module, target: str, inputs: dict[str, torch.
 
 
 def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    backbone = case.build().eval()
-    inputs = case.data(args.samples, generator)
-    labels = torch.randint(0, case.num_labels, (args.samples,), generator=generator)
-    _, layer = find_target_linear(backbone, case.target)
-    loop_inputs = {name: value[: args.loop_samples] for name, value in inputs.items()}
+    backbone, inputs, labels, layer, loop_inputs = prepare_case(case, args)
     loop_labels = labels[: args.loop_samples]
     per_token = describe_backbone(backbone, case.target, {k: v[:2] for k, v in inputs.items()})["per_token"]
     batch_size = args.batch_size if per_token else args.closed_form_batch_size
