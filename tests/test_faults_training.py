@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from conftest import tiny_bert
 from helpers import subprocess_env
-from helpers.mcdi import gaussian_distribution
+from helpers.mcdi import harvest_tiny_heads
 from test_training import QUIET as OCD_QUIET
 from test_training import TINY_OVERRIDES, harvest_tiny
 
@@ -27,7 +27,6 @@ from ocd_hf import trainer as trainer_module
 from ocd_hf.methods.mcdi import McDiHeadGenerator, ReptileTrainer, train_head_generator
 from ocd_hf.methods.mcdi import training as mcdi_training
 from ocd_hf.methods.ocd.training import train_hypernetwork
-from ocd_hf.task_heads import harvest_task_heads
 from ocd_hf.trainer import CHECKPOINTS_DIR, HISTORY_NAME, TRAINING_STATE_NAME, list_checkpoints
 
 TINY = {"denoiser_config": {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 64}}
@@ -43,8 +42,7 @@ class Killed(Exception):
 def heads(tmp_path_factory):
     """24 tasks, 3-way 1-shot, d = 6, three local targets each."""
     directory = tmp_path_factory.mktemp("heads")
-    harvest_task_heads(gaussian_distribution(num_classes=12, dim=6), directory, num_tasks=24, n_way=3, k_shot=1, steps=30,
-                       batch_size=8, shard_size=8, progress=False, encoder_id="synthetic")
+    harvest_tiny_heads(directory)
     return directory
 
 

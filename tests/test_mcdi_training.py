@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers.mcdi import gaussian_distribution
+from helpers.mcdi import gaussian_distribution, harvest_tiny_heads
 from helpers.tolerances import adam_delta_atol
 
 from ocd_hf.episodes import EpisodeSampler
@@ -27,8 +27,7 @@ QUIET = {"progress": False, "logging_steps": 2}
 def heads(tmp_path_factory):
     """24 tasks, 3-way 1-shot, d = 6, three local targets each."""
     directory = tmp_path_factory.mktemp("heads")
-    harvest_task_heads(gaussian_distribution(num_classes=12, dim=6), directory, num_tasks=24, n_way=3, k_shot=1, steps=30,
-                       batch_size=8, shard_size=8, progress=False, encoder_id="synthetic")
+    harvest_tiny_heads(directory)
     return directory
 
 

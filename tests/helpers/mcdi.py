@@ -40,3 +40,11 @@ def gaussian_distribution(num_classes: int = 40, per_class: int = 20, dim: int =
     labels = np.repeat(np.arange(num_classes), per_class)
     embeddings = means[labels] + spread * rng.normal(size=(len(labels), dim))
     return TaskDistribution(Dataset.from_dict({"embedding": embeddings.astype(np.float32), "label": labels}))
+
+
+def harvest_tiny_heads(directory) -> None:
+    """24 tasks, 3-way 1-shot, d = 6, three local targets each, into ``directory``."""
+    from ocd_hf.task_heads import harvest_task_heads
+
+    harvest_task_heads(gaussian_distribution(num_classes=12, dim=6), directory, num_tasks=24, n_way=3, k_shot=1, steps=30,
+                       batch_size=8, shard_size=8, progress=False, encoder_id="synthetic")
