@@ -23,11 +23,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from datasets import Array2D, Array3D, Dataset, Features, List, Value
+from huggingface_hub import DatasetCard
 from torch.nn import functional as F
 
+from .cards import render_dataset_card, write_card
 from .episodes import EpisodeSampler, TaskDistribution
 from .harvest import harvest_shards
 from .weight_datasets import (
+    DATA_FILES_PATTERN,
+    SPLIT,
     check_storage_dtype,
     dataset_sha256,
     finalize_weight_dataset,
@@ -43,6 +47,8 @@ HEAD_COLUMNS = ("theta0", "targets")
 FIT_ON = ("support", "pool")
 STOPPING_CRITERIA = ("patience", "generalisation_loss")
 # Metadata that must agree for a harvest to continue in an existing directory.
+TASK_HEADS_CARD_TEMPLATE = "task_heads_dataset_card.md"
+DATASET_TAGS = ("task-heads", "weight-generation", "few-shot")
 IDENTITY_KEYS = ("format_version", "n_way", "k_shot", "embedding_dim", "encoder", "harvest_config", "source", "num_shards")
 
 
@@ -440,8 +446,18 @@ def harvest_task_heads(
         if state.is_main_process:
             final, _ = finalize_weight_dataset(output_dir, metadata, statistics_columns=("steps", "stopped_at"))
             write_metadata(output_dir, final)
+            write_card(task_heads_card(final), output_dir)
         state.wait_for_everyone()
     return load_task_heads(output_dir)
+
+
+def task_heads_card(metadata: Mapping[str, Any]) -> DatasetCard:
+    """The dataset card of a finished head harvest, from its ``harvest.json`` metadata."""
+    return render_dataset_card(
+        TASK_HEADS_CARD_TEMPLATE, pretty_name=f"{metadata['n_way']}-way {metadata['k_shot']}-shot task heads",
+        num_samples=metadata["num_samples"], tags=DATASET_TAGS, data_files=DATA_FILES_PATTERN, split=SPLIT,
+        context={**metadata, "split": SPLIT},
+    )
 
 
 def load_task_heads(path: str | os.PathLike, verify: bool = False) -> Dataset:

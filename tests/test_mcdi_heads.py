@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.mcdi import gaussian_distribution
+from helpers.mcdi import gaussian_distribution, harvest_tiny_heads
 from helpers.tolerances import adam_delta_atol
 
 from ocd_hf import task_heads as heads_module
@@ -191,3 +191,16 @@ def test_harvest_errors_name_the_fix(tmp_path):
     write_metadata(tmp_path / "other", {"format_version": 1, "target_module": "fc"})
     with pytest.raises(ValueError, match="not a head dataset; make one with harvest_task_heads"):
         load_head_metadata(tmp_path / "other")
+
+
+def test_a_head_harvest_has_a_dataset_card_that_keeps_hand_written_text(tmp_path):
+    from datasets import load_dataset
+
+    harvest_tiny_heads(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "24 3-way 1-shot heads on `synthetic` embeddings" in card
+    assert "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11" in card  # the classes the heads were fitted on
+    assert len(load_dataset(str(tmp_path), split="train")) == 24  # the card's configs point datasets at the shards
+    (tmp_path / "README.md").write_text(card + "\nNotes of my own.\n")
+    harvest_tiny_heads(tmp_path)  # finished: resumes nothing, rewrites the generated block only
+    assert (tmp_path / "README.md").read_text().endswith("Notes of my own.\n")
