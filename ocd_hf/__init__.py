@@ -21,6 +21,7 @@ from .episodes import Episode, EpisodeSampler, TaskDistribution, embed_items
 from .factorised import expand_factors, factorise_deltas
 from .fewshot import evaluate_episodes, logistic_regression_heads, prototype_heads
 from .finetune import overfit_deltas
+from .methods.d2nwg import D2NWGConfig, D2NWGHeadGenerator, D2NWGTrainingArguments, train_d2nwg
 from .methods.mcdi import McDiConfig, McDiHeadGenerator, McDiTrainingArguments, head_to_linear, head_to_setfit_head, head_to_setfit_model, train_head_generator
 from .methods.ocd import (
     CONDITION_COMPONENTS,
@@ -67,6 +68,8 @@ from .trainer import GeneratorTrainingArguments
 
 AutoConfig.register(OCDConfig.model_type, OCDConfig)
 AutoModel.register(OCDConfig, OCDWrapper)
+AutoConfig.register(D2NWGConfig.model_type, D2NWGConfig)
+AutoModel.register(D2NWGConfig, D2NWGHeadGenerator)
 AutoConfig.register(McDiConfig.model_type, McDiConfig)
 AutoModel.register(McDiConfig, McDiHeadGenerator)
 # An OCD model classifies as its backbone does: pipeline("text-classification" / "image-classification", model=ocd).
@@ -78,6 +81,9 @@ __all__ = [
     "CONDITION_COMPONENTS",
     "Conditioning",
     "DEFAULT_FACTOR_TOLERANCE",
+    "D2NWGConfig",
+    "D2NWGHeadGenerator",
+    "D2NWGTrainingArguments",
     "EarlyStopping",
     "Episode",
     "EpisodeSampler",
@@ -143,6 +149,7 @@ __all__ = [
     "record_layer_io",
     "select_layer",
     "tokenizer_from_setfit",
+    "train_d2nwg",
     "train_head_generator",
     "train_hypernetwork",
 ]

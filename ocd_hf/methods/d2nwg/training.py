@@ -247,6 +247,7 @@ def run_stage(
     trainer.train(resume_from_checkpoint)
     history = trainer.history(len(train_set), 0 if validation_set is None else len(validation_set), "tasks")
     if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
         save_file({key: value.detach().cpu().contiguous() for key, value in trained.state_dict().items()}, str(component))
         history_file.write_text(json.dumps(history, indent=2))
     accelerator.wait_for_everyone()
