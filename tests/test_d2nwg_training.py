@@ -38,7 +38,9 @@ def zoo(split, tmp_path_factory):
 
 
 def test_a_run_killed_in_the_diffusion_stage_resumes_to_the_same_generator(zoo, split, tmp_path, monkeypatch):
-    settings = dict(config_overrides=TINY, distribution=split["train"], vae_steps=3, alignment_steps=3, num_steps=6, checkpointing_steps=2,
+    # The authors' variants (code loss, soft-target alignment) with the pooled paper encoder over model-wise vectors.
+    variants = {"vae_loss": "code", "alignment_loss": "soft", "encoder_type": "set_transformer", "vectorization": "model"}
+    settings = dict(config_overrides={**TINY, **variants}, distribution=split["train"], vae_steps=3, alignment_steps=3, num_steps=6, checkpointing_steps=2,
                     batch_size=8, validation_fraction=0.25, ema_decay=0.99, seed=3, **QUIET)
     uninterrupted = train_d2nwg(zoo, tmp_path / "full", **settings)
 
@@ -61,7 +63,7 @@ def test_a_run_killed_in_the_diffusion_stage_resumes_to_the_same_generator(zoo, 
     assert [c.name for c in list_checkpoints(stages / "diffusion")] == ["checkpoint-2", "checkpoint-4"]
     assert (stages / "vae" / "component.safetensors").is_file() and not (stages / "diffusion" / "component.safetensors").exists()
     resumed = train_d2nwg(zoo, tmp_path / "killed", resume_from_checkpoint="latest", **settings)
-    assert resumed.config.latent_scale == uninterrupted.config.latent_scale
+    assert resumed.config.latent_scale == uninterrupted.config.latent_scale and resumed.config.alignment_loss == "soft"
     for name, tensor in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
     history = json.loads((tmp_path / "killed" / HISTORY_NAME).read_text())
