@@ -47,22 +47,27 @@ def main() -> None:
     parser.add_argument("--n-way", type=int, default=5)
     parser.add_argument("--k-shot", type=int, default=1)
     parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--train-classes", type=int, default=150, help="meta-train classes (50 more are the meta-test classes)")
     parser.add_argument("--tasks", type=int, default=512, help="meta-train tasks harvested")
     parser.add_argument("--checkpoints", type=int, default=3, help="E, last checkpoints per task")
     parser.add_argument("--steps", type=int, default=1500, help="diffusion steps (VAE: 2/3 of it, alignment: 1/3)")
     parser.add_argument("--episodes", type=int, default=300)
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--joint-encoder", action="store_true", help="train the encoder with the denoiser")
+    parser.add_argument("--alignment-steps", type=int, default=None, help="default: 1/3 of --steps; 0 skips alignment (needs --joint-encoder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    split = gaussian_classes(200, 20, args.dim, args.seed).class_split({"train": range(150), "test": range(150, 200)})
+    classes = args.train_classes
+    split = gaussian_classes(classes + 50, 20, args.dim, args.seed).class_split({"train": range(classes), "test": range(classes, classes + 50)})
     root = args.output_dir or Path(tempfile.mkdtemp(prefix="d2nwg-synthetic-"))
     start = time.perf_counter()
     harvest_task_heads(split["train"], root / "zoo", num_tasks=args.tasks, n_way=args.n_way, k_shot=args.k_shot, fit_on="pool", pool_size=10,
                        steps=100, lr=0.05, num_targets=args.checkpoints, target_spacing="last", batch_size=256, seed=args.seed, progress=False)
     model = train_d2nwg(root / "zoo", root / "generator", distribution=split["train"], config_overrides=COMPONENTS,
-                        vae_steps=2 * args.steps // 3, alignment_steps=args.steps // 3, num_steps=args.steps, batch_size=64, learning_rate=2e-3,
+                        vae_steps=2 * args.steps // 3, num_steps=args.steps, joint_encoder=args.joint_encoder,
+                        alignment_steps=args.steps // 3 if args.alignment_steps is None else args.alignment_steps, batch_size=64, learning_rate=2e-3,
                         vae_learning_rate=3e-3, alignment_learning_rate=3e-3, validation_fraction=0.0, ema_decay=0.999, seed=args.seed,
                         progress=False)
     print(f"harvest + training: {time.perf_counter() - start:.0f} s")
@@ -77,6 +82,8 @@ def main() -> None:
     def support_loss(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
         return select_heads(draws(support, labels), support, labels, "support_loss")[:, 0]
 
+    seen = EpisodeSampler(split["train"], args.n_way, args.k_shot, q_queries=15, seed=args.seed + 1).sample(args.episodes, column="embedding")
+    print(f"one draw on episodes of the meta-train classes: {float(episode_accuracy(one(seen.support, seen.support_labels, args.n_way), seen).mean()):.4f}")
     table = evaluate_episodes(episodes, {"d2nwg": one, f"d2nwg_support_loss_of_{args.samples}": support_loss}, include_bound=False,
                               title=f"D2NWG on Gaussian classes, {args.n_way}-way {args.k_shot}-shot")
     heads = draws(episodes.support, episodes.support_labels)

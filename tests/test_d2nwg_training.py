@@ -89,3 +89,18 @@ def test_smoke_generated_heads_beat_chance_on_held_out_classes(zoo, split, tmp_p
     heads = model.generate_heads(episodes.support, episodes.support_labels, generator=torch.Generator().manual_seed(0))[:, 0]
     accuracy = float(episode_accuracy(heads, episodes).mean())
     assert accuracy > 0.45, f"held-out 3-way accuracy {accuracy:.3f} (chance 0.33; measured 0.60 when written, nearest centroid 0.93)"
+
+
+def test_without_alignment_the_encoder_trains_with_the_denoiser(zoo, tmp_path):
+    settings = dict(config_overrides=TINY, vae_steps=2, num_steps=3, batch_size=8, validation_fraction=0.0, ema_decay=None, seed=0, **QUIET)
+    frozen = train_d2nwg(zoo, tmp_path / "frozen", alignment_steps=1, **settings)
+    joint = train_d2nwg(zoo, tmp_path / "joint", alignment_steps=0, joint_encoder=True, **settings)
+    assert sorted(p.name for p in (tmp_path / "joint" / "stages").iterdir()) == ["diffusion", "vae"]
+    for name, tensor in frozen.vae.state_dict().items():  # the same seed and VAE stage: the stages are independent
+        assert torch.equal(joint.vae.state_dict()[name], tensor), name
+    torch.manual_seed(0)
+    initial = type(joint)(joint.config).dataset_encoder.state_dict()  # train_d2nwg's seeded initialisation
+    moved = [name for name, tensor in initial.items() if not torch.equal(joint.dataset_encoder.state_dict()[name], tensor)]
+    assert "out.weight" in moved and len(moved) > len(initial) // 2  # the diffusion loss trained the encoder
+    with pytest.raises(ValueError, match="alignment_steps=0 would leave the dataset encoder untrained"):
+        D2NWGTrainingArguments(alignment_steps=0)

@@ -2,8 +2,10 @@
 :class:`~ocd_hf.trainer.GeneratorTrainer` (AdamW, EMA, checkpoints that resume exactly):
 
 1. ``vae`` — the weight VAE on the standardised tokens of every kept checkpoint (Eq. 1, ``paper`` or ``code`` loss);
-2. ``alignment`` — the dataset encoder against the frozen VAE's latents (Eq. 2), one checkpoint per task per batch;
-3. ``diffusion`` — the latent denoiser on ``latent_scale ·`` VAE latents given the frozen encoder's code (Eq. 5).
+2. ``alignment`` — the dataset encoder against the frozen VAE's latents (Eq. 2), one checkpoint per task per batch
+   (``alignment_steps=0`` skips it);
+3. ``diffusion`` — the latent denoiser on ``latent_scale ·`` VAE latents given the frozen encoder's code (Eq. 5), or
+   with ``joint_encoder=True`` the encoder trained along (the paper's setting for its MLP encoder).
 
 Each stage runs in ``output_dir/stages/<name>`` with its own Accelerator and checkpoints; a finished stage leaves
 ``component.safetensors`` and is skipped when the run is started again, an unfinished one resumes from its latest
@@ -57,18 +59,25 @@ class D2NWGTrainingArguments(GeneratorTrainingArguments):
 
     vae_steps: int = field(default=1000, metadata={"help": "optimizer steps of the VAE stage"})
     vae_learning_rate: float = field(default=1e-3, metadata={"help": "the VAE's learning rate (the paper's 1e-3)"})
-    alignment_steps: int = field(default=500, metadata={"help": "optimizer steps of the alignment stage"})
+    alignment_steps: int = field(default=500, metadata={
+        "help": "optimizer steps of the alignment stage (0 skips it: with joint_encoder, the paper's no-alignment ablation)"})
     alignment_learning_rate: float = field(default=1e-3, metadata={
         "help": "the dataset encoder's learning rate in the alignment stage (the paper: 1e-4 over far more steps)"})
+    joint_encoder: bool = field(default=False, metadata={
+        "help": "train the dataset encoder with the denoiser in the diffusion stage (the paper's setting for its MLP encoder)"})
     num_checkpoints: int | None = field(default=None, metadata={
         "help": "E, the last harvested checkpoints of each task kept in the zoo (default: all the harvest stored)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("vae_steps", "alignment_steps", "num_checkpoints"):
+        for name in ("vae_steps", "num_checkpoints"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
+        if self.alignment_steps < 0:
+            raise ValueError(f"alignment_steps must be >= 0 (0 skips the alignment stage), got {self.alignment_steps}.")
+        if self.alignment_steps == 0 and not self.joint_encoder:
+            raise ValueError("alignment_steps=0 would leave the dataset encoder untrained: set joint_encoder=True to train it with the denoiser.")
 
     def stage(self, name: str) -> GeneratorTrainingArguments:
         """The loop settings of stage ``name``."""
@@ -207,16 +216,19 @@ class AlignmentStage(Stage):
 
 
 class DiffusionStage(Stage):
-    """Stage 3: Eq. 5 on ``latent_scale ·`` the VAE latent of one checkpoint per task, given the frozen encoder's code."""
+    """Stage 3: Eq. 5 on ``latent_scale ·`` the VAE latent of one checkpoint per task, given the dataset code (of the
+    frozen encoder, or of the encoder trained along when ``joint``)."""
 
-    def __init__(self, model: D2NWGHeadGenerator, checkpoint_index: list[int], resampler: SupportResampler | None) -> None:
+    def __init__(self, model: D2NWGHeadGenerator, checkpoint_index: list[int], resampler: SupportResampler | None, joint: bool = False) -> None:
         super().__init__(model, checkpoint_index, resampler)
         self.scheduler = make_scheduler(model.config.scheduler_config, "ddpm")
+        self.joint = joint
 
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         grouped = self.condition(batch, generator)
         with torch.no_grad():
             latents = self.model.encode_heads(self.one_checkpoint(batch, generator)) * self.model.config.latent_scale
+        with torch.set_grad_enabled(self.joint and torch.is_grad_enabled()):
             code = self.model.encode_support(grouped)
         return {"denoise": diffusion_loss(lambda x, t: self.model.denoiser(x, t, code), latents, self.scheduler, generator)}
 
@@ -346,15 +358,20 @@ def train_d2nwg(
     stages = {}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    diffusion = nn.ModuleDict({"denoiser": model.denoiser, "dataset_encoder": model.dataset_encoder}) if args.joint_encoder else model.denoiser
     for name in STAGES:
-        trained = {"vae": model.vae, "alignment": alignment, "diffusion": model.denoiser}[name]
+        if name == "alignment" and args.alignment_steps == 0:
+            continue
+        trained = {"vae": model.vae, "alignment": alignment, "diffusion": diffusion}[name]
         trained.requires_grad_(True)
+        if name == "vae" and config.vae_loss == "paper":
+            model.vae.logvar.requires_grad_(False)  # only the code loss uses it (an unused trainable parameter would stall DDP)
         if name == "vae":
             loss: nn.Module = VAEStage(model, checkpoint_index, resampler)
         elif name == "alignment":
             loss = AlignmentStage(model, alignment, checkpoint_index, resampler)
         else:
-            loss = DiffusionStage(model, checkpoint_index, resampler)
+            loss = DiffusionStage(model, checkpoint_index, resampler, joint=args.joint_encoder)
         stages[name] = run_stage(name, trained, loss, train_set, validation_set, args, output_dir, resume_from_checkpoint)
         trained.requires_grad_(False)
         if name == "vae":
