@@ -125,6 +125,7 @@ class D2NWGConfig(PretrainedConfig):
 
     @property
     def vectorizer(self) -> HeadVectorizer:
+        """How heads become the VAE's tokens (:class:`~ocd_hf.methods.d2nwg.modules.HeadVectorizer`)."""
         return HeadVectorizer(self.vectorization, self.embedding_dim, self.max_num_classes, self.chunk_size)
 
     @property

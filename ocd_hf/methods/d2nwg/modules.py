@@ -337,6 +337,7 @@ class LatentDenoiser(nn.Module):
         nn.init.zeros_(self.token_out.bias)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Predicted noise ``(B, L, latent_size)`` of ``latents`` at scheduler ``timesteps`` ``(B,)`` given ``condition``."""
         if condition.dim() == 2:
             condition = condition.unsqueeze(1).expand(-1, latents.shape[1], -1)
         time = self.time_embedding(self.time_proj(timesteps.reshape(-1)).to(latents.dtype))
