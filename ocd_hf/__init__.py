@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 
 from . import logging
 from .lazy_imports import defer_registration, lazy_attributes
+from .methods.d2nwg.configuration import D2NWGConfig
 from .methods.mcdi.configuration import McDiConfig
 from .methods.ocd.configuration import OCDConfig
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .factorised import expand_factors, factorise_deltas
     from .fewshot import evaluate_episodes, logistic_regression_heads, prototype_heads
     from .finetune import overfit_deltas
+    from .methods.d2nwg import D2NWGHeadGenerator, D2NWGTrainingArguments, train_d2nwg
     from .methods.mcdi import McDiHeadGenerator, McDiTrainingArguments, head_to_linear, head_to_setfit_head, head_to_setfit_model, train_head_generator
     from .methods.ocd import (
         CONDITION_COMPONENTS,
@@ -82,6 +84,7 @@ _IMPORT_STRUCTURE = {
     ".factorised": ["expand_factors", "factorise_deltas"],
     ".fewshot": ["evaluate_episodes", "logistic_regression_heads", "prototype_heads"],
     ".finetune": ["overfit_deltas"],
+    ".methods.d2nwg": ["D2NWGHeadGenerator", "D2NWGTrainingArguments", "train_d2nwg"],
     ".methods.mcdi": [
         "McDiHeadGenerator", "McDiTrainingArguments", "head_to_linear", "head_to_setfit_head",
         "head_to_setfit_model", "train_head_generator",
@@ -117,6 +120,12 @@ def _register_ocd_models() -> None:
     AutoModelForImageClassification.register(OCDConfig, OCDWrapper)
 
 
+def _register_d2nwg_models() -> None:
+    from .methods.d2nwg.modeling import D2NWGHeadGenerator
+
+    AutoModel.register(D2NWGConfig, D2NWGHeadGenerator)
+
+
 def _register_mcdi_models() -> None:
     from .methods.mcdi.modeling import McDiHeadGenerator
 
@@ -127,14 +136,19 @@ def _register_mcdi_models() -> None:
 # datasets, when the first config of their type is built: AutoModel.from_pretrained builds it before the lookup.
 AutoConfig.register(OCDConfig.model_type, OCDConfig)
 AutoConfig.register(McDiConfig.model_type, McDiConfig)
+AutoConfig.register(D2NWGConfig.model_type, D2NWGConfig)
 defer_registration(OCDConfig.model_type, _register_ocd_models)
 defer_registration(McDiConfig.model_type, _register_mcdi_models)
+defer_registration(D2NWGConfig.model_type, _register_d2nwg_models)
 
 __version__ = "0.1.0"  # the one version string: pyproject.toml reads it from here
 __all__ = [
     "CONDITION_COMPONENTS",
     "Conditioning",
     "DEFAULT_FACTOR_TOLERANCE",
+    "D2NWGConfig",
+    "D2NWGHeadGenerator",
+    "D2NWGTrainingArguments",
     "EarlyStopping",
     "Episode",
     "EpisodeSampler",
@@ -200,6 +214,7 @@ __all__ = [
     "record_layer_io",
     "select_layer",
     "tokenizer_from_setfit",
+    "train_d2nwg",
     "train_head_generator",
     "train_hypernetwork",
 ]

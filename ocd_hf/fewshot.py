@@ -11,16 +11,18 @@ prototypes) and the bound that reads the query labels (marked †, never a metho
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from .checks import check_writable_dir
+from .checks import check_class_labels, check_finite_inputs, check_writable_dir
 from .episodes import Episode
 from .results import ResultRow, ResultsTable
 from .task_heads import fit_task_heads
@@ -39,6 +41,81 @@ def check_episodes(episodes: Episode) -> None:
             f"Heads are fitted on embedding vectors: support must be (E, N·K, d), got {tuple(episodes.support.shape)}. "
             "Embed the items first (ocd_hf.episodes.embed_items)."
         )
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """A short SHA-256 of every tensor in ``encoder``'s state dict (names and values), to refuse another encoder."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_encoder(config: Any, encoder: nn.Module | None = None, *, fingerprint: str | None = None, embedding_dim: int | None = None) -> None:
+    """Refuse an encoder (or its ``fingerprint`` / ``embedding_dim``) other than the one a head generator was trained for.
+
+    ``config`` is the generator's config (``embedding_dim``, ``encoder_id``, ``encoder_revision``, ``encoder_fingerprint``).
+    The embedding size is read from ``encoder.get_sentence_embedding_dimension()`` when it has one
+    (sentence-transformers); the fingerprint is :func:`encoder_fingerprint`.
+    """
+    if encoder is not None:
+        fingerprint = fingerprint or encoder_fingerprint(encoder)
+        if embedding_dim is None and hasattr(encoder, "get_sentence_embedding_dimension"):
+            embedding_dim = encoder.get_sentence_embedding_dimension()
+    if embedding_dim is not None and embedding_dim != config.embedding_dim:
+        raise ValueError(
+            f"The encoder makes {embedding_dim}-d embeddings but this generator makes heads for {config.embedding_dim}-d "
+            f"embeddings of {config.encoder_id!r}: use that encoder, or train a generator on this encoder's embeddings."
+        )
+    if fingerprint is not None and config.encoder_fingerprint is not None and fingerprint != config.encoder_fingerprint:
+        raise ValueError(
+            f"The encoder's weights (fingerprint {fingerprint}) differ from those the generator was trained with "
+            f"({config.encoder_fingerprint}): its embeddings, and so the generated heads, would not match. Load "
+            f"{config.encoder_id!r} at revision {config.encoder_revision!r}, or train a generator on this encoder's embeddings."
+        )
+
+
+def check_support(
+    support: torch.Tensor, labels: torch.Tensor, embedding_dim: int, max_num_classes: int, *, config_name: str = "its config"
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(B, n, d)`` support, ``(B, n)`` labels and ``N`` from one task's ``(n, d)``/``(n,)`` or a batch's; refuses bad input.
+
+    The checks every task-conditioned head generator's ``generate_heads`` makes; ``config_name`` names the
+    generator's config class in the advice to train one for more classes."""
+    support, labels = torch.as_tensor(support), torch.as_tensor(labels)
+    if support.dim() == 2 and labels.dim() == 1:
+        support, labels = support.unsqueeze(0), labels.unsqueeze(0)
+    if support.dim() != 3 or labels.shape != support.shape[:2]:
+        raise ValueError(
+            f"support_embeddings must be (N·K, d) or (B, N·K, d) with support_labels (N·K,) or (B, N·K); got "
+            f"{tuple(support.shape)} and {tuple(labels.shape)}."
+        )
+    if support.shape[-1] != embedding_dim:
+        raise ValueError(
+            f"The support embeddings have size {support.shape[-1]} but this generator was trained on {embedding_dim}-d embeddings: "
+            "embed the support with the encoder named in config.encoder_id."
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"support_labels must be integer class indices, got {labels.dtype}.")
+    if support.shape[1] == 0:
+        raise ValueError("support_labels must be 0..N-1 over a non-empty support set; got no items.")
+    check_class_labels(labels, None, name="support_labels")  # negative labels (-100 included), by position in the flattened batch
+    check_finite_inputs({"support_embeddings": support.flatten(0, 1)})
+    num_classes = int(labels.max()) + 1
+    present = F.one_hot(labels.long(), num_classes).sum(1) > 0  # (B, N)
+    if not bool(present.all()):
+        task, label = (~present).nonzero()[0].tolist()
+        raise ValueError(
+            f"support_labels must use every label 0..N-1 (N = {num_classes}, the largest label + 1), each with K >= 1 "
+            f"support items; task {task} has no item labelled {label}. Relabel the classes as 0..N-1."
+        )
+    if not 2 <= num_classes <= max_num_classes:
+        raise ValueError(
+            f"This generator makes heads for 2..{max_num_classes} classes; the support has N = {num_classes}. Split the task "
+            f"into tasks of at most {max_num_classes} classes, or train a generator with {config_name}(max_num_classes={num_classes})."
+        )
+    return support, labels.long(), num_classes
 
 
 def head_logits(heads: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

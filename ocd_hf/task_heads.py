@@ -46,6 +46,7 @@ FORMAT_VERSION = 1
 HEAD_COLUMNS = ("theta0", "targets")
 FIT_ON = ("support", "pool")
 STOPPING_CRITERIA = ("patience", "generalisation_loss")
+TARGET_SPACINGS = ("even", "last")
 # Metadata that must agree for a harvest to continue in an existing directory.
 TASK_HEADS_CARD_TEMPLATE = "task_heads_dataset_card.md"
 DATASET_TAGS = ("task-heads", "weight-generation", "few-shot")
@@ -88,7 +89,8 @@ class HeadFit:
 
     Attributes:
         theta0: ``(B, N, d+1)`` the Gaussian initialisations.
-        targets: ``(B, k, N, d+1)`` the local targets ``θ_{iM/k}`` (integer division), ``i = 1..k``; the last is ``θ_M``.
+        targets: ``(B, k, N, d+1)`` the local targets ``θ_{iM/k}`` (integer division), ``i = 1..k`` (``target_spacing="last"``:
+            the last ``k`` steps' heads ``θ_{M−k+i}``, D2NWG's zoo of last checkpoints); the last is ``θ_M``.
         num_steps: ``(B,)`` ``M`` per task.
         stopped_at: ``(B,)`` the step each task's head stopped changing (``steps`` if it never stopped).
         losses: ``(B, k+1)`` cross-entropy on the fitted items at ``θ_0`` and at every target.
@@ -134,6 +136,17 @@ def holdout_mask(labels: torch.Tensor, num_classes: int, fraction: float) -> tor
     return rank >= own_count - own_held
 
 
+def target_steps(num_steps: torch.Tensor, num_targets: int, spacing: str = "even") -> torch.Tensor:
+    """The steps ``(B, k+1)`` whose heads a fit keeps, ``0`` first then the ``k`` targets: ``iM/k`` (``"even"``) or the
+    last ``k`` steps ``M−k+i`` (``"last"``, clamped at 0), for ``M = num_steps`` ``(B,)``."""
+    if spacing not in TARGET_SPACINGS:
+        raise ValueError(f"target_spacing must be one of {TARGET_SPACINGS}, got {spacing!r}.")
+    if spacing == "even":
+        return torch.stack([num_steps * i // num_targets for i in range(num_targets + 1)], 1)
+    last = torch.stack([(num_steps - num_targets + i).clamp(min=0) for i in range(1, num_targets + 1)], 1)
+    return torch.cat([torch.zeros_like(num_steps).unsqueeze(1), last], 1)
+
+
 def check_task_batch(items: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
     if items.dim() != 3 or labels.shape != items.shape[:2]:
         raise ValueError(f"Expected items (B, n, d) and labels (B, n); got {tuple(items.shape)} and {tuple(labels.shape)}.")
@@ -151,6 +164,7 @@ def fit_task_heads(
     lr: float = 0.005,
     init_std: float = 0.01,
     num_targets: int = 3,
+    target_spacing: str = "even",
     early_stopping: EarlyStopping | None = None,
     sam_rho: float | None = None,
     noise_std: float = 0.0,
@@ -166,6 +180,7 @@ def fit_task_heads(
         steps: the number of Adam steps (the largest ``M``; early stopping may stop a task sooner).
         lr: Adam's learning rate (the paper's 0.005).
         init_std: ``θ_0 ~ N(0, init_std²)`` for weights and biases (unless ``theta0`` is given).
+        target_spacing: ``"even"`` (Mc-Di's local targets ``θ_{iM/k}``) or ``"last"`` (the last ``k`` steps' heads).
         early_stopping: per-task stopping (:class:`EarlyStopping`), or ``None``: every task runs ``steps``.
         sam_rho: SAM's radius ``ρ``: each step's gradient is taken at ``θ + ρ g/‖g‖``, ``‖g‖`` the task's own norm.
         noise_std: augmentation: Gaussian noise of this std added to the items afresh at every step.
@@ -178,6 +193,7 @@ def fit_task_heads(
     is known only once a task stops; without, only the ``k+1`` states that are returned.
     """
     check_task_batch(support, support_labels, num_classes)
+    target_steps(torch.tensor([steps]), num_targets, target_spacing)  # refuses an unknown spacing before fitting
     if steps < num_targets or num_targets < 1:
         raise ValueError(f"steps ({steps}) must be >= num_targets ({num_targets}) >= 1: each local target is a distinct step.")
     if early_stopping is not None and early_stopping.min_steps < num_targets:
@@ -195,7 +211,7 @@ def fit_task_heads(
     heads = theta0.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([heads], lr=lr)
     keep_all = early_stopping is not None or return_trajectory
-    kept = list(range(steps + 1)) if keep_all else sorted({steps * i // num_targets for i in range(num_targets + 1)})
+    kept = list(range(steps + 1)) if keep_all else sorted(set(target_steps(torch.tensor([steps]), num_targets, target_spacing)[0].tolist()))
     slot = {step: position for position, step in enumerate(kept)}  # where each kept step's heads are stored
     trajectory = torch.empty(len(kept), *shape, dtype=items.dtype, device=items.device)
     trajectory[0] = theta0
@@ -240,7 +256,7 @@ def fit_task_heads(
     if keep_all:
         trajectory[last_step + 1 :] = trajectory[last_step]
     num_steps = best_step if early_stopping else torch.full((batch,), steps, dtype=torch.long, device=items.device)
-    index = torch.stack([num_steps * i // num_targets for i in range(num_targets + 1)], 1)  # (B, k+1), θ_0 first
+    index = target_steps(num_steps, num_targets, target_spacing)  # (B, k+1), θ_0 first
     slots = torch.full((steps + 1,), -1, dtype=torch.long, device=items.device)
     slots[kept] = torch.arange(len(kept), device=items.device)
     states = trajectory.transpose(0, 1)[torch.arange(batch, device=items.device).unsqueeze(1), slots[index]]  # (B, k+1, N, d+1)
@@ -365,6 +381,7 @@ def harvest_task_heads(
     lr: float = 0.005,
     init_std: float = 0.01,
     num_targets: int = 3,
+    target_spacing: str = "even",
     early_stopping: EarlyStopping | None = None,
     sam_rho: float | None = None,
     noise_std: float = 0.0,
@@ -384,9 +401,10 @@ def harvest_task_heads(
     in :class:`EpisodeTasks` with ``n_way``, ``k_shot``, ``fit_on``, ``pool_size`` and ``seed``) or an
     :class:`EpisodeTasks`. Each row holds the task's ``classes``, ``support_index`` and ``support``
     embeddings/``support_labels`` (the generator's condition), ``theta0`` ``(N, d+1)``, ``targets``
-    ``(k, N, d+1)``, ``steps`` (``M``), ``stopped_at`` and ``losses`` (``heldout_losses`` with early
-    stopping). The directory is a weight dataset (:mod:`ocd_hf.weight_datasets`): killed, the same call
-    resumes from the last complete shard; a directory made with other settings is refused.
+    ``(k, N, d+1)`` (Mc-Di's local targets, or with ``target_spacing="last"`` the last ``k`` checkpoints: D2NWG's
+    zoo), ``steps`` (``M``), ``stopped_at`` and ``losses`` (``heldout_losses`` with early stopping). The directory
+    is a weight dataset (:mod:`ocd_hf.weight_datasets`): killed, the same call resumes from the last complete
+    shard; a directory made with other settings is refused.
     ``encoder_*`` name the frozen encoder that made the embeddings (recorded, and copied into the
     generator's config so that it can refuse another encoder). Given an :class:`EpisodeTasks`, its own
     ``n_way``, ``k_shot``, ``fit_on``, ``pool_size``, ``column`` and ``seed`` apply. Every batch of
@@ -394,6 +412,7 @@ def harvest_task_heads(
     and its first task: resuming needs the same ``batch_size`` (it is part of the recorded settings).
     """
     check_storage_dtype(dtype)
+    target_steps(torch.tensor([steps]), num_targets, target_spacing)  # refuses an unknown spacing before anything is written
     for name, value in (("num_tasks", num_tasks), ("batch_size", batch_size), ("shard_size", shard_size), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -407,6 +426,8 @@ def harvest_task_heads(
         "early_stopping": asdict(early_stopping) if early_stopping else None, "optimizer": "adam", "batch_size": batch_size,
         "shard_size": shard_size, "dtype": dtype,
     }
+    if target_spacing != "even":  # recorded only when not the default, so that harvests made before it existed still resume
+        settings["target_spacing"] = target_spacing
     metadata = {
         "format_version": FORMAT_VERSION,
         "n_way": source.n_way,
@@ -427,7 +448,7 @@ def harvest_task_heads(
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([source.seed, start, 1]).generate_state(1)[0]))
             fit = fit_task_heads(
                 tasks.fit_items, tasks.fit_labels, source.n_way, steps=steps, lr=lr, init_std=init_std, num_targets=num_targets,
-                early_stopping=early_stopping, sam_rho=sam_rho, noise_std=noise_std, generator=generator,
+                target_spacing=target_spacing, early_stopping=early_stopping, sam_rho=sam_rho, noise_std=noise_std, generator=generator,
             )
             rows = {
                 "id": torch.arange(start, end), "classes": tasks.classes, "support_index": tasks.support_index, "support": tasks.support,

@@ -10,6 +10,7 @@ import yaml
 from conftest import TINY_DENOISER, text_batch, tiny_bert
 from datasets import Dataset
 from helpers.contract import GeneratorCase, state_of
+from helpers.d2nwg import tiny_d2nwg
 from helpers.mcdi import DIM, gaussian_distribution, support_set, tiny_generator
 from huggingface_hub import HfApi
 
@@ -17,6 +18,7 @@ from ocd_hf import OCDWrapper, evaluate_ocd, harvest_deltas
 from ocd_hf.cards import GENERATED_END, GENERATED_START
 from ocd_hf.episodes import EpisodeSampler, MetaSplit
 from ocd_hf.fewshot import REFERENCE, evaluate_episodes
+from ocd_hf.methods.d2nwg import D2NWGHeadGenerator
 from ocd_hf.methods.mcdi import McDiHeadGenerator
 from ocd_hf.results import ResultsTable
 from ocd_hf.task_heads import harvest_task_heads
@@ -78,6 +80,29 @@ def mcdi_evaluate(model: McDiHeadGenerator, output_dir: Path) -> ResultsTable:
     return evaluate_episodes(episodes, {"mcdi": one_draw}, output_dir=output_dir)
 
 
+# ----- D2NWG --------------------------------------------------------------------------------------
+
+
+def d2nwg_run(model: D2NWGHeadGenerator, seed: int) -> torch.Tensor:
+    support, labels = support_set(num_tasks=2)
+    return model.generate_heads(support, labels, num_samples=2, generator=torch.Generator().manual_seed(seed))
+
+
+def d2nwg_harvest(output_dir: Path) -> Dataset:
+    """D2NWG's zoo: the same per-task harvest, keeping the last checkpoints of each head's training."""
+    return harvest_task_heads(mcdi_classes()["train"], output_dir, num_tasks=12, n_way=3, k_shot=2, steps=6, target_spacing="last",
+                              batch_size=2, shard_size=4, progress=False, encoder_id="synthetic")
+
+
+def d2nwg_evaluate(model: D2NWGHeadGenerator, output_dir: Path) -> ResultsTable:
+    episodes = EpisodeSampler(mcdi_classes()["test"], 3, 2, q_queries=4, seed=9).sample(8, column="embedding")
+
+    def one_draw(support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+        return model.generate_heads(support, labels, generator=torch.Generator().manual_seed(0))[:, 0]
+
+    return evaluate_episodes(episodes, {"d2nwg": one_draw}, output_dir=output_dir)
+
+
 CASES = {
     "ocd": GeneratorCase(
         name="ocd", build=ocd_build, run=ocd_run, output_shape=(4, 3),
@@ -90,6 +115,13 @@ CASES = {
         load=lambda path, model: McDiHeadGenerator.from_pretrained(path),
         harvest=mcdi_harvest, evaluate=mcdi_evaluate,
         library_tags=("mcdi", "weight-generation", "few-shot", "diffusion", "few-shot-classification"),
+        reference_row=REFERENCE, reference_kind="baseline", method_kind="method",
+    ),
+    "d2nwg": GeneratorCase(
+        name="d2nwg", build=tiny_d2nwg, run=d2nwg_run, output_shape=(2, 2, 4, DIM + 1),  # (tasks, draws, N, d+1)
+        load=lambda path, model: D2NWGHeadGenerator.from_pretrained(path),
+        harvest=d2nwg_harvest, evaluate=d2nwg_evaluate,
+        library_tags=("d2nwg", "weight-generation", "few-shot", "diffusion", "few-shot-classification"),
         reference_row=REFERENCE, reference_kind="baseline", method_kind="method",
     ),
 }

@@ -4,6 +4,7 @@ through ``AutoModel`` in a fresh process (the model classes register when their 
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import subprocess
 import sys
@@ -11,13 +12,14 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_DENOISER, text_batch, tiny_bert
+from helpers.d2nwg import tiny_d2nwg
 from helpers.mcdi import tiny_generator
 
 import ocd_hf
-from ocd_hf.methods import mcdi, ocd
+from ocd_hf.methods import d2nwg, mcdi, ocd
 
 HEAVY = ("diffusers", "datasets", "matplotlib", "sklearn", "setfit", "sentence_transformers")
-PACKAGES = [ocd_hf, ocd, mcdi]
+PACKAGES = [ocd_hf, ocd, mcdi, d2nwg]
 
 
 def run_fresh(code: str) -> str:
@@ -62,7 +64,7 @@ def test_lazy_structure_matches_type_checking_imports_and_all(package):
 @pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.__name__)
 def test_every_public_name_resolves_to_its_module_object(package):
     for module, names in package._IMPORT_STRUCTURE.items():
-        source = __import__(package.__name__ + module, fromlist=["_"])
+        source = importlib.import_module(module, package.__name__)
         for name in names:
             assert getattr(package, name) is getattr(source, name), f"{package.__name__}.{name}"
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
@@ -86,6 +88,7 @@ def test_auto_model_loads_saved_generators_in_a_fresh_process(tmp_path):
     )
     ocd_model.save_pretrained(tmp_path / "ocd")
     tiny_generator().save_pretrained(tmp_path / "mcdi")
+    tiny_d2nwg().save_pretrained(tmp_path / "d2nwg")
     code = f"""
 import json, sys
 import ocd_hf
@@ -94,6 +97,7 @@ print(json.dumps([
     type(AutoModel.from_pretrained({str(tmp_path / "ocd")!r})).__name__,
     type(AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "ocd")!r})).__name__,
     type(AutoModel.from_pretrained({str(tmp_path / "mcdi")!r})).__name__,
+    type(AutoModel.from_pretrained({str(tmp_path / "d2nwg")!r})).__name__,
 ]))
 """
-    assert json.loads(run_fresh(code)) == ["OCDWrapper", "OCDWrapper", "McDiHeadGenerator"]
+    assert json.loads(run_fresh(code)) == ["OCDWrapper", "OCDWrapper", "McDiHeadGenerator", "D2NWGHeadGenerator"]

@@ -7,14 +7,16 @@ from typing import TYPE_CHECKING
 from ...lazy_imports import lazy_attributes
 
 if TYPE_CHECKING:
-    from .configuration import DEFAULT_DENOISER_CONFIG, McDiConfig, encoder_fingerprint
+    from ...fewshot import encoder_fingerprint
+    from .configuration import DEFAULT_DENOISER_CONFIG, McDiConfig
     from .diffusion import DEFAULT_SCHEDULER_CONFIG, LOSS_TYPES, alpha_bars, local_consistency_loss, sample_chain, segment_boundaries
     from .modeling import McDiHeadGenerator, head_to_linear, head_to_setfit_head, head_to_setfit_model
     from .modules import HeadDenoiser, class_prototypes
     from .training import HeadDiffusionLoss, McDiTrainingArguments, ReptileTrainer, train_head_generator
 
 _IMPORT_STRUCTURE = {
-    ".configuration": ["DEFAULT_DENOISER_CONFIG", "McDiConfig", "encoder_fingerprint"],
+    "...fewshot": ["encoder_fingerprint"],
+    ".configuration": ["DEFAULT_DENOISER_CONFIG", "McDiConfig"],
     ".diffusion": ["DEFAULT_SCHEDULER_CONFIG", "LOSS_TYPES", "alpha_bars", "local_consistency_loss", "sample_chain", "segment_boundaries"],
     ".modeling": ["McDiHeadGenerator", "head_to_linear", "head_to_setfit_head", "head_to_setfit_model"],
     ".modules": ["HeadDenoiser", "class_prototypes"],

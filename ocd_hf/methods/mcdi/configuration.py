@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-import torch
-from torch import nn
 from transformers import PretrainedConfig
 
 from ...lazy_imports import complete_registration
@@ -19,15 +16,6 @@ DEFAULT_DENOISER_CONFIG: dict[str, Any] = {
     "num_heads": 4,
     "intermediate_size": 512,
 }
-
-
-def encoder_fingerprint(encoder: nn.Module) -> str:
-    """A short SHA-256 of every tensor in ``encoder``'s state dict (names and values), to refuse another encoder."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class McDiConfig(PretrainedConfig):

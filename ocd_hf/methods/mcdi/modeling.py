@@ -12,9 +12,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ...cards import GeneratorCardData
-from ...checks import check_class_labels, check_finite_inputs, check_generator, check_int
+from ...checks import check_generator, check_int
+from ...fewshot import check_encoder, check_support
 from ...modeling_utils import GeneratorHubMixin, load_checked_state, read_generator_files, save_generator
-from .configuration import McDiConfig, encoder_fingerprint
+from .configuration import McDiConfig
 from .diffusion import alpha_bars, loss_boundaries, sample_chain, sample_segments, segment_schedule
 from .model_card import mcdi_card, write_model_card
 from .modules import HeadDenoiser, class_prototypes
@@ -28,43 +29,6 @@ def denoise_heads(denoiser: DenoiserFn, heads: torch.Tensor, steps: torch.Tensor
     batch, k = steps.shape
     repeated = prototypes.unsqueeze(1).expand(-1, k, -1, -1).flatten(0, 1)
     return denoiser(heads.flatten(0, 1), steps.flatten(), repeated).view(heads.shape)
-
-
-def check_support(support: torch.Tensor, labels: torch.Tensor, embedding_dim: int, max_num_classes: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(B, n, d)`` support, ``(B, n)`` labels and ``N`` from one task's ``(n, d)``/``(n,)`` or a batch's; refuses bad input."""
-    support, labels = torch.as_tensor(support), torch.as_tensor(labels)
-    if support.dim() == 2 and labels.dim() == 1:
-        support, labels = support.unsqueeze(0), labels.unsqueeze(0)
-    if support.dim() != 3 or labels.shape != support.shape[:2]:
-        raise ValueError(
-            f"support_embeddings must be (N·K, d) or (B, N·K, d) with support_labels (N·K,) or (B, N·K); got "
-            f"{tuple(support.shape)} and {tuple(labels.shape)}."
-        )
-    if support.shape[-1] != embedding_dim:
-        raise ValueError(
-            f"The support embeddings have size {support.shape[-1]} but this generator was trained on {embedding_dim}-d embeddings: "
-            "embed the support with the encoder named in config.encoder_id."
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"support_labels must be integer class indices, got {labels.dtype}.")
-    if support.shape[1] == 0:
-        raise ValueError("support_labels must be 0..N-1 over a non-empty support set; got no items.")
-    check_class_labels(labels, None, name="support_labels")  # negative labels (-100 included), by position in the flattened batch
-    check_finite_inputs({"support_embeddings": support.flatten(0, 1)})
-    num_classes = int(labels.max()) + 1
-    present = torch.nn.functional.one_hot(labels.long(), num_classes).sum(1) > 0  # (B, N)
-    if not bool(present.all()):
-        task, label = (~present).nonzero()[0].tolist()
-        raise ValueError(
-            f"support_labels must use every label 0..N-1 (N = {num_classes}, the largest label + 1), each with K >= 1 "
-            f"support items; task {task} has no item labelled {label}. Relabel the classes as 0..N-1."
-        )
-    if not 2 <= num_classes <= max_num_classes:
-        raise ValueError(
-            f"This generator makes heads for 2..{max_num_classes} classes; the support has N = {num_classes}. Split the task "
-            f"into tasks of at most {max_num_classes} classes, or train a generator with McDiConfig(max_num_classes={num_classes})."
-        )
-    return support, labels.long(), num_classes
 
 
 class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
@@ -126,7 +90,9 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         if num_inference_steps is not None:  # checked before any work
             segment_schedule(config.num_timesteps, segments, num_inference_steps)
         batched = torch.as_tensor(support_embeddings).dim() == 3
-        support, labels, num_classes = check_support(support_embeddings, support_labels, self.config.embedding_dim, self.config.max_num_classes)
+        support, labels, num_classes = check_support(
+            support_embeddings, support_labels, self.config.embedding_dim, self.config.max_num_classes, config_name="McDiConfig"
+        )
         parameter = next(self.denoiser.parameters())
         support = support.to(device=parameter.device, dtype=parameter.dtype)
         prototypes = class_prototypes(support, labels.to(parameter.device), num_classes).repeat_interleave(num_samples, 0)
@@ -157,27 +123,9 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         return (heads, states) if return_intermediates else heads
 
     def check_encoder(self, encoder: nn.Module | None = None, *, fingerprint: str | None = None, embedding_dim: int | None = None) -> None:
-        """Refuse an encoder (or its ``fingerprint`` / ``embedding_dim``) other than the one the generator was trained for.
-
-        The embedding size is read from ``encoder.get_sentence_embedding_dimension()`` when it has one
-        (sentence-transformers); the fingerprint is :func:`~ocd_hf.methods.mcdi.encoder_fingerprint`.
-        """
-        if encoder is not None:
-            fingerprint = fingerprint or encoder_fingerprint(encoder)
-            if embedding_dim is None and hasattr(encoder, "get_sentence_embedding_dimension"):
-                embedding_dim = encoder.get_sentence_embedding_dimension()
-        config = self.config
-        if embedding_dim is not None and embedding_dim != config.embedding_dim:
-            raise ValueError(
-                f"The encoder makes {embedding_dim}-d embeddings but this generator makes heads for {config.embedding_dim}-d "
-                f"embeddings of {config.encoder_id!r}: use that encoder, or train a generator on this encoder's embeddings."
-            )
-        if fingerprint is not None and config.encoder_fingerprint is not None and fingerprint != config.encoder_fingerprint:
-            raise ValueError(
-                f"The encoder's weights (fingerprint {fingerprint}) differ from those the generator was trained with "
-                f"({config.encoder_fingerprint}): its embeddings, and so the generated heads, would not match. Load "
-                f"{config.encoder_id!r} at revision {config.encoder_revision!r}, or train a generator on this encoder's embeddings."
-            )
+        """Refuse an encoder (or its ``fingerprint`` / ``embedding_dim``) other than the one the generator was trained for
+        (:func:`ocd_hf.fewshot.check_encoder`)."""
+        check_encoder(self.config, encoder, fingerprint=fingerprint, embedding_dim=embedding_dim)
 
     # ----- saving and loading -----------------------------------------------------------------
 
