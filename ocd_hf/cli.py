@@ -8,9 +8,10 @@
     ocd-hf push         ocd/ me/ocd-model --results eval/results.json
     ocd-hf push-deltas  deltas/ me/ocd-deltas
 
-Datasets are a Hub id or a local directory. ``harvest`` tokenizes ``--text-column`` or preprocesses
-``--image-column`` itself; the other commands read a ``Dataset.save_to_disk`` directory whose columns
-are already the backbone's inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) plus a label.
+Datasets are a Hub id or a local directory. ``harvest`` and ``evaluate`` tokenize ``--text-column`` or
+preprocess ``--image-column`` themselves, the same way, and map string labels to class indices (``evaluate``
+with the class names its model's harvest recorded); ``select-layer`` reads a dataset whose columns are
+already the backbone's inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) plus a label.
 Harvest and train run on Accelerate: ``accelerate launch $(which ocd-hf) harvest ...`` shards them.
 """
 
@@ -63,6 +64,13 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None,
                         help="the split to use (default: 'train', or the only split, or the directory's single dataset)")
     parser.add_argument("--label-column", default="label")
+
+
+def add_raw_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """Raw text or images, turned into the backbone's inputs as the harvest does (:func:`source_collate_fn`)."""
+    parser.add_argument("--text-column", default=None, help="tokenize this column with the backbone's tokenizer")
+    parser.add_argument("--image-column", default=None, help="preprocess this column with the backbone's image processor")
+    parser.add_argument("--max-length", type=int, default=128, help="truncate --text-column to this many tokens")
 
 
 def run_select_layer(args: argparse.Namespace) -> None:
@@ -154,7 +162,8 @@ def run_train(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     table = evaluate_from_paths(
         args.model_dir, args.eval_dataset, args.output_dir, split=args.split, delta_dataset_path=args.deltas,
-        alternative_model_path=args.alternative_model, label_column=args.label_column, batch_size=args.batch_size,
+        alternative_model_path=args.alternative_model, label_column=args.label_column, text_column=args.text_column,
+        image_column=args.image_column, max_length=args.max_length, batch_size=args.batch_size,
         seeds=args.seeds, num_samples=args.num_samples, max_examples=args.max_examples,
     )
     print(table.to_markdown())
@@ -209,9 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     harvest.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     harvest.add_argument("--shard-size", type=int, default=1024)
     harvest.add_argument("--store-trajectory", action="store_true")
-    harvest.add_argument("--text-column", default=None, help="tokenize this column with the model's tokenizer")
-    harvest.add_argument("--image-column", default=None, help="preprocess this column with the model's image processor")
-    harvest.add_argument("--max-length", type=int, default=128, help="truncate --text-column to this many tokens")
+    add_raw_input_arguments(harvest)
     harvest.add_argument("--max-samples", type=int, default=None)
     harvest.add_argument("--delta-storage", choices=["auto", "full", "factorised"], default="auto",
                          help="auto: the rank-1 factor u where measured exact, else full matrices")
@@ -227,12 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="base vs OCD vs ablations and bounds on a held-out split")
     evaluate.add_argument("model_dir")
-    evaluate.add_argument("eval_dataset", help="a save_to_disk directory of model inputs + labels")
+    evaluate.add_argument("eval_dataset", help="a Hub id or a save_to_disk directory: model inputs (or --text-column / "
+                          "--image-column) + labels")
     evaluate.add_argument("output_dir")
     evaluate.add_argument("--split", default=None)
     evaluate.add_argument("--deltas", default=None, help="delta dataset for the nearest-neighbour ablation")
     evaluate.add_argument("--alternative-model", default=None, help="a hypernetwork on another layer")
     evaluate.add_argument("--label-column", default="label")
+    add_raw_input_arguments(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     evaluate.add_argument("--num-samples", type=int, default=5)
@@ -322,6 +331,9 @@ def evaluate_from_paths(
     delta_dataset_path: str | None = None,
     alternative_model_path: str | None = None,
     label_column: str = "label",
+    text_column: str | None = None,
+    image_column: str | None = None,
+    max_length: int = 128,
     batch_size: int = 32,
     seeds: Sequence[int] = (0, 1, 2),
     num_samples: int = 5,
@@ -329,25 +341,49 @@ def evaluate_from_paths(
     max_examples: int | None = None,
     progress: bool = True,
 ) -> ResultsTable:
-    """Load a saved hypernetwork (and its backbone), a preprocessed dataset saved with
-    ``Dataset.save_to_disk`` and optionally the harvested deltas and a second hypernetwork sharing
-    the backbone; evaluate and write the results to ``output_dir`` (checked writable first)."""
-    from datasets import load_from_disk
+    """Load a saved hypernetwork (and its backbone), the evaluation dataset and optionally the harvested
+    deltas and a second hypernetwork sharing the backbone; evaluate and write the results to ``output_dir``
+    (checked writable first).
 
+    The dataset (a Hub id or a ``save_to_disk`` directory; ``split`` as in :func:`ocd_hf.data.select_split`,
+    never defaulting to ``train``) is read as ``ocd-hf harvest`` reads it: the backbone's input columns, or
+    ``text_column`` tokenized with the backbone's tokenizer (``max_length`` tokens) or ``image_column`` through
+    its image processor; labels are checked and string labels mapped with the class names of the model's config
+    (recorded by its harvest), else of the ``delta_dataset_path`` harvest.
+    """
     from .checks import check_writable_dir
-    from .data import select_split
-    from .methods.ocd import OCDWrapper, evaluate_ocd
+    from .methods.ocd import OCDWrapper, evaluate_ocd, load_harvest_metadata
+    from .methods.ocd.harvest import SampleReader, class_names, load_source_dataset, source_collate_fn
 
-    data = select_split(load_from_disk(eval_dataset_path), split, eval_dataset_path, default=None)
+    data = load_source_dataset(eval_dataset_path, None, split, default=None)
     check_writable_dir(output_dir)
     model = OCDWrapper.from_pretrained(model_path)
     alternative = OCDWrapper.from_pretrained(alternative_model_path, backbone=model.backbone) if alternative_model_path else None
     if max_examples is not None:
         data = data.select(range(min(max_examples, len(data))))
+    names = class_names(model)
+    if names is None and delta_dataset_path:
+        names = load_harvest_metadata(delta_dataset_path)["source"].get("label_names")
+    collate_fn = None
+    if text_column is not None or image_column is not None:
+        if not model.config.base_model_name_or_path:
+            raise ValueError(
+                f"{model_path!r} records no base_model_name_or_path to load the tokenizer / image processor from: "
+                "preprocess the dataset into the backbone's inputs and drop --text-column / --image-column."
+            )
+        collate_fn = source_collate_fn(
+            data, model.config.base_model_name_or_path, revision=model.config.base_model_revision,
+            text_column=text_column, image_column=image_column, max_length=max_length,
+        )
+    reader = SampleReader(
+        data, model.backbone, model.config.task, label_column=label_column, collate_fn=collate_fn, label_names=names,
+        missing_label_names="neither the model's config (id2label) nor a harvest (--deltas) records them; pass the "
+        "harvest's directory as --deltas, or map the labels to class indices first", purpose="evaluate",
+    )
     return evaluate_ocd(
-        model, data, delta_dataset=delta_dataset_path or None, alternative_model=alternative, seeds=seeds,
-        num_samples=num_samples, rows=rows, batch_size=batch_size, label_column=label_column, output_dir=output_dir,
-        progress=progress,
+        model, reader.batches(batch_size), delta_dataset=delta_dataset_path or None, alternative_model=alternative,
+        seeds=seeds, num_samples=num_samples, rows=rows, batch_size=batch_size, label_column=label_column,
+        output_dir=output_dir, progress=progress,
     )
 
 

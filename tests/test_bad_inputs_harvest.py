@@ -78,6 +78,31 @@ def test_string_labels_are_mapped_to_sorted_class_names_and_recorded(tmp_path):
     assert load_harvest_metadata(tmp_path / "b")["source"]["label_names"] == ["x", "y", "z"]
 
 
+def test_string_labels_follow_a_backbone_that_names_its_classes(tmp_path):
+    backbone = build_backbone("bert")
+    backbone.config.id2label = {0: "pos", 1: "neg", 2: "neu"}  # not sorted: sorting would swap pos and neg
+    backbone.config.label2id = {name: index for index, name in backbone.config.id2label.items()}
+    deltas = harvest_deltas(backbone, bert_rows(label=["pos", "neg", "neu", "neg"]), "classifier", tmp_path, delta_storage="full",
+                            progress=False)
+    assert deltas[:]["label"].tolist() == [0, 1, 2, 1]
+    assert load_harvest_metadata(tmp_path)["source"]["label_names"] == ["pos", "neg", "neu"]
+    with pytest.raises(ValueError, match=r"labels \['positive'\] that are not among the class names \['pos', 'neg', 'neu'\] "
+                                         r"\(the backbone's config.id2label\)"):
+        harvest_deltas(backbone, bert_rows(label=["pos", "positive", "neu", "neg"]), "classifier", tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "harvest.json").exists()
+
+
+def test_an_evaluation_refuses_string_labels_it_has_no_class_names_for():
+    from ocd_hf.methods.ocd.harvest import SampleReader
+
+    hint = "pass the harvest's directory as --deltas"
+    with pytest.raises(ValueError, match=r"holds class names \(\['neg', 'pos'\]\) but no class names are known.*--deltas"):
+        SampleReader(bert_rows(label=["pos", "neg", "pos", "neg"]), build_backbone("bert"), "classification", missing_label_names=hint)
+    reader = SampleReader(bert_rows(label=["pos", "neg", "pos", "pos"]), build_backbone("bert"), "classification",
+                          label_names=["neg", "neu", "pos"], missing_label_names=hint)
+    assert reader.labels.tolist() == [2, 0, 2, 2]  # by the given names, not by the two present (which would give 1, 0)
+
+
 # ----- splits (point 8) ---------------------------------------------------------------------------------------
 
 

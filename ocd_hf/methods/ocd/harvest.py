@@ -19,7 +19,7 @@ import inspect
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from ...backbones import load_pretrained_backbone
-from ...data import select_split
+from ...data import DEFAULT_SPLIT, select_split
 from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
 from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
 from ...harvest import harvest_shards
@@ -282,6 +282,12 @@ class SampleReader:
     Without it, the columns ``input_columns`` (default: the dataset columns that are arguments of
     ``backbone.forward``, such as ``input_ids``/``attention_mask`` or ``pixel_values``) are stacked
     as tensors. A ``labels``/label entry in the collated inputs is dropped.
+
+    Labels are checked before any work (see :meth:`_read_labels`). String labels are mapped to class
+    indices by ``label_names`` (else by the backbone's named ``config.id2label``), and names outside those
+    are refused; without known names they are mapped in sorted order, or refused with the hint
+    ``missing_label_names`` when that is given (an evaluation must use the names its model was trained with).
+    ``purpose`` (``"harvest"``, ``"evaluate"``) words the errors.
     """
 
     def __init__(
@@ -292,6 +298,9 @@ class SampleReader:
         label_column: str = "label",
         input_columns: list[str] | None = None,
         collate_fn: CollateFn | None = None,
+        label_names: Sequence[str] | None = None,
+        missing_label_names: str | None = None,
+        purpose: str = "harvest",
     ) -> None:
         if not isinstance(dataset, Dataset):
             raise TypeError(
@@ -299,7 +308,7 @@ class SampleReader:
                 "Convert with datasets.Dataset.from_dict / from_generator, or materialise an IterableDataset first."
             )
         if len(dataset) == 0:
-            raise ValueError("dataset is empty: there is nothing to harvest.")
+            raise ValueError(f"dataset is empty: there is nothing to {purpose}.")
         if label_column not in dataset.column_names:
             raise ValueError(
                 f"label_column {label_column!r} is not a column of the dataset (columns: {dataset.column_names}). "
@@ -308,8 +317,14 @@ class SampleReader:
         self.dataset = dataset
         self.label_column = label_column
         self.collate_fn = collate_fn
+        self.purpose = purpose
         self.label_names: list[str] | None = None
         config = getattr(backbone, "config", None)
+        if label_names is not None:
+            self.class_names, self.class_names_source = list(label_names), "label_names="
+        else:
+            self.class_names, self.class_names_source = class_names(backbone), "the backbone's config.id2label"
+        self.missing_label_names = missing_label_names
         self.labels = self._read_labels(task, getattr(config, "num_labels", None) if task == "classification" else None)
         try:
             embeddings = backbone.get_input_embeddings()
@@ -342,11 +357,8 @@ class SampleReader:
             if not np.issubdtype(labels.dtype, np.number):
                 raise ValueError(f"Regression labels in {self.label_column!r} must be numbers, got dtype {labels.dtype}.")
             return torch.from_numpy(labels.astype(np.float32))  # a non-finite label gives a non-finite delta: skipped and counted
-        if labels.dtype.kind in "OUS":  # class names, as the recipes accept: mapped to indices in sorted order
-            if any(not isinstance(value, str) for value in labels):
-                raise ValueError(f"label_column {self.label_column!r} mixes strings with other values; use one kind of label.")
-            self.label_names = sorted(set(labels.tolist()))
-            labels = np.searchsorted(np.asarray(self.label_names), labels)
+        if labels.dtype.kind in "OUS":  # class names, as the recipes accept
+            labels = self._class_ids(labels)
         elif labels.dtype.kind == "f":
             self._refuse_rows(labels != np.round(labels), labels, "fractional class labels",
                               "class labels must be integers (for regression, configure the backbone with num_labels=1)")
@@ -358,7 +370,7 @@ class SampleReader:
         labels = labels.astype(np.int64)
         self._refuse_rows(labels == IGNORE_INDEX, labels, f"the label {IGNORE_INDEX} (the Hugging Face ignore index)",
                           f"drop them first: dataset.filter(lambda row: row[{self.label_column!r}] != {IGNORE_INDEX}); "
-                          "a harvest fine-tunes on every row's label, it cannot ignore one")
+                          f"a {self.purpose} uses every row's label, it cannot ignore one")
         if num_classes is not None:
             if self.label_names is not None and len(self.label_names) > num_classes:
                 raise ValueError(
@@ -368,6 +380,28 @@ class SampleReader:
             self._refuse_rows((labels < 0) | (labels >= num_classes), labels, f"labels outside [0, {num_classes})",
                               f"the backbone predicts {num_classes} classes (config.num_labels); fix or drop these rows")
         return torch.from_numpy(labels)
+
+    def _class_ids(self, labels: np.ndarray) -> np.ndarray:
+        """Class indices of string labels: by the known class names (``label_names=``, else the backbone's named
+        ``id2label``), refusing names outside them; else, unless ``missing_label_names`` says how to get the names,
+        in sorted order. The names used are kept in :attr:`label_names`."""
+        if any(not isinstance(value, str) for value in labels):
+            raise ValueError(f"label_column {self.label_column!r} mixes strings with other values; use one kind of label.")
+        found = sorted(set(labels.tolist()))
+        if self.class_names is None and self.missing_label_names is not None:
+            raise ValueError(
+                f"label_column {self.label_column!r} holds class names ({found[:10]}) but no class names are known to "
+                f"map them to the model's class indices: {self.missing_label_names}."
+            )
+        self.label_names = found if self.class_names is None else self.class_names
+        index = {name: position for position, name in enumerate(self.label_names)}
+        unknown = [name for name in found if name not in index]
+        if unknown:
+            raise ValueError(
+                f"label_column {self.label_column!r} has labels {unknown[:10]} that are not among the class names "
+                f"{self.label_names[:20]} ({self.class_names_source}): map them to those names (or to class indices) first."
+            )
+        return np.asarray([index[name] for name in labels.tolist()], dtype=np.int64)
 
     def _refuse_rows(self, bad: np.ndarray, values: np.ndarray, what: str, fix: str) -> None:
         """``ValueError`` naming the first rows (index in the dataset) where ``bad`` holds, and their labels."""
@@ -447,6 +481,10 @@ class SampleReader:
             )
         return {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in batch.items()}
 
+    def batches(self, batch_size: int) -> "ReaderBatches":
+        """The ``(inputs, labels)`` batches of every row in order, ``batch_size`` rows each (an evaluation's data)."""
+        return ReaderBatches(self, batch_size)
+
     def __call__(self, start: int, end: int) -> tuple[dict[str, Any], torch.Tensor]:
         if self.collate_fn is not None:
             inputs = dict(self.collate_fn(self.dataset[start:end]))
@@ -459,6 +497,30 @@ class SampleReader:
             if name not in (self.label_column, *LABEL_INPUT_NAMES)
         }
         return inputs, self.labels[start:end]
+
+
+class ReaderBatches:
+    """The batches of a :class:`SampleReader`, with a length (for a progress bar)."""
+
+    def __init__(self, reader: SampleReader, batch_size: int) -> None:
+        self.reader, self.batch_size = reader, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.reader) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        for start in range(0, len(self.reader), self.batch_size):
+            yield self.reader(start, min(start + self.batch_size, len(self.reader)))
+
+
+def class_names(model: nn.Module) -> list[str] | None:
+    """``config.id2label`` of ``model`` in index order when it names its classes (not transformers' default
+    ``LABEL_i``), else ``None``."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = {int(index): str(name) for index, name in id2label.items()}
+    if sorted(names) != list(range(len(names))) or all(name == f"LABEL_{index}" for index, name in names.items()):
+        return None
+    return [names[index] for index in range(len(names))]
 
 
 def loss_name(loss: LossFn | None, task: str) -> str:
@@ -836,18 +898,59 @@ def _harvest_shards(
     )
 
 
-def load_source_dataset(name_or_path: str, config_name: str | None = None, split: str | None = None) -> Dataset:
+def load_source_dataset(
+    name_or_path: str, config_name: str | None = None, split: str | None = None, default: str | None = DEFAULT_SPLIT
+) -> Dataset:
     """One split of a dataset: a ``save_to_disk`` directory (``Dataset`` or ``DatasetDict``), else ``load_dataset``.
 
-    ``split=None``: the ``"train"`` split, or the only one, or the single dataset of the directory; a
-    ``split`` the dataset does not have is a ``ValueError`` naming those it has (:func:`ocd_hf.data.select_split`).
+    ``split=None``: the ``default`` split (``None`` for an evaluation), or the only one, or the single dataset of
+    the directory; a ``split`` the dataset does not have is a ``ValueError`` naming those it has
+    (:func:`ocd_hf.data.select_split`).
     """
     path = Path(name_or_path)
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         loaded = load_from_disk(str(path))
     else:
         loaded = load_dataset(name_or_path, config_name, split=split)
-    return select_split(loaded, split, name_or_path)
+    return select_split(loaded, split, name_or_path, default=default)
+
+
+def source_collate_fn(
+    dataset: Dataset,
+    model_name_or_path: str,
+    *,
+    revision: str | None = None,
+    text_column: str | None = None,
+    image_column: str | None = None,
+    max_length: int = 128,
+) -> CollateFn | None:
+    """How ``ocd-hf harvest`` and ``ocd-hf evaluate`` turn raw rows into backbone inputs: ``text_column``
+    tokenized with the tokenizer saved with ``model_name_or_path`` (padded per batch, truncated to
+    ``max_length`` tokens), or ``image_column`` through its image processor; ``None`` (neither given) means
+    the dataset's columns are already the inputs. The column is checked before the tokenizer is loaded."""
+    if text_column is not None and image_column is not None:
+        raise ValueError("Pass text_column or image_column (--text-column / --image-column), not both.")
+    column = text_column if text_column is not None else image_column
+    if column is None:
+        return None
+    if column not in dataset.column_names:
+        option = "text_column (--text-column)" if text_column is not None else "image_column (--image-column)"
+        raise ValueError(f"{option} {column!r} is not a column of the dataset (columns: {dataset.column_names}).")
+    if text_column is not None:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ValueError(f"max_length (--max-length) must be a positive number of tokens, got {max_length!r}.")
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, revision=revision)
+
+        def collate_text(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+            return tokenizer(batch[text_column], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+        return collate_text
+    processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=revision)
+
+    def collate_images(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        return processor(batch[image_column], return_tensors="pt")
+
+    return collate_images
 
 
 def harvest_from_pretrained(
@@ -884,25 +987,14 @@ def harvest_from_pretrained(
     and builds the inputs with the model's tokenizer (``text_column``) or image processor
     (``image_column``), or takes the dataset's own input columns.
     """
-    if text_column is not None and image_column is not None:
-        raise ValueError("Pass text_column or image_column, not both.")
     dataset = load_source_dataset(dataset_name_or_path, dataset_config, split)
-    backbone = load_pretrained_backbone(model_name_or_path, model_class, revision=model_revision)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
-    collate_fn = None
-    if text_column is not None:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, revision=model_revision)
-
-        def collate_fn(batch: Mapping[str, Any]) -> Mapping[str, Any]:
-            return tokenizer(batch[text_column], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-
-    elif image_column is not None:
-        processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=model_revision)
-
-        def collate_fn(batch: Mapping[str, Any]) -> Mapping[str, Any]:
-            return processor(batch[image_column], return_tensors="pt")
-
+    collate_fn = source_collate_fn(
+        dataset, model_name_or_path, revision=model_revision, text_column=text_column, image_column=image_column,
+        max_length=max_length,
+    )
+    backbone = load_pretrained_backbone(model_name_or_path, model_class, revision=model_revision)
     return harvest_deltas(
         backbone, dataset, target_module, output_dir, label_column=label_column, collate_fn=collate_fn,
         batch_size=batch_size, optimizer=optimizer, lr=lr, steps=steps, store_trajectory=store_trajectory, dtype=dtype,

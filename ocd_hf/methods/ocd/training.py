@@ -140,7 +140,19 @@ def build_config(
         overrides["factor_rule"] = rule
     elif overrides.get("delta_mode") == "factorised" and "factor_rule" not in overrides and optimizer in RULE_FOR_OPTIMIZER:
         overrides["factor_rule"] = RULE_FOR_OPTIMIZER[optimizer]
-    return OCDConfig(**fields, harvest_config=harvest_config, **overrides)
+    return OCDConfig(**fields, harvest_config=harvest_config, **harvest_label_fields(metadata), **overrides)
+
+
+def harvest_label_fields(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``id2label`` / ``label2id`` from the class names a classification harvest recorded (``source.label_names``:
+    a ``ClassLabel``'s names, or the string labels it mapped), so the model knows what its classes are called and
+    ``ocd-hf evaluate`` maps string labels as the harvest did; classes beyond the names keep ``LABEL_i``."""
+    names = (metadata.get("source") or {}).get("label_names")
+    output_dim = metadata.get("output_dim")
+    if metadata.get("task") != "classification" or not names or not isinstance(output_dim, int) or len(names) > output_dim:
+        return {}
+    id2label = {index: (names[index] if index < len(names) else f"LABEL_{index}") for index in range(output_dim)}
+    return {"id2label": id2label, "label2id": {name: index for index, name in id2label.items()}}
 
 
 def training_columns(config: OCDConfig, factors_stored: bool = False) -> list[str]:
