@@ -32,6 +32,8 @@ from transformers import (
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
 
+from .checks import is_saved_dataset, only_local
+
 POOLING_MODES = ("mean", "cls", "max")
 # The base_model_class of a hypernetwork whose backbone is a SetFit model repo (converted on load).
 SETFIT_MODEL_CLASS = "SetFitModel"
@@ -364,10 +366,14 @@ def check_model_source(name_or_path: str, argument: str = "model") -> None:
     (``namespace/name``), so a missing one would otherwise surface as a Hub lookup error.
     """
     path = Path(name_or_path).expanduser()
-    local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
     if path.exists() and not path.is_dir():
         raise ValueError(f"{argument}={name_or_path!r} is a file; pass the directory written by save_pretrained, or a Hub id.")
-    if local and not path.exists():
+    if is_saved_dataset(path) and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{argument}={name_or_path!r} is a dataset (written by save_to_disk), not a model; pass the model's directory "
+            "(written by save_pretrained) or its Hub id."
+        )
+    if only_local(name_or_path) and not path.exists():
         raise FileNotFoundError(
             f"{argument}={name_or_path!r}: no such directory. Pass a directory written by save_pretrained, or a Hub model "
             "id ('namespace/name')."

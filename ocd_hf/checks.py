@@ -15,6 +15,18 @@ import torch
 # transformers' losses skip label -100; a per-sample delta needs a real label, so it is called out by name.
 IGNORE_INDEX = -100
 SHOWN = 5  # offending rows named in a message
+SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json")  # what Dataset / DatasetDict.save_to_disk write
+
+
+def only_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` can only be a local path, not a Hub id (``namespace/name``): absolute, starting with
+    ``.`` or ``~``, or with more than one ``/``. A missing one is then a missing directory, not a Hub lookup."""
+    return Path(name_or_path).expanduser().is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return any((Path(path) / name).is_file() for name in SAVED_DATASET_FILES)
 
 
 def check_int(name: str, value: Any, minimum: int, optional: bool = False, fix: str | None = None) -> None:

@@ -76,8 +76,13 @@ def add_raw_input_arguments(parser: argparse.ArgumentParser) -> None:
 def run_select_layer(args: argparse.Namespace) -> None:
     from .methods.ocd import select_layer
 
-    dataset = load_split(args.dataset, args.split).with_format("torch")
-    rows = dataset[: args.num_samples]
+    dataset = load_split(args.dataset, args.split)
+    if args.label_column not in dataset.column_names:
+        raise ValueError(
+            f"--label-column {args.label_column!r} is not a column of the dataset (columns: {dataset.column_names}); "
+            "pass the column holding the labels."
+        )
+    rows = dataset.with_format("torch")[: args.num_samples]
     labels = rows.pop(args.label_column)
     ranking = select_layer(
         load_model(args), rows, labels, candidates=args.candidates, num_draws=args.num_draws,

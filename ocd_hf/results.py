@@ -123,6 +123,12 @@ class ResultsTable:
         if not text.lstrip().startswith("{"):
             text = Path(path_or_text).read_text(encoding="utf-8")
         data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            source = repr(str(path_or_text)) if text != str(path_or_text) else "The JSON text"
+            raise ValueError(
+                f"{source} is not a results table: it has no 'rows' list. Pass a results.json written by "
+                "evaluate_ocd / ocd-hf evaluate (or aggregate)."
+            )
         rows = [
             ResultRow(
                 r["name"], r["kind"], r["description"],

@@ -145,14 +145,45 @@ SPLIT_CASES = {
         lambda d, tmp: ["train", "--model", str(tmp / "no-model"), "--deltas", str(tmp / "deltas"),
                         "--output-dir", str(d["single"] / "state.json" / "ocd")],
         r"--output-dir=.*is not a writable directory"),
+    # The first errors of a user's own paths (were a Hub lookup error, a transformers config error, IndexError, KeyError).
+    "missing --dataset directory": (
+        lambda d, tmp: ["harvest", "--model", str(tmp / "no-model"), "--dataset", str(tmp / "no-data"),
+                        "--target-module", "classifier", "--output-dir", str(tmp / "out")],
+        r"FileNotFoundError: dataset='.*no-data': no such directory"),
+    "evaluate a missing dataset directory": (
+        lambda d, tmp: ["evaluate", str(tmp / "no-model"), str(tmp / "no-data"), str(tmp / "eval")],
+        r"FileNotFoundError: dataset='.*no-data': no such directory"),
+    "--model is a dataset directory": (
+        lambda d, tmp: ["select-layer", "--model", str(d["single"]), "--dataset", str(d["single"])],
+        r"model='.*single' is a dataset \(written by save_to_disk\), not a model"),
+    "harvest an empty dataset": (
+        lambda d, tmp: ["harvest", "--model", str(tmp / "no-model"), "--dataset", str(d["empty"]),
+                        "--target-module", "classifier", "--output-dir", str(tmp / "out")],
+        r"ValueError: dataset='.*empty' holds an empty dataset"),
+    "evaluate an empty dataset": (
+        lambda d, tmp: ["evaluate", str(tmp / "no-model"), str(d["empty"]), str(tmp / "eval")],
+        r"ValueError: dataset='.*empty' holds an empty dataset"),
+    "select-layer without the --label-column": (
+        lambda d, tmp: ["select-layer", "--model", str(tmp / "no-model"), "--dataset", str(d["single"]), "--label-column", "y"],
+        r"--label-column 'y' is not a column of the dataset \(columns: \['input_ids', 'attention_mask', 'label'\]\)"),
+    "aggregate a JSON file that is not a results table": (
+        lambda d, tmp: ["aggregate", str(d["single"] / "state.json")],
+        r"state\.json' is not a results table: it has no 'rows' list"),
 }
 
 
+@pytest.fixture
+def empty(tmp_path) -> Path:
+    """A save_to_disk directory of a dataset with 0 rows (datasets writes no data file for it)."""
+    bert_rows().select([]).save_to_disk(tmp_path / "empty")
+    return tmp_path / "empty"
+
+
 @pytest.mark.parametrize("case", sorted(SPLIT_CASES))
-def test_cli_errors_are_one_line_before_any_work(case, single, splits, tmp_path, capsys):
+def test_cli_errors_are_one_line_before_any_work(case, single, splits, empty, tmp_path, capsys):
     argv, phrase = SPLIT_CASES[case]
     with pytest.raises(SystemExit) as exit_info:
-        main(argv({"single": single, "splits": splits}, tmp_path))
+        main(argv({"single": single, "splits": splits, "empty": empty}, tmp_path))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "Traceback" not in error, error

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from datasets import ClassLabel, Dataset, load_dataset, load_from_disk
+from datasets.exceptions import DatasetNotFoundError
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from ...backbones import load_pretrained_backbone
+from ...checks import is_saved_dataset, only_local
 from ...data import DEFAULT_SPLIT, select_split
 from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
 from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
@@ -907,11 +909,30 @@ def load_source_dataset(
     the directory; a ``split`` the dataset does not have is a ``ValueError`` naming those it has
     (:func:`ocd_hf.data.select_split`).
     """
-    path = Path(name_or_path)
-    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-        loaded = load_from_disk(str(path))
+    path = Path(name_or_path).expanduser()
+    if is_saved_dataset(path):
+        try:
+            loaded = load_from_disk(str(path))
+        except IndexError as error:  # datasets' load_from_disk on a dataset saved with 0 rows (it wrote no data file)
+            raise ValueError(
+                f"dataset={name_or_path!r} holds an empty dataset (a split saved with 0 rows has no data file); there is "
+                "nothing to read. Pass a dataset with rows."
+            ) from error
+    elif only_local(name_or_path) and not path.exists():
+        raise FileNotFoundError(
+            f"dataset={name_or_path!r}: no such directory. Pass a directory written by save_to_disk, a directory of data "
+            "files, or a Hub dataset id ('namespace/name')."
+        )
     else:
-        loaded = load_dataset(name_or_path, config_name, split=split)
+        try:
+            loaded = load_dataset(name_or_path, config_name, split=split)
+        except (DatasetNotFoundError, ConnectionError) as error:
+            if path.exists():
+                raise
+            raise FileNotFoundError(
+                f"dataset={name_or_path!r} is not a local directory, and the Hub could not provide it "
+                f"({type(error).__name__}: {error}). Pass a directory written by save_to_disk, or a Hub dataset id."
+            ) from error
     return select_split(loaded, split, name_or_path, default=default)
 
 
