@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from .checks import check_class_labels
 from .logging import get_logger
+from .prefix import PrefixCache, ReplayMismatch, record_prefix
 from .target import inject_deltas, model_output_tensor, record_layer_io
 
 logger = get_logger(__name__)
@@ -39,8 +40,9 @@ DEFAULT_STEPS = 3
 _ADAM_DEFAULTS = inspect.signature(torch.optim.Adam).parameters
 ADAM_BETAS: tuple[float, float] = _ADAM_DEFAULTS["betas"].default
 ADAM_EPS: float = _ADAM_DEFAULTS["eps"].default
-# The paths overfit_deltas can take, for logs and OverfitResult.path.
-PATHS = ("closed_form_head", "closed_form", "head", "optimizer")
+# The paths overfit_deltas can take, for logs and OverfitResult.path; "_split": the network before the target
+# ran once (ocd_hf.prefix), each step replays only what follows it.
+PATHS = ("closed_form_head", "closed_form_split", "closed_form", "head", "optimizer_split", "optimizer")
 
 
 def finetune_settings(recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -85,6 +87,7 @@ def overfit_deltas(
     steps: int = DEFAULT_STEPS,
     loss_fn: LossFn | None = None,
     return_trajectory: bool = False,
+    split_prefix: bool = True,
 ) -> OverfitResult:
     """Fine-tune only ``layer`` on each sample of the batch alone; return every sample's delta.
 
@@ -92,13 +95,20 @@ def overfit_deltas(
     run in eval mode and never modified. When the layer's output *is* the model output (a
     classification head), the prefix of the network runs once and each step costs one matmul
     (:func:`overfit_head_deltas`); otherwise each step re-runs the backbone with the per-sample
-    deltas injected.
+    deltas injected, and with ``split_prefix`` (the default) only from the target on: the module calls
+    before it are served from the base pass (:mod:`ocd_hf.prefix`; the full pass is the fallback, logged,
+    when that replay does not reproduce the base output exactly).
     """
     check_overfit_settings(optimizer, steps)
     was_training = backbone.training
     backbone.eval()
     try:
-        with torch.no_grad(), record_layer_io(layer) as record, count_calls(layer) as calls:
+        with (
+            torch.no_grad(),
+            record_layer_io(layer) as record,
+            count_calls(layer) as calls,
+            record_prefix(backbone, layer) if split_prefix else contextlib.nullcontext() as prefix,
+        ):
             base_output = model_output_tensor(backbone(**inputs))
         labels = check_task_labels(labels, task, base_output, loss_fn)
         head_fast_path = record["output"] is base_output or (
@@ -117,22 +127,28 @@ def overfit_deltas(
                 layer_input, base_output, labels, task=task, optimizer=optimizer, lr=lr, steps=steps,
                 loss_fn=loss_fn, return_trajectory=return_trajectory,
             )
-        elif closed_form:
-
-            def forward_shifted(shift: torch.Tensor) -> torch.Tensor:
-                with shift_output(layer, shift):
-                    return model_output_tensor(backbone(**inputs))
-
-            result = closed_form_deltas(
-                forward_shifted, layer_input, layer.out_features, labels, task, optimizer, lr, steps, loss_fn, return_trajectory
-            )
         else:
+            replay = split_prefix and replays_exactly(prefix, backbone, inputs, base_output)
+            pass_context = prefix.replay if replay else contextlib.nullcontext
+            suffix = "_split" if replay else ""
+            if closed_form:
 
-            def forward(delta: torch.Tensor) -> torch.Tensor:
-                with inject_deltas(layer, delta):
-                    return model_output_tensor(backbone(**inputs))
+                def forward_shifted(shift: torch.Tensor) -> torch.Tensor:
+                    with shift_output(layer, shift), pass_context():
+                        return model_output_tensor(backbone(**inputs))
 
-            result = optimise_deltas(forward, layer.weight, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
+                result = closed_form_deltas(
+                    forward_shifted, layer_input, layer.out_features, labels, task, optimizer, lr, steps, loss_fn,
+                    return_trajectory, path="closed_form" + suffix,
+                )
+            else:
+
+                def forward(delta: torch.Tensor) -> torch.Tensor:
+                    with inject_deltas(layer, delta), pass_context():
+                        return model_output_tensor(backbone(**inputs))
+
+                result = optimise_deltas(forward, layer.weight, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
+                result.path = "optimizer" + suffix
         log_path(result.path)
         return result
     finally:
@@ -144,11 +160,38 @@ def log_path(path: str) -> None:
     """Say once per process which way :func:`overfit_deltas` computes the deltas."""
     explanations = {
         "closed_form_head": "closed-form optimizer on a head that sees one vector per sample (no backbone pass per step)",
+        "closed_form_split": "closed-form optimizer on a layer that sees one vector per sample (per-row state; the network "
+        "before the layer ran once, each step runs only what follows it)",
         "closed_form": "closed-form optimizer on a layer that sees one vector per sample (per-row state, backbone pass per step)",
         "head": "optimizer on (batch, out, in) deltas of a per-token head (no backbone pass per step)",
+        "optimizer_split": "optimizer on (batch, out, in) deltas (the network before the layer ran once, each step runs "
+        "only what follows it)",
         "optimizer": "optimizer on (batch, out, in) deltas, backbone pass per step",
     }
     logger.info(f"overfit_deltas: {path} path, {explanations[path]}.")
+
+
+@functools.lru_cache(maxsize=None)
+def log_split_fallback(reason: str) -> None:
+    """Say once per reason why the network before the target is re-run at every step."""
+    logger.info(f"overfit_deltas: full backbone pass per step, not the split at the target layer: {reason}.")
+
+
+def replays_exactly(prefix: PrefixCache, backbone: nn.Module, inputs: Mapping[str, Any], base_output: torch.Tensor) -> bool:
+    """Whether a pass that replays ``prefix`` reproduces ``base_output`` bit for bit (logged when not). It runs
+    with grad enabled like the optimizer steps, so control flow that depends on the grad mode shows here."""
+    reason = prefix.reason
+    if not reason:
+        try:
+            with torch.enable_grad(), prefix.replay():
+                replayed = model_output_tensor(backbone(**inputs)).detach()
+            if not torch.equal(replayed, base_output):
+                reason = "a pass replaying the network before the target does not reproduce the base output"
+        except ReplayMismatch as error:
+            reason = str(error)
+    if reason:
+        log_split_fallback(reason)
+    return not reason
 
 
 @contextlib.contextmanager

@@ -212,6 +212,7 @@ def harvest_batch(
     delta_storage: str = "full",
     factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
     strict_tolerance: bool = True,
+    split_prefix: bool = True,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Delta-dataset columns for one batch, and the ids of the samples skipped as non-finite.
 
@@ -226,11 +227,12 @@ def harvest_batch(
     ``‖Δ − u vᵀ‖/‖Δ‖`` measured on the real delta (the largest over the delta and every trajectory
     step); ``rho`` is the RMS of the stored ``u vᵀ``. Raises ``ValueError`` if a residual exceeds
     ``factor_tolerance`` (``None``: no check), or only warns with ``strict_tolerance=False``.
+    ``split_prefix=False`` re-runs the whole backbone at every step (see :func:`~ocd_hf.finetune.overfit_deltas`).
     """
     with record_first_forward(backbone, layer) as first:
         result = overfit_deltas(
             backbone, layer, inputs, labels, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
-            return_trajectory=store_trajectory,
+            return_trajectory=store_trajectory, split_prefix=split_prefix,
         )
     cond = first.conditioning(inputs.get("attention_mask"))
     columns = {
