@@ -345,11 +345,10 @@ def unavoidable_flops(backbone: nn.Module, target: str, inputs: dict[str, torch.
 def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) -> dict[str, Any]:
     backbone, inputs, labels, layer, loop_inputs = prepare_case(case, args)
     loop_labels = labels[: args.loop_samples]
-    per_token = describe_backbone(backbone, case.target, {k: v[:2] for k, v in inputs.items()})["per_token"]
-    batch_size = args.batch_size if per_token else args.closed_form_batch_size
+    path = overfit_deltas(backbone, layer, {k: v[: args.batch_size] for k, v in inputs.items()}, labels[: args.batch_size], steps=1).path
+    batch_size = args.closed_form_batch_size if path.startswith("closed_form") else args.batch_size
     official_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
     ocd_hf_harvest(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, labels[:batch_size], batch_size, args.lr, args.steps)
-    path = overfit_deltas(backbone, layer, {k: v[:batch_size] for k, v in inputs.items()}, labels[:batch_size], steps=1).path
     official_rates, ocd_rates, unsplit_rates = [], [], []
     for _ in range(args.repeats):  # interleaved: a drifting machine speed hits both alike
         official_deltas, seconds = timed(lambda: official_loop(backbone, case.target, loop_inputs, loop_labels, args.lr, args.steps))
@@ -461,7 +460,8 @@ def main() -> None:
                         help="official: side by side with the official per-sample procedure (see above)")
     parser.add_argument("--repeats", type=int, default=3, help="official mode: interleaved repeats")
     parser.add_argument("--closed-form-batch-size", type=int, default=256,
-                        help="official mode: batch size of layers that see one vector per sample (the closed form)")
+                        help="official mode: batch size of the closed-form paths (layers that see one vector per sample, "
+                        "or of which one token reaches the loss)")
     args = parser.parse_args()
     if args.loop_samples > args.samples:
         parser.error("--loop-samples must not exceed --samples")

@@ -42,7 +42,11 @@ ADAM_BETAS: tuple[float, float] = _ADAM_DEFAULTS["betas"].default
 ADAM_EPS: float = _ADAM_DEFAULTS["eps"].default
 # The paths overfit_deltas can take, for logs and OverfitResult.path; "_split": the network before the target
 # ran once (ocd_hf.prefix), each step replays only what follows it.
-PATHS = ("closed_form_head", "closed_form_split", "closed_form", "head", "optimizer_split", "optimizer")
+# "closed_form_token": a per-token layer of which one token per sample reaches the loss (its deltas are rank-1).
+PATHS = (
+    "closed_form_head", "closed_form_split", "closed_form", "closed_form_token_split", "closed_form_token", "head",
+    "optimizer_split", "optimizer",
+)
 
 
 def finetune_settings(recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -131,23 +135,28 @@ def overfit_deltas(
             replay = split_prefix and replays_exactly(prefix, backbone, inputs, base_output)
             pass_context = prefix.replay if replay else contextlib.nullcontext
             suffix = "_split" if replay else ""
-            if closed_form:
 
-                def forward_shifted(shift: torch.Tensor) -> torch.Tensor:
-                    with shift_output(layer, shift), pass_context():
-                        return model_output_tensor(backbone(**inputs))
+            def forward_shifted(shift: torch.Tensor) -> torch.Tensor:
+                with shift_output(layer, shift), pass_context():
+                    return model_output_tensor(backbone(**inputs))
 
-                result = closed_form_deltas(
-                    forward_shifted, layer_input, layer.out_features, labels, task, optimizer, lr, steps, loss_fn,
-                    return_trajectory, path="closed_form" + suffix,
+            def forward(delta: torch.Tensor) -> torch.Tensor:
+                with inject_deltas(layer, delta), pass_context():
+                    return model_output_tensor(backbone(**inputs))
+
+            result, first_step = None, None
+            if len(calls) == 1 and layer_input.dim() in (2, 3):  # called once on one vector, or on tokens
+                try:
+                    result = closed_form_deltas(
+                        forward_shifted, layer_input, layer.out_features, labels, task, optimizer, lr, steps, loss_fn,
+                        return_trajectory, path=("closed_form" if layer_input.dim() == 2 else "closed_form_token") + suffix,
+                    )
+                except SeveralTokens as several:  # its first step is the optimizer path's first step
+                    first_step = (several.losses, torch.bmm(several.gradient.transpose(1, 2), layer_input))
+            if result is None:
+                result = optimise_deltas(
+                    forward, layer.weight, labels, task, optimizer, lr, steps, loss_fn, return_trajectory, first_step=first_step
                 )
-            else:
-
-                def forward(delta: torch.Tensor) -> torch.Tensor:
-                    with inject_deltas(layer, delta), pass_context():
-                        return model_output_tensor(backbone(**inputs))
-
-                result = optimise_deltas(forward, layer.weight, labels, task, optimizer, lr, steps, loss_fn, return_trajectory)
                 result.path = "optimizer" + suffix
         log_path(result.path)
         return result
@@ -163,6 +172,9 @@ def log_path(path: str) -> None:
         "closed_form_split": "closed-form optimizer on a layer that sees one vector per sample (per-row state; the network "
         "before the layer ran once, each step runs only what follows it)",
         "closed_form": "closed-form optimizer on a layer that sees one vector per sample (per-row state, backbone pass per step)",
+        "closed_form_token_split": "closed-form optimizer on a per-token layer of which one token per sample reaches the "
+        "loss (the network before the layer ran once)",
+        "closed_form_token": "closed-form optimizer on a per-token layer of which one token per sample reaches the loss",
         "head": "optimizer on (batch, out, in) deltas of a per-token head (no backbone pass per step)",
         "optimizer_split": "optimizer on (batch, out, in) deltas (the network before the layer ran once, each step runs "
         "only what follows it)",
@@ -270,9 +282,11 @@ def optimise_deltas(
     steps: int,
     loss_fn: LossFn | None,
     return_trajectory: bool,
+    first_step: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> OverfitResult:
     """``steps`` optimizer steps on a ``(batch, *weight.shape)`` delta under the summed per-sample loss of
-    ``forward(delta)`` (the model output with the deltas applied)."""
+    ``forward(delta)`` (the model output with the deltas applied). ``first_step``: the per-sample losses and
+    the gradient at the zero delta, when already computed."""
     loss_fn = loss_fn or per_sample_task_loss(task)
     delta = torch.zeros(labels.shape[0], *weight.shape, dtype=weight.dtype, device=weight.device, requires_grad=True)
     opt = OPTIMIZERS[optimizer]([delta], lr=lr)
@@ -280,11 +294,14 @@ def optimise_deltas(
     trajectory = []
     loss_before = None
     with torch.enable_grad():
-        for _ in range(steps):
-            losses = loss_fn(forward(delta), labels)
+        for step in range(steps):
+            if step == 0 and first_step is not None:
+                losses, grad = first_step
+            else:
+                losses = loss_fn(forward(delta), labels)
+                (grad,) = torch.autograd.grad(losses.sum(), delta)
             if loss_before is None:
                 loss_before = losses.detach()
-            (grad,) = torch.autograd.grad(losses.sum(), delta)
             delta.grad = grad
             opt.step()
             if return_trajectory:
@@ -322,21 +339,28 @@ def closed_form_deltas(
     not quite rank-1). A step needs only ``Δ x``; the ``(batch, out, in)`` deltas are summed once at
     the end. SGD's step ``−lr δ xᵀ`` is rank-1 outright. Equal to ``torch.optim`` on the full delta up
     to float rounding (tests/test_harvest_kernels.py).
+
+    A per-token layer (``layer_input`` ``(batch, tokens, in)``, ``shift`` ``(batch, tokens, out_features)``)
+    takes the same form when one token ``t`` per sample reaches the loss (a last-layer target under a
+    classifier that reads the CLS token): the weight's gradient ``Σ_j δ_j x_jᵀ`` is then ``δ_t x_tᵀ``. The
+    token is the one whose output has a non-zero gradient at the first step; every step applies the
+    true shift ``Δ x_j`` to every token and checks that no other token's gradient is non-zero, so the
+    result is exact or :class:`SeveralTokens` is raised (with the first step's gradient, if it was then).
     """
     loss_fn = loss_fn or per_sample_task_loss(task)
-    x = layer_input.detach()
-    labels = labels.to(x.device)
-    squared, magnitude = x.pow(2), x.abs()
+    tokens = layer_input.detach() if layer_input.dim() == 3 else None
+    x = None if tokens is not None else layer_input.detach()
+    labels = labels.to(layer_input.device)
     beta1, beta2 = ADAM_BETAS
-    shift = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
-    first = torch.zeros_like(shift)
-    second = torch.zeros_like(shift)
+    shift = torch.zeros(*layer_input.shape[:-1], out_features, dtype=layer_input.dtype, device=layer_input.device)
+    first = torch.zeros(layer_input.shape[0], out_features, dtype=layer_input.dtype, device=layer_input.device)
+    second = torch.zeros_like(first)
     # Δ = x_i · Σ_t c_t,o s_t,oi: x factors out of the sum over steps. SGD: s = 1, so Δ = (Σ_t c_t) xᵀ, rank-1;
     # Adam: s_t = 1 / (r_t,o |x_i| + eps), so the sum is kept as a (batch, out, in) tensor.
-    total = torch.zeros_like(shift) if optimizer == "sgd" else torch.zeros(*shift.shape, x.shape[-1], dtype=x.dtype, device=x.device)
-    eps = torch.full((1, 1, 1), ADAM_EPS, dtype=x.dtype, device=x.device)
+    total = torch.zeros_like(first) if optimizer == "sgd" else first.new_zeros(*first.shape, layer_input.shape[-1])
+    eps = torch.full((1, 1, 1), ADAM_EPS, dtype=first.dtype, device=first.device)
     snapshots = []
-    loss_before = None
+    loss_before = token = None
     for step in range(1, steps + 1):
         leaf = shift.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -344,9 +368,14 @@ def closed_form_deltas(
             (grad,) = torch.autograd.grad(losses.sum(), leaf)
         if loss_before is None:
             loss_before = losses.detach()
+        if tokens is not None:
+            token = reaching_token(grad, losses, token, step)
+            grad = grad[torch.arange(grad.shape[0], device=grad.device), token]
+            if x is None:
+                x = tokens[torch.arange(tokens.shape[0], device=tokens.device), token]
+        squared, magnitude = x.pow(2), x.abs()
         if optimizer == "sgd":
             total.add_(grad, alpha=-lr)
-            shift = total * squared.sum(-1, keepdim=True)
         else:
             # torch.optim.Adam's update (single-tensor, no weight decay), on the per-row factors.
             first.lerp_(grad, 1 - beta1)
@@ -356,8 +385,7 @@ def closed_form_deltas(
             # eps + r_o |x_i| as a batched outer product: on CPU 3x faster than a broadcasting addcmul.
             scale = torch.baddbmm(eps.expand_as(total), rate.unsqueeze(-1), magnitude.unsqueeze(1))
             total.addcdiv_(coefficient.unsqueeze(-1).expand_as(scale), scale)
-            # Σ_i total_oi x_i²: a product and a sum beat a batched matrix-vector bmm 3x on CPU.
-            shift = (total * squared.unsqueeze(1)).sum(-1)
+        shift = layer_shift(total, x, squared, tokens)
         if return_trajectory:
             snapshots.append(expand_rows(total, x))
     with torch.no_grad():
@@ -367,6 +395,40 @@ def closed_form_deltas(
     return OverfitResult(
         deltas=deltas, loss_before=loss_before, loss_after=loss_after.detach(), trajectory=trajectory, path=path
     )
+
+
+class SeveralTokens(Exception):
+    """More than one token of a per-token layer's output reaches the loss: the closed form does not apply.
+    ``losses`` and ``gradient`` ``(batch, tokens, out)`` are the first step's when it was found there, else ``None``."""
+
+    def __init__(self, losses: torch.Tensor | None, gradient: torch.Tensor | None) -> None:
+        super().__init__("more than one token of the layer's output reaches the loss")
+        self.losses, self.gradient = losses, gradient
+
+
+def reaching_token(gradient: torch.Tensor, losses: torch.Tensor, token: torch.Tensor | None, step: int) -> torch.Tensor:
+    """The one token ``(batch,)`` per sample whose output has a non-zero gradient (chosen at the first step,
+    token 0 where none has); raises :class:`SeveralTokens` if another token's gradient is non-zero."""
+    reaches = gradient.ne(0).any(-1)
+    if token is None:
+        token = reaches.int().argmax(-1)
+    rows = torch.arange(reaches.shape[0], device=reaches.device)
+    if reaches.sum(-1).sub(reaches[rows, token].int()).any():
+        raise SeveralTokens(losses.detach(), gradient) if step == 1 else SeveralTokens(None, None)
+    return token
+
+
+def layer_shift(total: torch.Tensor, x: torch.Tensor, squared: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The layer output's shift under ``Δ_oi = total_o(i) x_i``: ``Δ x`` ``(batch, out)``, or ``Δ x_j`` for every
+    token ``(batch, tokens, out)``."""
+    if tokens is None:
+        if total.dim() == 2:
+            return total * squared.sum(-1, keepdim=True)
+        # Σ_i total_oi x_i²: a product and a sum beat a batched matrix-vector bmm 3x on CPU.
+        return (total * squared.unsqueeze(1)).sum(-1)
+    if total.dim() == 2:
+        return torch.bmm(tokens, x.unsqueeze(-1)) * total.unsqueeze(1)
+    return torch.bmm(tokens * x.unsqueeze(1), total.transpose(1, 2))
 
 
 def expand_rows(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

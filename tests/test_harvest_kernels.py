@@ -13,6 +13,7 @@ from helpers.harvest_fixtures import build_backbone, build_dataset
 from helpers.models import tiny_mlp as helper_tiny_mlp
 from torch import nn
 from torch.nn import functional as F
+from transformers import BertConfig, BertForSequenceClassification
 
 from ocd_hf import LeNet5Config, LeNet5ForImageClassification, find_target_linear, model_output_tensor
 from ocd_hf.finetune import OPTIMIZERS, closed_form_deltas, optimise_deltas, overfit_deltas, overfit_head_deltas, per_sample_task_loss
@@ -211,16 +212,26 @@ def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeyp
         torch.testing.assert_close(auto.with_format("torch")[column], forced.with_format("torch")[column], rtol=0, atol=0)
 
 
+def two_layer_bert(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
 SPLIT_CASES = {
     **{case: CASES[case] for case in ("lenet-fc2", "bert-pooler", "mlp-regression-hidden-fc2")},
     # Per-token layers: the residual around the MLP reads the attention block's output, served from the cache.
-    "bert-intermediate": (tiny_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "optimizer_split"),
-    "deit-mlp-fc2": (tiny_deit, image_batch, "deit.layers.0.mlp.fc2", "optimizer_split"),
+    # In the last layer only the CLS token reaches the classifier: the deltas are rank-1, in closed form.
+    "bert-last-layer-intermediate": (tiny_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "closed_form_token_split"),
+    "deit-last-layer-mlp-fc2": (tiny_deit, image_batch, "deit.layers.0.mlp.fc2", "closed_form_token_split"),
+    # Below the last layer every token reaches the loss (through attention): the optimizer path.
+    "bert-first-of-two-layers-intermediate": (two_layer_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "optimizer_split"),
 }
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("case", sorted(SPLIT_CASES))
-def test_the_split_at_the_target_runs_the_prefix_once_and_equals_full_passes_and_the_loop(case, monkeypatch):
+def test_the_split_at_the_target_runs_the_prefix_once_and_equals_full_passes_and_the_loop(case, optimizer, monkeypatch):
     build, batch, target, path = SPLIT_CASES[case]
     model, inputs = build(), batch()
     labels = labels_for(model, next(iter(inputs.values())).shape[0])
@@ -228,16 +239,20 @@ def test_the_split_at_the_target_runs_the_prefix_once_and_equals_full_passes_and
     first = next(module for module in model.modules() if not list(module.children()))  # the first leaf module
     runs, original = [], type(first).forward  # its forward's real executions (its hooks also fire on a replayed call)
     monkeypatch.setattr(type(first), "forward", lambda self, *args, **kwargs: runs.append(self is first) or original(self, *args, **kwargs))
-    split = overfit_deltas(model, layer, inputs, labels, task=task_of(model), lr=LR, steps=STEPS, return_trajectory=True)
+    settings = {"task": task_of(model), "optimizer": optimizer, "lr": LR, "steps": STEPS, "return_trajectory": True}
+    split = overfit_deltas(model, layer, inputs, labels, **settings)
     assert split.path == path
     assert sum(runs) == 1  # the base pass only
     runs.clear()
-    full = overfit_deltas(model, layer, inputs, labels, task=task_of(model), lr=LR, steps=STEPS, return_trajectory=True,
-                          split_prefix=False)
+    full = overfit_deltas(model, layer, inputs, labels, split_prefix=False, **settings)
     assert full.path == path.replace("_split", "") and sum(runs) == STEPS + 2
     torch.testing.assert_close(split.trajectory, full.trajectory, rtol=0, atol=0)  # the same operations on the same values
     torch.testing.assert_close(split.loss_after, full.loss_after, rtol=0, atol=0)
-    assert_deltas_close(split.deltas, per_sample_reference(model, target, inputs, labels, "adam"), layer.weight)
+    reference = optimizer_path(model, target, inputs, labels, optimizer)  # torch.optim on the (batch, out, in) deltas
+    for step in range(STEPS):
+        assert_deltas_close(split.trajectory[:, step], reference.trajectory[:, step])
+    torch.testing.assert_close(split.loss_after, reference.loss_after, rtol=1e-5, atol=1e-6)
+    assert_deltas_close(split.deltas, per_sample_reference(model, target, inputs, labels, optimizer), layer.weight)
 
 
 class InPlaceResidual(nn.Module):
