@@ -2,9 +2,10 @@
 
     python bench/harvest.py [--samples 512] [--loop-samples 48] [--batch-size 64] [--threads 1]
 
-Cases: (a) LeNet-5 fc2 (120 -> 84, not the head: every step re-runs the network), (b) a SetFit-like
-head (384 -> 2 on sentence embeddings), (c) a DeiT classification head, (d) a per-token layer
-(intermediate dense of a small Bert). All backbones are small, randomly initialised models built
+Cases: (a) LeNet-5 fc2 (120 -> 84, not the head), (b) a SetFit-like head (384 -> 2 on sentence
+embeddings), (c) a DeiT classification head, (d) a per-token layer (intermediate dense of a small Bert's
+last layer: only the CLS token reaches the classifier), (e) the same layer in the first of the two
+layers (every token reaches the loss). All backbones are small, randomly initialised models built
 from configs; throughput does not depend on the weights.
 
 "loop" is the official OCD procedure: for each sample, Adam on the target weight only (everything
@@ -153,6 +154,13 @@ CASES = [
     Case(
         "(d) Bert per-token intermediate.dense",
         "bert.encoder.layer.1.intermediate.dense",
+        _bert,
+        lambda n, g: {"input_ids": torch.randint(1, 1000, (n, 32), generator=g), "attention_mask": torch.ones(n, 32, dtype=torch.long)},
+        2,
+    ),
+    Case(
+        "(e) Bert per-token intermediate.dense, first layer",
+        "bert.encoder.layer.0.intermediate.dense",
         _bert,
         lambda n, g: {"input_ids": torch.randint(1, 1000, (n, 32), generator=g), "attention_mask": torch.ones(n, 32, dtype=torch.long)},
         2,

@@ -289,7 +289,8 @@ def optimise_deltas(
     the gradient at the zero delta, when already computed."""
     loss_fn = loss_fn or per_sample_task_loss(task)
     delta = torch.zeros(labels.shape[0], *weight.shape, dtype=weight.dtype, device=weight.device, requires_grad=True)
-    opt = OPTIMIZERS[optimizer]([delta], lr=lr)
+    # The fused kernel (one pass over the tensor; on CPU ~5x faster than the default for Adam) where torch has one.
+    opt = OPTIMIZERS[optimizer]([delta], lr=lr, fused=delta.device.type in ("cpu", "cuda") or None)
     labels = labels.to(weight.device)
     trajectory = []
     loss_before = None
@@ -302,7 +303,9 @@ def optimise_deltas(
                 (grad,) = torch.autograd.grad(losses.sum(), delta)
             if loss_before is None:
                 loss_before = losses.detach()
-            delta.grad = grad
+            # contiguous: torch 2.13's fused CPU Adam reads a non-contiguous grad (a bmm backward's transpose) as if
+            # it were laid out contiguously, and steps the wrong entries.
+            delta.grad = grad.contiguous()
             opt.step()
             if return_trajectory:
                 trajectory.append(delta.detach().clone())
