@@ -151,8 +151,9 @@ def overfit_deltas(
                         forward_shifted, layer_input, layer.out_features, labels, task, optimizer, lr, steps, loss_fn,
                         return_trajectory, path=("closed_form" if layer_input.dim() == 2 else "closed_form_token") + suffix,
                     )
-                except SeveralTokens as several:  # its first step is the optimizer path's first step
-                    first_step = (several.losses, torch.bmm(several.gradient.transpose(1, 2), layer_input))
+                except SeveralTokens as several:  # found at the first step: that step is the optimizer path's first
+                    if several.gradient is not None:
+                        first_step = (several.losses, torch.bmm(several.gradient.transpose(1, 2), layer_input))
             if result is None:
                 result = optimise_deltas(
                     forward, layer.weight, labels, task, optimizer, lr, steps, loss_fn, return_trajectory, first_step=first_step

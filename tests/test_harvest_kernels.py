@@ -295,3 +295,32 @@ def test_a_prefix_that_cannot_be_replayed_falls_back_to_full_passes(model_class,
     assert "not the split at the target layer" in caplog.text
     if model_class is InPlaceResidual:  # (Branching's loop runs under grad, the harvest's base pass without: no reference)
         assert_deltas_close(result.deltas, per_sample_reference(model, target, inputs, labels, "adam"), getattr(model, target).weight)
+
+
+class LateToken(nn.Module):
+    """Token 1 of ``fc``'s output reaches the loss only once it has moved from its value under the original weights
+    (``frozen``, a copy): its gradient is zero at the first step and not after it, so the one-token closed form must
+    notice and give way to the optimizer path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.frozen = copy.deepcopy(self.fc)
+        self.config = type("Config", (), {"num_labels": 3})()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        embedded = torch.tanh(self.embed(features))
+        hidden = self.fc(embedded)
+        gate = torch.relu((hidden[:, 1] - self.frozen(embedded[:, 1])).abs().sum(-1) - 1e-7)
+        return self.head(hidden[:, 0]) + 100 * gate[:, None] * torch.tensor([1.0, 0.0, 0.0])
+
+
+def test_a_second_token_that_reaches_the_loss_after_the_first_step_gives_way_to_the_optimizer_path():
+    model = LateToken().eval()
+    inputs = {"features": torch.randn(4, 2, 4, generator=torch.Generator().manual_seed(0))}
+    labels = torch.tensor([0, 1, 2, 0])
+    result = overfit_deltas(model, model.fc, inputs, labels, return_trajectory=True)
+    assert result.path == "optimizer_split"
+    assert result.trajectory[:, 1:].abs().amax() > 0 and (result.trajectory[:, -1] != result.trajectory[:, 0]).any()
+    assert_deltas_close(result.deltas, per_sample_reference(model, "fc", inputs, labels, "adam"), model.fc.weight)
