@@ -13,7 +13,7 @@ from helpers.harvest_fixtures import build_backbone, build_dataset
 from helpers.models import tiny_mlp as helper_tiny_mlp
 from torch import nn
 from torch.nn import functional as F
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from ocd_hf import LeNet5Config, LeNet5ForImageClassification, find_target_linear, model_output_tensor
 from ocd_hf.finetune import OPTIMIZERS, closed_form_deltas, optimise_deltas, overfit_deltas, overfit_head_deltas, per_sample_task_loss
@@ -218,6 +218,18 @@ def two_layer_bert(seed: int = 0) -> nn.Module:
     return BertForSequenceClassification(config).eval()
 
 
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """A decoder (its forward builds a key/value cache and rotary embeddings) that classifies from the last token."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, num_labels=3, pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def token_batch(batch: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(1, 50, (batch, 6), generator=torch.Generator().manual_seed(seed))}
+
+
 SPLIT_CASES = {
     **{case: CASES[case] for case in ("lenet-fc2", "bert-pooler", "mlp-regression-hidden-fc2")},
     # Per-token layers: the residual around the MLP reads the attention block's output, served from the cache.
@@ -226,6 +238,8 @@ SPLIT_CASES = {
     "deit-last-layer-mlp-fc2": (tiny_deit, image_batch, "deit.layers.0.mlp.fc2", "closed_form_token_split"),
     # Below the last layer every token reaches the loss (through attention): the optimizer path.
     "bert-first-of-two-layers-intermediate": (two_layer_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "optimizer_split"),
+    "llama-first-of-two-layers-down-proj": (tiny_llama, token_batch, "model.layers.0.mlp.down_proj", "optimizer_split"),
+    "llama-last-layer-down-proj": (tiny_llama, token_batch, "model.layers.1.mlp.down_proj", "closed_form_token_split"),
 }
 
 
