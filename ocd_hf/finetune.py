@@ -377,7 +377,8 @@ def closed_form_deltas(
             grad = grad[torch.arange(grad.shape[0], device=grad.device), token]
             if x is None:
                 x = tokens[torch.arange(tokens.shape[0], device=tokens.device), token]
-        squared, magnitude = x.pow(2), x.abs()
+        if step == 1:
+            squared, magnitude = x.pow(2), x.abs()
         if optimizer == "sgd":
             total.add_(grad, alpha=-lr)
         else:

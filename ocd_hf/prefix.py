@@ -164,7 +164,9 @@ def record_prefix(backbone: nn.Module, target: nn.Module) -> Iterator[PrefixCach
     handles = []
     for module in backbone.modules():
         handles.append(module.register_forward_pre_hook(before))
-        handles.append(module.register_forward_hook(after))
+        # First among the forward hooks: the kept output is the forward's own, since a replayed call still runs the
+        # module's hooks on what the replacement forward returns (a hook's change would otherwise apply twice).
+        handles.append(module.register_forward_hook(after, prepend=True))
     try:
         yield cache
     finally:

@@ -269,6 +269,20 @@ def test_the_split_at_the_target_runs_the_prefix_once_and_equals_full_passes_and
     assert_deltas_close(split.deltas, per_sample_reference(model, target, inputs, labels, optimizer), layer.weight)
 
 
+def test_the_split_keeps_hooks_on_the_modules_before_the_target_applied_once():
+    model, inputs = lenet(), lenet_batch()
+    labels = labels_for(model, 6)
+    handle = model.fc1.register_forward_hook(lambda module, args, output: output * 2 + 1)  # runs again on a replayed call
+    try:
+        split = overfit_deltas(model, model.fc2, inputs, labels)
+        full = overfit_deltas(model, model.fc2, inputs, labels, split_prefix=False)
+    finally:
+        handle.remove()
+    assert split.path == "closed_form_split"
+    torch.testing.assert_close(split.deltas, full.deltas, rtol=0, atol=0)
+    torch.testing.assert_close(split.loss_after, full.loss_after, rtol=0, atol=0)
+
+
 class InPlaceResidual(nn.Module):
     """``fc1``'s output is the residual that ``fc2``'s output is added to *in place*: a replay would read it changed."""
 
