@@ -2,9 +2,10 @@
 
     python bench/harvest.py [--samples 512] [--loop-samples 48] [--batch-size 64] [--threads 1]
 
-Cases: (a) LeNet-5 fc2 (120 -> 84, not the head: every step re-runs the network), (b) a SetFit-like
-head (384 -> 2 on sentence embeddings), (c) a DeiT classification head, (d) a per-token layer
-(intermediate dense of a small Bert). All backbones are small, randomly initialised models built
+Cases: (a) LeNet-5 fc2 (120 -> 84, not the head), (b) a SetFit-like head (384 -> 2 on sentence
+embeddings), (c) a DeiT classification head, (d) a per-token layer (intermediate dense of a small Bert's
+last layer: only the CLS token reaches the classifier), (e) the same layer in the first of the two
+layers (every token reaches the loss). All backbones are small, randomly initialised models built
 from configs; throughput does not depend on the weights.
 
 "loop" is the official OCD procedure: for each sample, Adam on the target weight only (everything
@@ -25,7 +26,10 @@ largest delta difference, and the fraction of the FLOP limit that ocd-hf reaches
 per sample (one forward of the whole network, then per step a forward and backward of the target's
 shift and what follows it, and Adam's element-wise work, ~10 FLOPs per weight entry), counted with
 ``torch.utils.flop_counter.FlopCounterMode``, at the rate of a 1024³ float32 matmul timed in the same
-run. The result goes under ``"official"`` in ``bench/results/harvest.json``, with the load average.
+run. Where ocd-hf splits the network at the target (the ``*_split`` paths: the network before the target runs
+once per batch), the same harvest is also timed with ``split_prefix=False`` (the whole network at every step, the
+path before the split) and its deltas checked equal. The result goes under ``"official"`` in
+``bench/results/harvest.json``, with the load average.
 """
 
 from __future__ import annotations
@@ -150,6 +154,13 @@ CASES = [
     Case(
         "(d) Bert per-token intermediate.dense",
         "bert.encoder.layer.1.intermediate.dense",
+        _bert,
+        lambda n, g: {"input_ids": torch.randint(1, 1000, (n, 32), generator=g), "attention_mask": torch.ones(n, 32, dtype=torch.long)},
+        2,
+    ),
+    Case(
+        "(e) Bert per-token intermediate.dense, first layer",
+        "bert.encoder.layer.0.intermediate.dense",
         _bert,
         lambda n, g: {"input_ids": torch.randint(1, 1000, (n, 32), generator=g), "attention_mask": torch.ones(n, 32, dtype=torch.long)},
         2,
@@ -291,15 +302,20 @@ def official_loop(backbone: nn.Module, target: str, inputs: dict[str, torch.Tens
 
 
 def ocd_hf_harvest(
-    backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int, lr: float, steps: int
+    backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int, lr: float, steps: int,
+    split_prefix: bool = True,
 ) -> torch.Tensor:
-    """``harvest_batch`` (full storage) over every sample: the deltas ``(n, out, in)``."""
+    """``harvest_batch`` (full storage) over every sample: the deltas ``(n, out, in)``; ``split_prefix=False`` re-runs
+    the network before the target at every step (the path before the split)."""
     _, layer = find_target_linear(backbone, target)
     deltas = []
     for start in range(0, labels.shape[0], batch_size):
         end = min(start + batch_size, labels.shape[0])
         batch = {name: value[start:end] for name, value in inputs.items()}
-        columns, _ = harvest_batch(backbone, layer, batch, labels[start:end], torch.arange(start, end), task="classification", lr=lr, steps=steps)
+        columns, _ = harvest_batch(
+            backbone, layer, batch, labels[start:end], torch.arange(start, end), task="classification", lr=lr, steps=steps,
+            split_prefix=split_prefix,
+        )
         deltas.append(columns["delta"])
     return torch.cat(deltas)
 
@@ -337,17 +353,22 @@ def unavoidable_flops(backbone: nn.Module, target: str, inputs: dict[str, torch.
 def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) -> dict[str, Any]:
     backbone, inputs, labels, layer, loop_inputs = prepare_case(case, args)
     loop_labels = labels[: args.loop_samples]
-    per_token = describe_backbone(backbone, case.target, {k: v[:2] for k, v in inputs.items()})["per_token"]
-    batch_size = args.batch_size if per_token else args.closed_form_batch_size
+    path = overfit_deltas(backbone, layer, {k: v[: args.batch_size] for k, v in inputs.items()}, labels[: args.batch_size], steps=1).path
+    batch_size = args.closed_form_batch_size if path.startswith("closed_form") else args.batch_size
     official_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
     ocd_hf_harvest(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, labels[:batch_size], batch_size, args.lr, args.steps)
-    official_rates, ocd_rates = [], []
+    official_rates, ocd_rates, unsplit_rates = [], [], []
     for _ in range(args.repeats):  # interleaved: a drifting machine speed hits both alike
         official_deltas, seconds = timed(lambda: official_loop(backbone, case.target, loop_inputs, loop_labels, args.lr, args.steps))
         official_rates.append(args.loop_samples / seconds)
         ocd_deltas, seconds = timed(lambda: ocd_hf_harvest(backbone, case.target, inputs, labels, batch_size, args.lr, args.steps))
         ocd_rates.append(args.samples / seconds)
-    path = overfit_deltas(backbone, layer, {k: v[:2] for k, v in inputs.items()}, labels[:2], steps=1).path
+        if path.endswith("_split"):  # the same harvest with the whole network re-run at every step
+            unsplit_deltas, seconds = timed(
+                lambda: ocd_hf_harvest(backbone, case.target, inputs, labels, batch_size, args.lr, args.steps, split_prefix=False)
+            )
+            unsplit_rates.append(args.samples / seconds)
+            torch.testing.assert_close(unsplit_deltas, ocd_deltas, rtol=0, atol=0)
     difference = (ocd_deltas[: args.loop_samples] - official_deltas).abs().amax().item()
     limit = matmul_rate / unavoidable_flops(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, args.steps)
     ocd_rate = statistics.median(ocd_rates)
@@ -361,6 +382,8 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
         "ocd_hf_samples_per_s": ocd_rate,
         "ratio": statistics.median(o / f for o, f in zip(ocd_rates, official_rates)),
         "ratios": [o / f for o, f in zip(ocd_rates, official_rates)],
+        "unsplit_samples_per_s": statistics.median(unsplit_rates) if unsplit_rates else None,
+        "unsplit_ratio": statistics.median(u / f for u, f in zip(unsplit_rates, official_rates)) if unsplit_rates else None,
         "max_abs_delta_difference": difference,
         "max_delta_difference_relative": difference / official_deltas.abs().amax().item(),
         "weight_ulp": torch.finfo(torch.float32).eps * layer.weight.detach().abs().amax().item(),
@@ -371,14 +394,15 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
 
 def side_by_side_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| case | layer (out x in) | ocd-hf path (batch) | official samples/s | ocd-hf samples/s | ratio | FLOP-limit samples/s "
-        "| fraction of limit | max delta diff (abs / rel) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | layer (out x in) | ocd-hf path (batch) | official samples/s | ocd-hf samples/s | ratio "
+        "| without the split: samples/s (ratio) | FLOP-limit samples/s | fraction of limit | max delta diff (abs / rel) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['case']} | `{r['target']}` {r['shape'][0]}x{r['shape'][1]} | {r['path']} ({r['batch_size']}) | "
             f"{r['official_samples_per_s']:.0f} | {r['ocd_hf_samples_per_s']:.0f} | {r['ratio']:.1f}x | "
+            f"{_cell(r['unsplit_samples_per_s'], '{:.0f}')}{_cell(r['unsplit_ratio'], ' ({:.1f}x)') if r['unsplit_ratio'] else ''} | "
             f"{r['flop_limit_samples_per_s']:.0f} | {r['fraction_of_flop_limit']:.1%} | "
             f"{r['max_abs_delta_difference']:.1e} / {r['max_delta_difference_relative']:.1e} |"
         )
@@ -444,7 +468,8 @@ def main() -> None:
                         help="official: side by side with the official per-sample procedure (see above)")
     parser.add_argument("--repeats", type=int, default=3, help="official mode: interleaved repeats")
     parser.add_argument("--closed-form-batch-size", type=int, default=256,
-                        help="official mode: batch size of layers that see one vector per sample (the closed form)")
+                        help="official mode: batch size of the closed-form paths (layers that see one vector per sample, "
+                        "or of which one token reaches the loss)")
     args = parser.parse_args()
     if args.loop_samples > args.samples:
         parser.error("--loop-samples must not exceed --samples")

@@ -10,8 +10,10 @@ import torch
 from conftest import image_batch, tabular_batch, text_batch, tiny_bert, tiny_deit, tiny_mlp
 from helpers.harvest_fixtures import CASES as HARVEST_CASES
 from helpers.harvest_fixtures import build_backbone, build_dataset
+from helpers.models import tiny_mlp as helper_tiny_mlp
 from torch import nn
 from torch.nn import functional as F
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from ocd_hf import LeNet5Config, LeNet5ForImageClassification, find_target_linear, model_output_tensor
 from ocd_hf.finetune import OPTIMIZERS, closed_form_deltas, optimise_deltas, overfit_deltas, overfit_head_deltas, per_sample_task_loss
@@ -82,12 +84,17 @@ def assert_deltas_close(actual: torch.Tensor, expected: torch.Tensor, weight: to
     torch.testing.assert_close(actual, expected, rtol=0, atol=float(atol))
 
 
+def deep_mlp(seed: int = 0) -> nn.Module:
+    return helper_tiny_mlp(seed, in_features=6, hidden_size=12, num_hidden_layers=3).eval()
+
+
 CASES = {
-    "lenet-fc2": (lenet, lenet_batch, "fc2", "closed_form"),
+    "lenet-fc2": (lenet, lenet_batch, "fc2", "closed_form_split"),
     "lenet-fc3-head": (lenet, lenet_batch, "fc3", "closed_form_head"),
     "bert-classifier-head": (tiny_bert, text_batch, "classifier", "closed_form_head"),
-    "bert-pooler": (tiny_bert, text_batch, "pooler.dense", "closed_form"),
-    "mlp-regression-fc1": (tiny_mlp, tabular_batch, "fc1", "closed_form"),
+    "bert-pooler": (tiny_bert, text_batch, "pooler.dense", "closed_form_split"),
+    "mlp-regression-fc1": (tiny_mlp, tabular_batch, "fc1", "closed_form"),  # the first module: nothing before it to split off
+    "mlp-regression-hidden-fc2": (deep_mlp, tabular_batch, "fc2", "closed_form_split"),
     "mlp-regression-head": (tiny_mlp, tabular_batch, "head", "closed_form_head"),
 }
 
@@ -130,20 +137,6 @@ def test_closed_form_keeps_adams_eps_where_an_input_is_tiny():
     reference = overfit_head_deltas(x, base_output, labels, optimizer="adam", lr=LR, steps=STEPS)
     assert_deltas_close(closed.deltas, reference.deltas)
     assert closed.deltas[:, :, 0].abs().max() < 0.2 * LR * STEPS
-
-
-@pytest.mark.parametrize(
-    "build, batch, target, path",
-    [
-        (tiny_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "optimizer"),  # per-token layer
-        (tiny_deit, image_batch, "deit.layers.0.mlp.fc2", "optimizer"),
-    ],
-)
-def test_layers_that_see_many_vectors_per_sample_keep_the_optimizer_path(build, batch, target, path):
-    model, inputs = build(), batch()
-    labels = labels_for(model, 4)
-    _, layer = find_target_linear(model, target)
-    assert overfit_deltas(model, layer, inputs, labels, steps=1).path == path
 
 
 class Twice(nn.Module):
@@ -217,3 +210,145 @@ def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeyp
                                            progress=False)
     for column in ("id", "delta_factor", "factor_residual", "layer_input", "loss_after"):
         torch.testing.assert_close(auto.with_format("torch")[column], forced.with_format("torch")[column], rtol=0, atol=0)
+
+
+def two_layer_bert(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """A decoder (its forward builds a key/value cache and rotary embeddings) that classifies from the last token."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, num_labels=3, pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def token_batch(batch: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(1, 50, (batch, 6), generator=torch.Generator().manual_seed(seed))}
+
+
+SPLIT_CASES = {
+    **{case: CASES[case] for case in ("lenet-fc2", "bert-pooler", "mlp-regression-hidden-fc2")},
+    # Per-token layers: the residual around the MLP reads the attention block's output, served from the cache.
+    # In the last layer only the CLS token reaches the classifier: the deltas are rank-1, in closed form.
+    "bert-last-layer-intermediate": (tiny_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "closed_form_token_split"),
+    "deit-last-layer-mlp-fc2": (tiny_deit, image_batch, "deit.layers.0.mlp.fc2", "closed_form_token_split"),
+    # Below the last layer every token reaches the loss (through attention): the optimizer path.
+    "bert-first-of-two-layers-intermediate": (two_layer_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "optimizer_split"),
+    "llama-first-of-two-layers-down-proj": (tiny_llama, token_batch, "model.layers.0.mlp.down_proj", "optimizer_split"),
+    "llama-last-layer-down-proj": (tiny_llama, token_batch, "model.layers.1.mlp.down_proj", "closed_form_token_split"),
+}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("case", sorted(SPLIT_CASES))
+def test_the_split_at_the_target_runs_the_prefix_once_and_equals_full_passes_and_the_loop(case, optimizer, monkeypatch):
+    build, batch, target, path = SPLIT_CASES[case]
+    model, inputs = build(), batch()
+    labels = labels_for(model, next(iter(inputs.values())).shape[0])
+    _, layer = find_target_linear(model, target)
+    first = next(module for module in model.modules() if not list(module.children()))  # the first leaf module
+    runs, original = [], type(first).forward  # its forward's real executions (its hooks also fire on a replayed call)
+    monkeypatch.setattr(type(first), "forward", lambda self, *args, **kwargs: runs.append(self is first) or original(self, *args, **kwargs))
+    settings = {"task": task_of(model), "optimizer": optimizer, "lr": LR, "steps": STEPS, "return_trajectory": True}
+    split = overfit_deltas(model, layer, inputs, labels, **settings)
+    assert split.path == path
+    assert sum(runs) == 1  # the base pass only
+    runs.clear()
+    full = overfit_deltas(model, layer, inputs, labels, split_prefix=False, **settings)
+    assert full.path == path.replace("_split", "") and sum(runs) == STEPS + 2
+    torch.testing.assert_close(split.trajectory, full.trajectory, rtol=0, atol=0)  # the same operations on the same values
+    torch.testing.assert_close(split.loss_after, full.loss_after, rtol=0, atol=0)
+    reference = optimizer_path(model, target, inputs, labels, optimizer)  # torch.optim on the (batch, out, in) deltas
+    for step in range(STEPS):
+        assert_deltas_close(split.trajectory[:, step], reference.trajectory[:, step])
+    torch.testing.assert_close(split.loss_after, reference.loss_after, rtol=1e-5, atol=1e-6)
+    assert_deltas_close(split.deltas, per_sample_reference(model, target, inputs, labels, optimizer), layer.weight)
+
+
+def test_the_split_keeps_hooks_on_the_modules_before_the_target_applied_once():
+    model, inputs = lenet(), lenet_batch()
+    labels = labels_for(model, 6)
+    handle = model.fc1.register_forward_hook(lambda module, args, output: output * 2 + 1)  # runs again on a replayed call
+    try:
+        split = overfit_deltas(model, model.fc2, inputs, labels)
+        full = overfit_deltas(model, model.fc2, inputs, labels, split_prefix=False)
+    finally:
+        handle.remove()
+    assert split.path == "closed_form_split"
+    torch.testing.assert_close(split.deltas, full.deltas, rtol=0, atol=0)
+    torch.testing.assert_close(split.loss_after, full.loss_after, rtol=0, atol=0)
+
+
+class InPlaceResidual(nn.Module):
+    """``fc1``'s output is the residual that ``fc2``'s output is added to *in place*: a replay would read it changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.config = type("Config", (), {"num_labels": 3})()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc1(features)
+        hidden += torch.tanh(self.fc2(torch.tanh(hidden)))
+        return self.head(hidden)
+
+
+class Branching(nn.Module):
+    """Control flow before the target that depends on the pass (here, on grad mode): a replay cannot follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second, self.fc, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.config = type("Config", (), {"num_labels": 3})()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(features) if torch.is_grad_enabled() else self.second(features)
+        return self.head(torch.tanh(self.fc(torch.tanh(hidden))))
+
+
+@pytest.mark.parametrize("model_class, target", [(InPlaceResidual, "fc2"), (Branching, "fc")])
+def test_a_prefix_that_cannot_be_replayed_falls_back_to_full_passes(model_class, target, caplog):
+    model = model_class().eval()
+    inputs = {"features": torch.randn(4, 5, generator=torch.Generator().manual_seed(0))}
+    labels = torch.tensor([0, 1, 2, 0])
+    with caplog.at_level("INFO", logger="ocd_hf"):
+        result = overfit_deltas(model, getattr(model, target), inputs, labels)
+    assert result.path == "closed_form"
+    assert "not the split at the target layer" in caplog.text
+    if model_class is InPlaceResidual:  # (Branching's loop runs under grad, the harvest's base pass without: no reference)
+        assert_deltas_close(result.deltas, per_sample_reference(model, target, inputs, labels, "adam"), getattr(model, target).weight)
+
+
+class LateToken(nn.Module):
+    """Token 1 of ``fc``'s output reaches the loss only once it has moved from its value under the original weights
+    (``frozen``, a copy): its gradient is zero at the first step and not after it, so the one-token closed form must
+    notice and give way to the optimizer path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.frozen = copy.deepcopy(self.fc)
+        self.config = type("Config", (), {"num_labels": 3})()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        embedded = torch.tanh(self.embed(features))
+        hidden = self.fc(embedded)
+        gate = torch.relu((hidden[:, 1] - self.frozen(embedded[:, 1])).abs().sum(-1) - 1e-7)
+        return self.head(hidden[:, 0]) + 100 * gate[:, None] * torch.tensor([1.0, 0.0, 0.0])
+
+
+def test_a_second_token_that_reaches_the_loss_after_the_first_step_gives_way_to_the_optimizer_path():
+    model = LateToken().eval()
+    inputs = {"features": torch.randn(4, 2, 4, generator=torch.Generator().manual_seed(0))}
+    labels = torch.tensor([0, 1, 2, 0])
+    result = overfit_deltas(model, model.fc, inputs, labels, return_trajectory=True)
+    assert result.path == "optimizer_split"
+    assert result.trajectory[:, 1:].abs().amax() > 0 and (result.trajectory[:, -1] != result.trajectory[:, 0]).any()
+    assert_deltas_close(result.deltas, per_sample_reference(model, "fc", inputs, labels, "adam"), model.fc.weight)
