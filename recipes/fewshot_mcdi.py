@@ -150,7 +150,7 @@ ABLATIONS = {
 }
 
 
-# D2NWG's ablations (the paper's Sec. 5 / App. C), each trained on its own: settings are recipe arguments, the
+# D2NWG's ablations (the paper's App. C and E), each trained on its own: settings are recipe arguments, the
 # training's (``joint_encoder``) or ``config_overrides``. The paper's "no VAE" (diffusion on the standardised weight
 # vector) is not offered: train_d2nwg always trains and diffuses through the VAE.
 D2NWG_ABLATIONS = {
@@ -204,7 +204,7 @@ def mcdi_fitters(generator: Any, seed: int) -> tuple[dict[str, Any], dict[str, s
 
 def d2nwg_draws(generator: Any, seed: int, num_draws: int) -> Any:
     """``draw(support, labels) -> (E, num_draws, N, d+1)``: draw ``s`` of every task starts from noise seeded with
-    ``seed + s``, so that the draws are nested (the first of 50 is the one of a single draw, the first 10 those of 10)."""
+    ``seed + s``, so that the draws are nested up to float rounding (the first of 50 is the single draw, the first 10 those of 10)."""
     import torch
 
     config = generator.config
