@@ -59,7 +59,7 @@ def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
 
 
 def test_d2nwg_method_writes_its_rows_and_the_paper_protocol_as_a_bound_that_reads_the_query_labels(tmp_path):
-    summary = fewshot_mcdi.main([*tiny_items(tmp_path), "--method", "d2nwg", "--vae-steps", "3", "--alignment-steps", "2",
+    summary = fewshot_mcdi.main([*tiny_items(tmp_path), "--method", "d2nwg", "--vae-steps", "3", "--alignment-steps", "2", "--episodes", "8",
                                  "--ablations", "no_alignment", "checkpoints_per_task_1"])
     root = tmp_path / "out" / "3way-1shot"
     generated = {"d2nwg", "d2nwg_mean10", "d2nwg_support_loss10", "d2nwg_then_adam1", "d2nwg_then_adam5", "d2nwg_then_adam25"}
