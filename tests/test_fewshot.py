@@ -21,6 +21,7 @@ from ocd_hf.fewshot import (
     logistic_regression_heads,
     mean_ci95,
     prototype_heads,
+    query_label_bound_heads,
 )
 from ocd_hf.results import ResultsTable
 
@@ -81,6 +82,34 @@ def test_every_row_is_scored_on_the_same_episodes_with_paired_differences(tmp_pa
     assert f"{mean:.4f} ± {half:.4f}" in markdown and "95% CI over episodes" in markdown and "query_label_bound †" in markdown
     assert ResultsTable.from_json(tmp_path / "results.json").interval == "ci95"
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_draws_are_scored_by_their_mean_accuracy_and_oracles_are_bounds_that_see_the_query_labels(tmp_path):
+    episodes = cluster_episodes(30)
+    prototype = lambda support, labels, n_way: prototype_heads(support, labels, n_way)  # noqa: E731
+    noisy = lambda support, labels, n_way: torch.stack(  # noqa: E731
+        [prototype(support, labels, n_way), torch.randn(support.shape[0], n_way, support.shape[-1] + 1, generator=torch.Generator().manual_seed(2))], 1)
+    seen = []
+
+    def query_oracle(batch):  # logistic regression on support + query with their labels: query_label_bound's heads
+        seen.append(len(batch))
+        return query_label_bound_heads(batch)
+
+    table = evaluate_episodes(episodes, {"two_draws": noisy}, oracle_fitters={"oracle": query_oracle},
+                              descriptions={"oracle": "logistic regression with the query labels"}, output_dir=tmp_path)
+    assert [row.name for row in table.rows] == ["logistic_regression", "nearest_centroid", "two_draws", "oracle", "query_label_bound"]
+    draws = noisy(episodes.support, episodes.support_labels, 5)
+    expected = (episode_accuracy(draws[:, 0], episodes) + episode_accuracy(draws[:, 1], episodes)) / 2
+    np.testing.assert_allclose(table["two_draws"].values["accuracy"], expected.numpy(), atol=1e-6)
+    assert table["two_draws"].kind == "method"
+    oracle = table["oracle"]
+    assert oracle.kind == "bound" and "uses test labels" in oracle.description and seen == [2, 30], "warm-up on two episodes, then all"
+    np.testing.assert_allclose(oracle.values["accuracy"], table["query_label_bound"].values["accuracy"], atol=1e-6)
+    reference = np.array(table["logistic_regression"].values["accuracy"])
+    np.testing.assert_allclose(oracle.values["diff_vs_logistic_regression"], np.array(oracle.values["accuracy"]) - reference, atol=1e-6)
+    assert "| oracle † |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="has the name of another row"):
+        evaluate_episodes(episodes, {"x": prototype}, oracle_fitters={"x": query_oracle})
 
 
 def test_adam_fitter_fine_tunes_each_episode_from_its_start_like_one_adam_per_task():

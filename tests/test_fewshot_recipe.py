@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,9 +16,11 @@ import fewshot_mcdi  # recipes/ is on pytest's pythonpath  # noqa: E402
 from test_backbones import WORDS, tiny_sentence_transformer, write_tiny_bert  # noqa: E402
 
 from ocd_hf import load_head_metadata  # noqa: E402
+from ocd_hf.results import ResultsTable  # noqa: E402
 
 
-def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
+def tiny_items(tmp_path):
+    """A tiny random sentence-transformers model and a local CSV dataset of 10 classes: the recipe's arguments for them."""
     model = tiny_sentence_transformer(write_tiny_bert(tmp_path / "bert"), normalize=False)
     model.save(str(tmp_path / "encoder"))
     generator = torch.Generator().manual_seed(0)
@@ -27,12 +30,16 @@ def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
     ]
     (tmp_path / "items").mkdir()
     (tmp_path / "items" / "train.csv").write_text("\n".join(rows) + "\n")
-    summary = fewshot_mcdi.main([
+    return [
         "--source", str(tmp_path / "items"), "--model", str(tmp_path / "encoder"), "--items-per-class", "0",
         "--split-fractions", "0.4", "0.3", "0.3", "--n-way", "3", "--shots", "1", "--queries", "4", "--episodes", "20",
         "--num-tasks", "16", "--pool-size", "5", "--head-steps", "5", "--train-steps", "3", "--batch-size", "4", "--output-dir", str(tmp_path / "out"),
-        "--no-progress", "--ablations", "mvdi", "fit_on_support",
-    ])
+        "--no-progress",
+    ]
+
+
+def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
+    summary = fewshot_mcdi.main([*tiny_items(tmp_path), "--ablations", "mvdi", "fit_on_support"])
     for split in ("val", "test"):
         rows = summary["1shot"][split]
         generated = {"mcdi", "mcdi_mean5", "mcdi_state_s14", "mcdi_state_s7", "mcdi_then_adam1", "mcdi_then_adam5", "mcdi_then_adam25"}
@@ -49,3 +56,41 @@ def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(saved["split"]["classes"]) == {"train", "val", "test"}
     assert not set(saved["split"]["classes"]["train"]) & set(saved["split"]["classes"]["test"]), "disjoint classes"
+
+
+def test_d2nwg_method_writes_its_rows_and_the_paper_protocol_as_a_bound_that_reads_the_query_labels(tmp_path):
+    summary = fewshot_mcdi.main([*tiny_items(tmp_path), "--method", "d2nwg", "--vae-steps", "3", "--alignment-steps", "2", "--episodes", "8",
+                                 "--ablations", "no_alignment", "checkpoints_per_task_1"])
+    root = tmp_path / "out" / "3way-1shot"
+    generated = {"d2nwg", "d2nwg_mean10", "d2nwg_support_loss10", "d2nwg_then_adam1", "d2nwg_then_adam5", "d2nwg_then_adam25"}
+    adam = {"random_then_adam0", "random_then_adam1", "random_then_adam5", "random_then_adam25"}
+    baselines = {"logistic_regression", "nearest_centroid", "query_label_bound"}
+    for split in ("val", "test"):
+        assert set(summary["1shot"][split]) == generated | adam | baselines | {"no_alignment", "checkpoints_per_task_1", "d2nwg_query_top3of50"}
+        table = ResultsTable.from_json(root / f"results-{split}" / "results.json")
+        oracle = table["d2nwg_query_top3of50"]
+        assert oracle.kind == "bound" and "uses test labels" in oracle.description
+        assert "| d2nwg_query_top3of50 † |" in (root / f"results-{split}" / "results.md").read_text()
+        assert {table[name].kind for name in generated} == {"method"} and table["no_alignment"].kind == "ablation"
+        # The draws are nested (draw s has its own seeded noise): the best 3 of 50 by query accuracy score, on every episode,
+        # at least the mean of the first 10 draws, and on average at least the first draw, which is the single-draw row.
+        top, mean10 = np.array(oracle.values["accuracy"]), np.array(table["d2nwg_mean10"].values["accuracy"])
+        assert (top >= mean10 - 1e-6).all() and top.mean() >= np.mean(table["d2nwg"].values["accuracy"])
+        assert top.mean() > mean10.mean(), "the query labels select better draws than the average one"
+    history = json.loads((root / "generator" / "training_history.json").read_text())
+    assert history["settings"]["num_checkpoints"] == 5 and set(history["stages"]) == {"vae", "alignment", "diffusion"}
+    assert load_head_metadata(root / "heads")["harvest_config"]["num_targets"] == 5
+    assert json.loads((root / "generator-checkpoints_per_task_1" / "training_history.json").read_text())["settings"]["num_checkpoints"] == 1
+    ablation = json.loads((root / "generator-no_alignment" / "training_history.json").read_text())
+    assert set(ablation["stages"]) == {"vae", "diffusion"} and ablation["settings"]["joint_encoder"] is True
+    assert "| d2nwg_then_adam5 |" in (root / "generator" / "README.md").read_text()
+
+
+def test_ablations_belong_to_their_method():
+    with pytest.raises(SystemExit):
+        fewshot_mcdi.parse_args(["--method", "d2nwg", "--ablations", "mvdi", "--model", "m"])
+    with pytest.raises(SystemExit):
+        fewshot_mcdi.parse_args(["--ablations", "set_transformer", "--model", "m"])
+    with pytest.raises(SystemExit):
+        fewshot_mcdi.parse_args(["--method", "d2nwg", "--checkpoints-per-task", "1", "--ablations", "checkpoints_per_task_1", "--model", "m"])
+    assert fewshot_mcdi.parse_args(["--method", "d2nwg", "--ablations", "set_transformer", "--model", "m"]).ablations == ["set_transformer"]

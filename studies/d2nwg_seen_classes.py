@@ -1,0 +1,68 @@
+"""Where a trained D2NWG generator of ``recipes/fewshot_mcdi.py --method d2nwg`` fails: one generated head on
+episodes of the meta-*train* classes vs unseen (meta-test) classes, next to logistic regression on the same
+episodes, and the accuracy of the zoo's heads before and after the VAE round trip on every item of their own
+task's classes (reconstructions judged by accuracy, not only by error).
+
+    python studies/d2nwg_seen_classes.py /work/runs/d2nwg-wordnet-1shot-s0 --seed 0 --shots 1
+
+Pass the run's ``--seed`` and source arguments: the class split and the embedding cache are the run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+import fewshot_mcdi  # noqa: E402
+
+from ocd_hf.episodes import EpisodeSampler  # noqa: E402
+from ocd_hf.fewshot import episode_accuracy, head_logits, logistic_regression_heads  # noqa: E402
+from ocd_hf.methods.d2nwg import D2NWGHeadGenerator  # noqa: E402
+from ocd_hf.task_heads import resolve_head_dataset  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="the recipe's --output-dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--episodes", type=int, default=300)
+    parser.add_argument("--zoo-tasks", type=int, default=300, help="zoo tasks whose heads go through the VAE")
+    known, recipe_args = parser.parse_known_args()
+    torch.set_num_threads(1)
+    args = fewshot_mcdi.parse_args(["--method", "d2nwg", "--seed", str(known.seed), "--shots", str(known.shots), "--output-dir", str(known.run),
+                                    *recipe_args])
+    splits, _ = fewshot_mcdi.load_splits(args)
+    root = known.run / f"{args.n_way}way-{known.shots}shot"
+    generator = D2NWGHeadGenerator.from_pretrained(root / "generator")
+    one = fewshot_mcdi.d2nwg_draws(generator, known.seed, 1)
+    for split in ("train", "test"):
+        episodes = EpisodeSampler(splits[split], args.n_way, known.shots, args.queries, seed=777).sample(known.episodes, column="embedding")
+        generated = episode_accuracy(one(episodes.support, episodes.support_labels)[:, 0], episodes)
+        reference = episode_accuracy(logistic_regression_heads(episodes.support, episodes.support_labels, args.n_way), episodes)
+        print(f"{split} classes, {known.episodes} episodes: D2NWG one draw {100 * generated.mean():.1f}%, "
+              f"logistic regression {100 * reference.mean():.1f}%")
+    zoo, _ = resolve_head_dataset(root / "heads")
+    rows = zoo.select(range(min(known.zoo_tasks, len(zoo))))[:]
+    heads = torch.as_tensor(rows["targets"])[:, -1].float()  # the last checkpoint of each task
+    with torch.no_grad():
+        reconstructed = generator.reconstruct_heads(heads)
+    features, distribution = splits["train"].features("embedding").float(), splits["train"]
+    accuracy = {"zoo heads": [], "VAE reconstructions": []}
+    for task, classes in enumerate(torch.as_tensor(rows["classes"]).tolist()):
+        indices = [torch.as_tensor(distribution.rows_of(int(c))) for c in classes]
+        items = torch.cat([features[i] for i in indices])
+        labels = torch.cat([torch.full((len(i),), position) for position, i in enumerate(indices)])
+        for name, head in (("zoo heads", heads[task]), ("VAE reconstructions", reconstructed[task])):
+            accuracy[name].append(float((head_logits(head[None], items[None])[0].argmax(-1) == labels).float().mean()))
+    error = float((reconstructed - heads).norm() / heads.norm())
+    print(f"{len(heads)} zoo tasks, every item of their classes: " + ", ".join(f"{name} {100 * sum(v) / len(v):.1f}%" for name, v in accuracy.items())
+          + f"; relative reconstruction error {error:.2f}")
+
+
+if __name__ == "__main__":
+    main()
