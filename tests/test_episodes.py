@@ -337,3 +337,15 @@ def test_embed_items_changing_width_and_argument_errors(tmp_path):
         embed_items(synthetic(), encode, "text", cache_dir=tmp_path, encoder_id=" ")
     with pytest.raises(TypeError, match="encoder_id"):
         embed_items(synthetic(), encode, "text", cache_dir=tmp_path)
+
+
+def test_benchmark_episodes_are_fixed_per_split_and_never_shared_between_splits():
+    split = TaskDistribution(synthetic([8] * 20)).class_split((0.5, 0.25, 0.25), seed=0)
+    episodes = split.benchmark_episodes(3, 1, 2, 8)
+    assert list(episodes) == ["val", "test"]  # never the meta-train split
+    again = split.benchmark_episodes(3, 1, 2, 8)
+    for name, offset in (("val", 0), ("test", 1)):
+        expected = EpisodeSampler(split[name], 3, 1, 2, seed=10_000 + offset).sample(8)
+        assert torch.equal(episodes[name].support_index, expected.support_index) and torch.equal(again[name].query_index, expected.query_index)
+    val_items = set(episodes["val"].support_index.flatten().tolist())
+    assert not val_items & set(episodes["test"].support_index.flatten().tolist())  # disjoint classes, so disjoint items

@@ -94,3 +94,8 @@ def test_ablations_belong_to_their_method():
     with pytest.raises(SystemExit):
         fewshot_mcdi.parse_args(["--method", "d2nwg", "--checkpoints-per-task", "1", "--ablations", "checkpoints_per_task_1", "--model", "m"])
     assert fewshot_mcdi.parse_args(["--method", "d2nwg", "--ablations", "set_transformer", "--model", "m"]).ablations == ["set_transformer"]
+
+
+def test_the_feature_check_is_for_image_sources_only():
+    with pytest.raises(SystemExit):
+        fewshot_mcdi.parse_args(["--feature-check", "--model", "m"])
