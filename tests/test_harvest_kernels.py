@@ -235,7 +235,8 @@ SPLIT_CASES = {
     # Per-token layers: the residual around the MLP reads the attention block's output, served from the cache.
     # In the last layer only the CLS token reaches the classifier: the deltas are rank-1, in closed form.
     "bert-last-layer-intermediate": (tiny_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "closed_form_token_split"),
-    "deit-last-layer-mlp-fc2": (tiny_deit, image_batch, "deit.layers.0.mlp.fc2", "closed_form_token_split"),
+    # (the MLP's output layer: named deit.encoder.layer.0.output.dense before transformers 5.x renamed it)
+    "deit-last-layer-mlp-fc2": (tiny_deit, image_batch, r"deit\.(layers\.0\.mlp\.fc2|encoder\.layer\.0\.output\.dense)", "closed_form_token_split"),
     # Below the last layer every token reaches the loss (through attention): the optimizer path.
     "bert-first-of-two-layers-intermediate": (two_layer_bert, text_batch, "bert.encoder.layer.0.intermediate.dense", "optimizer_split"),
     "llama-first-of-two-layers-down-proj": (tiny_llama, token_batch, "model.layers.0.mlp.down_proj", "optimizer_split"),
