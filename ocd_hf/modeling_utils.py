@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
 from .atomic import replace_atomically
-from .cards import CARD_NAME, GeneratorCardData
+from .cards import CARD_NAME, GeneratorCardData, write_card
 from .hub import push_saved_directory, resolve_files
 from .logging import get_logger
 
@@ -226,3 +226,58 @@ class GeneratorHubMixin:
             save, repo_id, allow_patterns=self.hub_files, commit_message=commit_message or self.default_commit_message(),
             revision=revision, private=private, token=token, create_pr=create_pr,
         )
+
+
+class HeadGeneratorHubMixin(GeneratorHubMixin):
+    """Saving and loading shared by the task-conditioned head generators (Mc-Di, D2NWG): ``config.json``,
+    ``model.safetensors`` (the whole state) and the card of :meth:`model_card`; ``from_pretrained`` refuses
+    another encoder through the model's ``check_encoder``. A subclass sets ``config_class`` and ``method_name``."""
+
+    method_name: str = "head"
+
+    def model_card(self, **model_card_kwargs: Any) -> Any:
+        """The model card; keyword arguments are fields of :class:`~ocd_hf.GeneratorCardData`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement model_card(**model_card_kwargs).")
+
+    def save_files(self, save_directory: str | os.PathLike, model_card_kwargs: Mapping[str, Any] | None = None) -> None:
+        """Write ``config.json``, ``model.safetensors`` and ``README.md`` (sections written outside its generated
+        block survive). :meth:`save_pretrained` (which can also push) and :meth:`push_to_hub` call this."""
+        card = self.model_card(**dict(model_card_kwargs or {}))  # unknown card fields fail before anything is written
+        save_generator(save_directory, self.config, self.state_dict())
+        write_card(card, save_directory)
+
+    def default_commit_message(self) -> str:
+        return f"Upload {self.method_name} head generator for {self.config.encoder_id or 'its encoder'}"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        encoder: torch.nn.Module | None = None,
+        config: PretrainedConfig | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Load a saved generator from a directory (its ``subfolder``, if given) or a Hub repo, config and weights
+        from one commit, the weights checked before anything is built.
+
+        With ``encoder``, refuses it if its embedding size or fingerprint differs from the config's
+        (``check_encoder``). Keyword arguments ``transformers`` passes along (e.g. ``trust_remote_code``) are ignored.
+        """
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments besides the path.")
+        hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only, "force_download": force_download}
+        config, state, weights_file = read_generator_files(
+            cls.config_class, pretrained_model_name_or_path, config=config, subfolder=subfolder, **hub_kwargs
+        )
+        model = cls(config)
+        load_checked_state(model, state, weights_file)
+        if encoder is not None:
+            model.check_encoder(encoder)
+        return model.eval()

@@ -3,7 +3,7 @@ episodes of the meta-*train* classes vs unseen (meta-test) classes, next to logi
 episodes, and the accuracy of the zoo's heads before and after the VAE round trip on every item of their own
 task's classes (reconstructions judged by accuracy, not only by error).
 
-    python studies/d2nwg_seen_classes.py /work/runs/d2nwg-wordnet-1shot-s0 --seed 0 --shots 1
+    PYTHONPATH=recipes python studies/d2nwg_seen_classes.py /work/runs/d2nwg-wordnet-1shot-s0 --seed 0 --shots 1
 
 Pass the run's ``--seed`` and source arguments: the class split and the embedding cache are the run's.
 """
@@ -11,18 +11,15 @@ Pass the run's ``--seed`` and source arguments: the class split and the embeddin
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+import fewshot_mcdi
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-import fewshot_mcdi  # noqa: E402
-
-from ocd_hf.episodes import EpisodeSampler  # noqa: E402
-from ocd_hf.fewshot import episode_accuracy, head_logits, logistic_regression_heads  # noqa: E402
-from ocd_hf.methods.d2nwg import D2NWGHeadGenerator  # noqa: E402
-from ocd_hf.task_heads import resolve_head_dataset  # noqa: E402
+from ocd_hf.episodes import EpisodeSampler
+from ocd_hf.fewshot import episode_accuracy, head_logits, logistic_regression_heads
+from ocd_hf.methods.d2nwg import D2NWGHeadGenerator
+from ocd_hf.task_heads import resolve_head_dataset
 
 
 def main() -> None:

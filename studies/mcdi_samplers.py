@@ -5,16 +5,13 @@ thread, on the recipe's own fixed episodes of one split (meta-val to choose; met
 Each run directory gets ``<N>way-<K>shot/results-<split>-samplers/results.{json,md}``; studies/fewshot_tables.py
 aggregates them over seeds like the recipe's own tables.
 
-    python studies/mcdi_samplers.py /work/runs/wordnet-1shot-s{0,1,2} --shots 1 --split val --steps 3 6 21
+    PYTHONPATH=recipes python studies/mcdi_samplers.py /work/runs/wordnet-1shot-s{0,1,2} --shots 1 --split val --steps 3 6 21
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 
 
 def main(argv: list[str] | None = None) -> None:

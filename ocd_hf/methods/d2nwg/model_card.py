@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from huggingface_hub import ModelCard
 from transformers import PreTrainedModel
 
-from ...cards import GeneratorCardData, render_model_card, write_card
+from ...cards import GeneratorCardData, render_model_card
 
 MODEL_CARD_TEMPLATE = "d2nwg_model_card.md"
 BASE_TAGS = ("d2nwg", "weight-generation", "few-shot", "diffusion", "latent-diffusion")
@@ -51,8 +48,3 @@ def d2nwg_card(model: PreTrainedModel, card_data: GeneratorCardData | None = Non
         MODEL_CARD_TEMPLATE, card_data, model_name=model_name, base_model=config.encoder_id, task="few-shot-classification",
         base_tags=BASE_TAGS, context=context,
     )
-
-
-def write_model_card(model: PreTrainedModel, directory: str | os.PathLike, card_data: GeneratorCardData | None = None) -> Path:
-    """Write ``directory/README.md`` for ``model``, updating the card already there if any."""
-    return write_card(d2nwg_card(model, card_data), directory)

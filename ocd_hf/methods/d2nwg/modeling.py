@@ -4,8 +4,7 @@ the choice among several generated heads (:func:`select_heads`)."""
 
 from __future__ import annotations
 
-import os
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from huggingface_hub import ModelCard
@@ -15,16 +14,16 @@ from transformers import PreTrainedModel
 
 from ...cards import GeneratorCardData
 from ...fewshot import check_encoder, check_support, head_logits
-from ...modeling_utils import GeneratorHubMixin, load_checked_state, read_generator_files, save_generator
+from ...modeling_utils import HeadGeneratorHubMixin
 from .configuration import D2NWGConfig
 from .diffusion import make_scheduler, sample_latents
-from .model_card import d2nwg_card, write_model_card
+from .model_card import d2nwg_card
 from .modules import LatentDenoiser, WeightVAE, build_dataset_encoder, group_by_class
 
 SELECTIONS = ("none", "support_loss", "query_topk")
 
 
-class D2NWGHeadGenerator(GeneratorHubMixin, PreTrainedModel):
+class D2NWGHeadGenerator(HeadGeneratorHubMixin, PreTrainedModel):
     """A dataset-conditioned generator of classification heads ``(N, d+1)`` for a frozen encoder (D2NWG).
 
     Three components: ``vae`` (weight tokens <-> latents), ``dataset_encoder`` (class-grouped support ->
@@ -33,6 +32,7 @@ class D2NWGHeadGenerator(GeneratorHubMixin, PreTrainedModel):
     (untrained), with :func:`~ocd_hf.methods.d2nwg.train_d2nwg`, or with :meth:`from_pretrained`.
     """
 
+    method_name = "D2NWG"
     config_class = D2NWGConfig
     base_model_prefix = "d2nwg"
 
@@ -141,48 +141,11 @@ class D2NWGHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         (:func:`ocd_hf.fewshot.check_encoder`)."""
         check_encoder(self.config, encoder, fingerprint=fingerprint, embedding_dim=embedding_dim)
 
-    # ----- saving and loading -----------------------------------------------------------------
-
-    def save_files(self, save_directory: str | os.PathLike, model_card_kwargs: Mapping[str, Any] | None = None) -> None:
-        """Write ``config.json``, ``model.safetensors`` (VAE, dataset encoder, denoiser, token statistics) and ``README.md``."""
-        card_data = GeneratorCardData.from_kwargs(model_card_kwargs)
-        save_generator(save_directory, self.config, self.state_dict())
-        write_model_card(self, save_directory, card_data)
+    # ----- saving and loading: HeadGeneratorHubMixin, with this method's card ----------------
 
     def model_card(self, **model_card_kwargs: Any) -> ModelCard:
         """The model card; keyword arguments are fields of :class:`~ocd_hf.GeneratorCardData`."""
         return d2nwg_card(self, GeneratorCardData.from_kwargs(model_card_kwargs))
-
-    def default_commit_message(self) -> str:
-        return f"Upload D2NWG head generator for {self.config.encoder_id or 'its encoder'}"
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *model_args: Any,
-        encoder: nn.Module | None = None,
-        config: D2NWGConfig | None = None,
-        revision: str | None = None,
-        subfolder: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-        **kwargs: Any,
-    ) -> "D2NWGHeadGenerator":
-        """Load a saved generator from a directory (its ``subfolder``, if given) or a Hub repo, config and weights from
-        one commit, the weights checked before anything is built; with ``encoder``, refuse another encoder
-        (:meth:`check_encoder`). Keyword arguments ``transformers`` passes along are ignored."""
-        if model_args:
-            raise TypeError("D2NWGHeadGenerator.from_pretrained takes no positional arguments besides the path.")
-        hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only, "force_download": force_download}
-        config, state, weights_file = read_generator_files(D2NWGConfig, pretrained_model_name_or_path, config=config, subfolder=subfolder, **hub_kwargs)
-        model = cls(config)
-        load_checked_state(model, state, weights_file)
-        if encoder is not None:
-            model.check_encoder(encoder)
-        return model.eval()
 
 
 # ----- choosing among generated heads -----------------------------------------------------------------

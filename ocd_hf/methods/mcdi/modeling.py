@@ -3,8 +3,7 @@ embeddings, by Mc-Di's deterministic sampler over the label-equivariant denoiser
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from huggingface_hub import ModelCard
@@ -14,10 +13,10 @@ from transformers import PreTrainedModel
 from ...cards import GeneratorCardData
 from ...checks import check_generator, check_int
 from ...fewshot import check_encoder, check_support
-from ...modeling_utils import GeneratorHubMixin, load_checked_state, read_generator_files, save_generator
+from ...modeling_utils import HeadGeneratorHubMixin
 from .configuration import McDiConfig
 from .diffusion import alpha_bars, loss_boundaries, sample_chain, sample_segments, segment_schedule
-from .model_card import mcdi_card, write_model_card
+from .model_card import mcdi_card
 from .modules import HeadDenoiser, class_prototypes
 
 # (heads (B, N, d+1), steps (B,), prototypes (B, N, d)) -> noise (B, N, d+1): a HeadDenoiser or a functional call of one.
@@ -31,13 +30,14 @@ def denoise_heads(denoiser: DenoiserFn, heads: torch.Tensor, steps: torch.Tensor
     return denoiser(heads.flatten(0, 1), steps.flatten(), repeated).view(heads.shape)
 
 
-class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
+class McDiHeadGenerator(HeadGeneratorHubMixin, PreTrainedModel):
     """A task-conditioned generator of classification heads ``(N, d+1)`` for a frozen encoder (Mc-Di).
 
     Build it from a :class:`~ocd_hf.methods.mcdi.McDiConfig` (untrained), with
     :func:`~ocd_hf.methods.mcdi.train_head_generator`, or with :meth:`from_pretrained`.
     """
 
+    method_name = "Mc-Di"
     config_class = McDiConfig
     base_model_prefix = "mcdi"
 
@@ -127,57 +127,11 @@ class McDiHeadGenerator(GeneratorHubMixin, PreTrainedModel):
         (:func:`ocd_hf.fewshot.check_encoder`)."""
         check_encoder(self.config, encoder, fingerprint=fingerprint, embedding_dim=embedding_dim)
 
-    # ----- saving and loading -----------------------------------------------------------------
-
-    def save_files(self, save_directory: str | os.PathLike, model_card_kwargs: Mapping[str, Any] | None = None) -> None:
-        """Write ``config.json``, ``model.safetensors`` (the denoiser) and ``README.md`` (kept sections survive).
-
-        ``model_card_kwargs`` are fields of :class:`~ocd_hf.GeneratorCardData`. :meth:`save_pretrained`
-        (the shared one, which can also push) and :meth:`push_to_hub` call this.
-        """
-        card_data = GeneratorCardData.from_kwargs(model_card_kwargs)
-        save_generator(save_directory, self.config, self.state_dict())
-        write_model_card(self, save_directory, card_data)
+    # ----- saving and loading: HeadGeneratorHubMixin, with this method's card ----------------
 
     def model_card(self, **model_card_kwargs: Any) -> ModelCard:
         """The model card; keyword arguments are fields of :class:`~ocd_hf.GeneratorCardData`."""
         return mcdi_card(self, GeneratorCardData.from_kwargs(model_card_kwargs))
-
-    def default_commit_message(self) -> str:
-        return f"Upload Mc-Di head generator for {self.config.encoder_id or 'its encoder'}"
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *model_args: Any,
-        encoder: nn.Module | None = None,
-        config: McDiConfig | None = None,
-        revision: str | None = None,
-        subfolder: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-        **kwargs: Any,
-    ) -> "McDiHeadGenerator":
-        """Load a saved generator from a directory (its ``subfolder``, if given) or a Hub repo, config and weights
-        from one commit, the weights checked before anything is built.
-
-        With ``encoder``, refuses it if its embedding size or fingerprint differs from the config's
-        (:meth:`check_encoder`). Keyword arguments ``transformers`` passes along (e.g. ``trust_remote_code``) are ignored.
-        """
-        if model_args:
-            raise TypeError("McDiHeadGenerator.from_pretrained takes no positional arguments besides the path.")
-        hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only, "force_download": force_download}
-        config, state, weights_file = read_generator_files(
-            McDiConfig, pretrained_model_name_or_path, config=config, subfolder=subfolder, **hub_kwargs
-        )
-        model = cls(config)
-        load_checked_state(model, state, weights_file)
-        if encoder is not None:
-            model.check_encoder(encoder)
-        return model.eval()
 
 
 def head_to_linear(head: torch.Tensor) -> nn.Linear:
