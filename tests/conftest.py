@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +27,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def library_logs(caplog, monkeypatch):
+    """``caplog``, seeing the ``ocd_hf`` logger's records: the library logger does not propagate to the root
+    logger (where caplog listens) unless told to, and whether caplog sees it anyway depends on the pytest release."""
+    monkeypatch.setattr(logging.getLogger("ocd_hf"), "propagate", True)
+    return caplog
 
 
 TINY_DENOISER = {

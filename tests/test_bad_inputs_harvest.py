@@ -228,7 +228,7 @@ def test_auto_delta_mode_is_decided_once_on_every_delta_and_training_follows_it(
     assert decided["delta_mode"] == "full" and decided["mean_factor_residual"] == pytest.approx(300 * 0.06 / 556)
 
 
-def test_all_zero_deltas_are_skipped_and_counted_at_harvest(tmp_path, caplog):
+def test_all_zero_deltas_are_skipped_and_counted_at_harvest(tmp_path, library_logs):
     backbone = build_backbone("mlp")
     dataset = build_dataset("mlp", 6)
     with torch.no_grad():
@@ -237,12 +237,12 @@ def test_all_zero_deltas_are_skipped_and_counted_at_harvest(tmp_path, caplog):
     for row in (1, 4):  # fitted exactly: zero loss, zero gradient, an all-zero delta
         labels[row] = float(predictions[row])
     dataset = dataset.remove_columns("label").add_column("label", labels)
-    with caplog.at_level("WARNING"):
+    with library_logs.at_level("WARNING"):
         deltas = harvest_deltas(backbone, dataset, "fc2", tmp_path, delta_storage="full", progress=False)
     metadata = load_harvest_metadata(tmp_path)
     assert deltas[:]["id"].tolist() == [0, 2, 3, 5] and bool((deltas[:]["rho"] > 0).all())
     assert metadata["skipped_ids_by_reason"] == {"zero_delta": [1, 4]} and metadata["num_skipped_non_finite"] == 0
-    assert "all zeros" in caplog.text and "[1, 4]" in caplog.text
+    assert "all zeros" in library_logs.text and "[1, 4]" in library_logs.text
 
 
 def test_aggregate_refuses_results_of_different_configurations(tmp_path, capsys):

@@ -196,15 +196,14 @@ def test_a_bit_flipped_mcdi_weights_file_is_refused(ctx):
         McDiHeadGenerator.from_pretrained(ctx.tmp)
 
 
-def test_weights_saved_without_a_checksum_load_with_a_warning(ctx, caplog, monkeypatch):
+def test_weights_saved_without_a_checksum_load_with_a_warning(ctx, library_logs):
     ctx.ocd.save_pretrained(ctx.tmp)
     config = json.loads((ctx.tmp / "config.json").read_text())
     assert len(config.pop("weights_sha256")) == 64
     (ctx.tmp / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(logging.getLogger("ocd_hf"), "propagate", True)
-    with caplog.at_level(logging.WARNING, logger="ocd_hf"):
+    with library_logs.at_level(logging.WARNING, logger="ocd_hf"):
         loaded = OCDWrapper.from_pretrained(ctx.tmp, backbone=ctx.ocd.backbone)
-    assert "no weights_sha256" in caplog.text
+    assert "no weights_sha256" in library_logs.text
     for key, value in ctx.ocd.hypernetwork.state_dict().items():
         assert torch.equal(loaded.hypernetwork.state_dict()[key], value)
 

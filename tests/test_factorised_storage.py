@@ -153,14 +153,13 @@ def test_auto_picks_factorised_on_a_head_and_full_on_a_per_token_layer(tmp_path)
             assert "every token" in decision["reason"] and "first_batch_size" not in decision
 
 
-def test_a_later_sample_beyond_the_tolerance_stops_a_forced_harvest_but_not_an_auto_one(caplog, monkeypatch):
+def test_a_later_sample_beyond_the_tolerance_stops_a_forced_harvest_but_not_an_auto_one(library_logs):
     ids, residuals = torch.tensor([4, 5, 6]), torch.tensor([0.01, 0.06, 0.02])
     with pytest.raises(ValueError, match=r"1 sample\(s\).*5: 0.06"):
         check_factor_residuals(ids, residuals, 0.05, "sign")
-    monkeypatch.setattr(logging.getLogger("ocd_hf"), "propagate", True)  # the library logger, seen by caplog
-    with caplog.at_level(logging.WARNING, logger="ocd_hf"):
+    with library_logs.at_level(logging.WARNING, logger="ocd_hf"):
         check_factor_residuals(ids, residuals, 0.05, "sign", strict=False)
-    assert re.search(r"1 sample\(s\) exceed factor_tolerance=0.05.*5: 0.06.*stored as factors", caplog.text)
+    assert re.search(r"1 sample\(s\) exceed factor_tolerance=0.05.*5: 0.06.*stored as factors", library_logs.text)
 
 
 def test_auto_storage_records_that_it_only_warns(tmp_path):

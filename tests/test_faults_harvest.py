@@ -196,7 +196,7 @@ with harvest_lock(sys.argv[1]):
 """
 
 
-def test_a_second_harvest_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+def test_a_second_harvest_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path, library_logs):
     output_dir = tmp_path / "deltas"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(output_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -210,9 +210,9 @@ def test_a_second_harvest_is_refused_naming_the_holder_and_a_dead_holder_is_take
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # dies holding the lock: the kernel releases it
         holder.wait()
-    with caplog.at_level("WARNING"):
+    with library_logs.at_level("WARNING"):
         dataset = harvest(output_dir)
-    assert f"pid {holder.pid}" in caplog.text and "taking the lock over" in caplog.text
+    assert f"pid {holder.pid}" in library_logs.text and "taking the lock over" in library_logs.text
     assert len(dataset) == 8 and not (output_dir / ".harvest.lock.json").exists()
 
 

@@ -155,7 +155,7 @@ def test_a_sigkilled_save_resumes_to_the_uninterrupted_weights(heads, uninterrup
     assert json.loads((tmp_path / HISTORY_NAME).read_text())["log_history"] == log
 
 
-def test_latest_skips_incomplete_checkpoints_with_a_warning_naming_them(heads, uninterrupted, tmp_path, caplog):
+def test_latest_skips_incomplete_checkpoints_with_a_warning_naming_them(heads, uninterrupted, tmp_path, library_logs):
     settings = {**SETTINGS, "reptile": False, "num_steps": 2}
     train_head_generator(heads, tmp_path, **settings)
     # What a process killed by an older version left: an empty checkpoint and one without the loop state.
@@ -163,9 +163,9 @@ def test_latest_skips_incomplete_checkpoints_with_a_warning_naming_them(heads, u
     partial = tmp_path / CHECKPOINTS_DIR / "checkpoint-4"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"")
-    with caplog.at_level(logging.WARNING):
+    with library_logs.at_level(logging.WARNING):
         resumed = train_head_generator(heads, tmp_path, resume_from_checkpoint="latest", **{**settings, "num_steps": 6})
-    warned = " ".join(record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING)
+    warned = " ".join(record.getMessage() for record in library_logs.records if record.levelno >= logging.WARNING)
     assert "checkpoint-12" in warned and "checkpoint-4" in warned and "incomplete" in warned
     expected, _ = uninterrupted[False]
     for key, tensor in state_of(resumed).items():

@@ -136,18 +136,17 @@ def test_trajectory_ends_at_the_delta(tmp_path):
 
 
 @pytest.mark.parametrize("storage", ["full", "factorised"])
-def test_non_finite_deltas_are_skipped_warned_and_counted(tmp_path, storage, caplog, monkeypatch):
+def test_non_finite_deltas_are_skipped_warned_and_counted(tmp_path, storage, library_logs):
     kind, target = CASES["mlp-regression"]
     dataset = build_dataset(kind, 6)
     labels = dataset["label"][:]
     labels[2] = labels[3] = float("nan")  # the whole second shard
     dataset = dataset.remove_columns("label").add_column("label", labels)
-    monkeypatch.setattr(logging.getLogger("ocd_hf"), "propagate", True)  # the library logger, seen by caplog
-    with caplog.at_level(logging.WARNING, logger="ocd_hf"):
+    with library_logs.at_level(logging.WARNING, logger="ocd_hf"):
         deltas = harvest_deltas(
             build_backbone(kind), dataset, target, tmp_path, batch_size=4, shard_size=2, delta_storage=storage, progress=False
         )
-    assert re.search(r"Skipped 2 sample.*\[2, 3\]", caplog.text)
+    assert re.search(r"Skipped 2 sample.*\[2, 3\]", library_logs.text)
     assert deltas[:]["id"].tolist() == [0, 1, 4, 5]
     assert torch.isfinite(materialise_deltas(deltas[:], load_harvest_metadata(tmp_path))).all()
     assert len(Dataset.from_file(str(shard_path(tmp_path, 1, 3)))) == 0, "an all-skipped shard is an empty, valid file"

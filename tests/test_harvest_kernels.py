@@ -314,14 +314,14 @@ class Branching(nn.Module):
 
 
 @pytest.mark.parametrize("model_class, target", [(InPlaceResidual, "fc2"), (Branching, "fc")])
-def test_a_prefix_that_cannot_be_replayed_falls_back_to_full_passes(model_class, target, caplog):
+def test_a_prefix_that_cannot_be_replayed_falls_back_to_full_passes(model_class, target, library_logs):
     model = model_class().eval()
     inputs = {"features": torch.randn(4, 5, generator=torch.Generator().manual_seed(0))}
     labels = torch.tensor([0, 1, 2, 0])
-    with caplog.at_level("INFO", logger="ocd_hf"):
+    with library_logs.at_level("INFO", logger="ocd_hf"):
         result = overfit_deltas(model, getattr(model, target), inputs, labels)
     assert result.path == "closed_form"
-    assert "not the split at the target layer" in caplog.text
+    assert "not the split at the target layer" in library_logs.text
     if model_class is InPlaceResidual:  # (Branching's loop runs under grad, the harvest's base pass without: no reference)
         assert_deltas_close(result.deltas, per_sample_reference(model, target, inputs, labels, "adam"), getattr(model, target).weight)
 

@@ -200,15 +200,14 @@ def test_loading_onto_a_backbone_with_another_shape_is_refused(tmp_path):
         OCDWrapper.from_pretrained(tmp_path, backbone=tiny_bert(num_labels=2))
 
 
-def test_loading_onto_other_weights_is_refused_unless_allowed(tmp_path, caplog, monkeypatch):
+def test_loading_onto_other_weights_is_refused_unless_allowed(tmp_path, library_logs):
     attach(tiny_bert(seed=0), "classifier", text_batch()).save_pretrained(tmp_path)
     other = tiny_bert(seed=1)
     with pytest.raises(ValueError, match="fingerprint"):
         OCDWrapper.from_pretrained(tmp_path, backbone=other)
-    monkeypatch.setattr(logging.getLogger("ocd_hf"), "propagate", True)  # the library logger, seen by caplog
-    with caplog.at_level(logging.WARNING, logger="ocd_hf"):
+    with library_logs.at_level(logging.WARNING, logger="ocd_hf"):
         OCDWrapper.from_pretrained(tmp_path, backbone=other, strict_fingerprint=False)
-    assert "fingerprint" in caplog.text
+    assert "fingerprint" in library_logs.text
 
 
 def test_corrupt_or_mismatched_weights_are_refused(tmp_path):

@@ -915,14 +915,14 @@ def load_source_dataset(
     (:func:`ocd_hf.data.select_split`).
     """
     path = Path(name_or_path).expanduser()
+    empty = ValueError(f"dataset={name_or_path!r} holds an empty dataset (0 rows); there is nothing to read. Pass a dataset with rows.")
     if is_saved_dataset(path):
         try:
             loaded = load_from_disk(str(path))
-        except IndexError as error:  # datasets' load_from_disk on a dataset saved with 0 rows (it wrote no data file)
-            raise ValueError(
-                f"dataset={name_or_path!r} holds an empty dataset (a split saved with 0 rows has no data file); there is "
-                "nothing to read. Pass a dataset with rows."
-            ) from error
+        except IndexError as error:  # recent datasets write no data file for 0 rows, and load_from_disk fails on that
+            raise empty from error
+        if isinstance(loaded, Dataset) and loaded.num_rows == 0:  # datasets 4.0 writes and reads one back
+            raise empty
     elif only_local(name_or_path) and not path.exists():
         raise FileNotFoundError(
             f"dataset={name_or_path!r}: no such directory. Pass a directory written by save_to_disk, a directory of data "
