@@ -6,7 +6,7 @@ A generator (a ``transformers.PreTrainedModel``) mixes in :class:`GeneratorHubMi
 (and pushes them with ``push_to_hub=True``), and ``push_to_hub`` uploads exactly those files in one
 commit, keeping a card's user-written sections.
 
-A head generator made of components (:class:`HeadGeneratorHubMixin` with ``components``) is saved like a diffusers
+A head generator made of components (:meth:`HeadGeneratorHubMixin.component_configs`) is saved like a diffusers
 pipeline: ``model_index.json`` names the components, each in its own folder with its own ``config.json`` (the
 keyword arguments that build it) and ``model.safetensors``; the root ``config.json`` / ``model.safetensors`` keep the
 model's config and the tensors outside the components.
@@ -277,14 +277,13 @@ class HeadGeneratorHubMixin(GeneratorHubMixin):
     ``model.safetensors`` and the card of :meth:`model_card`; ``from_pretrained`` refuses another encoder through
     the model's ``check_encoder``. A subclass sets ``config_class`` and ``method_name``.
 
-    A subclass that names ``components`` (submodules, e.g. D2NWG's VAE, dataset encoder and denoiser) and implements
-    :meth:`component_configs` is saved diffusers-style: ``model_index.json`` names the components, each is in its own
+    A subclass whose :meth:`component_configs` names components (submodules, e.g. D2NWG's VAE, dataset encoder and
+    denoiser) is saved diffusers-style: ``model_index.json`` names the components, each is in its own
     folder with its ``config.json`` (its class and the keyword arguments that build it) and ``model.safetensors``, and the
     root ``model.safetensors`` holds the rest of the state. A directory saved before components existed (everything in the
     root ``model.safetensors``) still loads."""
 
     method_name: str = "head"
-    components: tuple[str, ...] = ()
 
     def model_card(self, **model_card_kwargs: Any) -> Any:
         """The model card; keyword arguments are fields of :class:`~ocd_hf.GeneratorCardData`."""
@@ -292,10 +291,8 @@ class HeadGeneratorHubMixin(GeneratorHubMixin):
 
     @classmethod
     def component_configs(cls, config: PretrainedConfig) -> dict[str, dict[str, Any]]:
-        """``{name: saved config}`` of the components ``config`` builds (those of :attr:`components` it has): the component's
-        class (``_class_name``) and the keyword arguments that build it."""
-        if cls.components:
-            raise NotImplementedError(f"{cls.__name__} names components {cls.components}: it must implement component_configs(config).")
+        """``{name: saved config}`` of the submodules that ``config`` builds and that are saved as components: the component's
+        class (``_class_name``) and the keyword arguments that build it. None by default: the whole state is one file."""
         return {}
 
     @property
@@ -312,11 +309,10 @@ class HeadGeneratorHubMixin(GeneratorHubMixin):
         card = self.model_card(**dict(model_card_kwargs or {}))  # unknown card fields fail before anything is written
         state = self.state_dict()
         components = self.component_configs(self.config)
+        save_generator(save_directory, self.config, {key: value for key, value in state.items() if key.split(".", 1)[0] not in components})
         for name, settings in components.items():
             prefix = f"{name}."
             save_weights(os.path.join(save_directory, name), settings, {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)})
-        rest = {key: value for key, value in state.items() if key.split(".", 1)[0] not in components}
-        save_generator(save_directory, self.config, rest)
         if components:
             # diffusers' model_index.json: each component as [the module of its class, the class]
             index = {"_class_name": type(self).__name__, **{name: [type(getattr(self, name)).__module__, settings["_class_name"]]

@@ -28,6 +28,7 @@ row's latency counts only the draws no earlier row made.
     pip install -e ".[recipes]" && apt-get install -y wordnet-base      # the offline default's data
     apt-get install -y dataset-fashion-mnist                            # --source glyphs' cross-domain split (or --cross-domain none)
     accelerate launch recipes/fewshot_mcdi.py                           # WordNet supersenses, 5-way 1- and 5-shot
+    python recipes/fewshot_mcdi.py --method d2nwg --jobs 2              # D2NWG; 1- and 5-shot at once, one thread each (2 cores)
     python recipes/fewshot_mcdi.py --shots 1 --ablations reptile mvdi twdi fit_on_support small_denoiser   # the ablations
     python recipes/fewshot_mcdi.py --source debian                      # Debian package sections (apt-cache dumpavail)
     python recipes/fewshot_mcdi.py --source glyphs                      # images: matplotlib's fonts -> LeNet-5 fc3 heads (recipes/fewshot_images.py)
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="outputs/fewshot_mcdi")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the first shot setting's generator")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores of one process)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the shot settings in this many processes of one thread each: the numbers of --threads 1, "
+                             "in the wall time of the slowest shot setting when there are as many free cores")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--feature-check", action="store_true",
                         help="image sources: print the protocol facts and the baselines on meta-val and the cross-domain split, then stop")
@@ -106,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--ablations {' '.join(same)}: already the default generator's setting; drop it or change the default.")
     if args.method == "d2nwg" and (small := [name for name in args.ablations if ablations[name][1].get("num_tasks", 0) >= args.num_tasks]):
         parser.error(f"--ablations {' '.join(small)}: a zoo-size ablation trains on fewer tasks than --num-tasks {args.num_tasks}; raise --num-tasks.")
+    if args.jobs < 1 or (args.jobs > 1 and args.threads not in (None, 1)):
+        parser.error(f"--jobs {args.jobs} with --threads {args.threads}: --jobs must be >= 1, and each job runs on one thread (drop --threads).")
     if args.feature_check and args.source not in IMAGE_SOURCES:
         parser.error(f"--feature-check takes an image --source ({', '.join(IMAGE_SOURCES)}), got {args.source!r}.")
     if args.model is None and args.source not in IMAGE_SOURCES:
@@ -402,10 +408,12 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     benchmark = splits.benchmark_episodes(args.n_way, shots, args.queries, args.episodes, column="embedding")
     for split, episodes in benchmark.items():  # the same fixed episodes for every row
         split_name = f"meta-{split}" if split in ("val", "test") else f"{split} (cross-domain)"
+        started = time.perf_counter()
         table = evaluate_episodes(
             episodes, fitters, kinds=kinds, descriptions=descriptions, oracle_fitters=oracles, output_dir=root / f"results-{split}",
             title=f"{METHOD_NAMES[args.method]}, {args.n_way}-way {shots}-shot, {split_name} classes",
         )
+        seconds[f"evaluate_{split}"] = time.perf_counter() - started
         summary[split] = {row.name: (row.mean("accuracy"), row.ci95("accuracy")) for row in table.rows}
         if split == "test":  # the card carries the meta-test table next to the settings
             settings = json.loads((root / "generator" / HISTORY_NAME).read_text())["settings"]
@@ -444,12 +452,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.jobs > 1:
+        torch.set_num_threads(args.threads or 1)
     splits, fingerprint = load_splits(args)
     summary = {"args": vars(args), "split": splits.record}
-    for shots in args.shots:
-        summary[f"{shots}shot"] = run_shot(args, splits, shots, fingerprint)
+    jobs = min(args.jobs, len(args.shots))
+    # One process per shot setting, one thread each. Forked: the children start with the splits in memory, and the parent has
+    # run on one thread since the start, so there is no OpenMP pool to inherit (spawn would re-import everything, ~30 s).
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from itertools import repeat
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            shot_summaries = list(pool.map(run_shot, repeat(args), repeat(splits), args.shots, repeat(fingerprint)))
+    else:
+        shot_summaries = [run_shot(args, splits, shots, fingerprint) for shots in args.shots]
+    summary.update({f"{shots}shot": shot_summary for shots, shot_summary in zip(args.shots, shot_summaries)})
     output = Path(args.output_dir) / "summary.json"
     output.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if args.push_to_hub:

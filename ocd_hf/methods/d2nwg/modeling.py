@@ -38,7 +38,6 @@ class D2NWGHeadGenerator(HeadGeneratorHubMixin, PreTrainedModel):
     method_name = "D2NWG"
     config_class = D2NWGConfig
     base_model_prefix = "d2nwg"
-    components = ("vae", "dataset_encoder", "denoiser")
 
     def __init__(self, config: D2NWGConfig) -> None:
         super().__init__(config)

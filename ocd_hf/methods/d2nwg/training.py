@@ -257,7 +257,7 @@ def token_statistics(
 
 @torch.no_grad()
 def latent_std(model: D2NWGHeadGenerator, dataset: Dataset | InMemoryRows, checkpoint_index: list[int], batch_size: int = 256) -> float:
-    """The std of the VAE posterior means of every kept checkpoint (LDM's ``1 / scale_factor``)."""
+    """The std of the VAE posterior means of every kept checkpoint (LDM's ``1 / scale_factor``); without a VAE, of the standardised tokens."""
     total, squares, count = 0.0, 0.0, 0
     for batch in dataset.iter(batch_size=batch_size):
         latents = model.encode_heads(batch["targets"][:, checkpoint_index].float()).double()
