@@ -15,7 +15,16 @@ from torch import nn
 from transformers import AutoModel
 
 from ocd_hf.fewshot import encoder_fingerprint
-from ocd_hf.methods.d2nwg import D2NWGConfig, D2NWGHeadGenerator, WeightVAE, make_scheduler, sample_latents, select_heads
+from ocd_hf.methods.d2nwg import (
+    D2NWGConfig,
+    D2NWGHeadGenerator,
+    LatentDenoiser,
+    RowAlignedEncoder,
+    WeightVAE,
+    make_scheduler,
+    sample_latents,
+    select_heads,
+)
 from ocd_hf.modeling_utils import save_generator
 
 LATENT = TINY["vae_config"]["latent_size"]
@@ -62,9 +71,9 @@ def test_save_load_round_trip_is_exact_and_automodel_loads_it(tmp_path):
     components = ["dataset_encoder", "denoiser", "vae"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["README.md", *components, "config.json", "model.safetensors", "model_index.json"])
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index == {"_class_name": "D2NWGHeadGenerator", "vae": ["ocd_hf.methods.d2nwg.modules", "WeightVAE"],
-                     "dataset_encoder": ["ocd_hf.methods.d2nwg.modules", "RowAlignedEncoder"],
-                     "denoiser": ["ocd_hf.methods.d2nwg.modules", "LatentDenoiser"]}
+    assert index == {"_class_name": "D2NWGHeadGenerator", "vae": [WeightVAE.__module__, "WeightVAE"],
+                     "dataset_encoder": [RowAlignedEncoder.__module__, "RowAlignedEncoder"],
+                     "denoiser": [LatentDenoiser.__module__, "LatentDenoiser"]}
     for name in components:
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["config.json", "model.safetensors"]
         assert set(load_file(tmp_path / name / "model.safetensors")) == {k.split(".", 1)[1] for k in model.state_dict() if k.startswith(f"{name}.")}
