@@ -98,12 +98,13 @@ def test_save_load_round_trip_is_exact_and_automodel_loads_it(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "d2nwg"
 
 
-def test_the_single_file_format_of_earlier_saves_still_loads(tmp_path):
+def test_the_single_file_format_of_earlier_saves_still_loads_and_a_subfolder_loads(tmp_path):
     model = tiny_d2nwg()
-    save_generator(tmp_path, model.config, model.state_dict())  # what save_pretrained wrote before the components had folders
-    loaded = D2NWGHeadGenerator.from_pretrained(tmp_path)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
+    save_generator(tmp_path / "old", model.config, model.state_dict())  # what save_pretrained wrote before the components had folders
+    model.save_pretrained(tmp_path / "repo" / "sub")
+    for loaded in (D2NWGHeadGenerator.from_pretrained(tmp_path / "old"), D2NWGHeadGenerator.from_pretrained(tmp_path / "repo", subfolder="sub")):
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
 def test_components_from_another_save_or_with_a_flipped_byte_are_refused(tmp_path):
