@@ -223,8 +223,8 @@ def mcdi_fitters(generator: Any, seed: int) -> tuple[dict[str, Any], dict[str, s
 
 def d2nwg_draws(generator: Any, seed: int, num_draws: int, first: int = 0) -> Any:
     """``draw(support, labels) -> (E, num_draws, N, d+1)``: draws ``first .. first + num_draws - 1``, draw ``s`` of every
-    task starting from noise seeded with ``seed + s``, so that the draws are nested (the first of 50 is the single draw, the
-    first 10 those of 10): each head's DDIM chain reads only its own noise and task."""
+    task starting from noise seeded with ``seed + s``, so that the draws are nested up to float rounding (the first of 50
+    is the single draw, the first 10 those of 10): each head's DDIM chain reads only its own noise and task."""
     import torch
 
     config = generator.config
@@ -248,8 +248,9 @@ class SharedDraws:
     asking for more draws than an earlier row made draws only the missing ones (:func:`d2nwg_draws`' ``first``).
 
     The last ``entries`` support sets are kept (the benchmark's warm-up call on two episodes, then all of them), matched by
-    value. The draws equal those made row by row up to float rounding (bit for bit on the CPUs measured, where a head's
-    chain does not depend on the batch it is computed in); a row's wall time then counts only the draws it added."""
+    value. The draws equal those made row by row up to float rounding: bit for bit where a head's chain does not depend on
+    the batch it is computed in (measured for the default-size generator on this project's 2-core CPU; not for the tests'
+    tiny one). A row's wall time then counts only the draws it added."""
 
     def __init__(self, generator: Any, seed: int, entries: int = 2) -> None:
         self.generator, self.seed, self.entries = generator, seed, entries
