@@ -132,6 +132,13 @@ def resolve_files(
     return resolved
 
 
+def snapshot_revision(resolved: str | os.PathLike, path_in_repo: str) -> str | None:
+    """The commit of a file :func:`resolve_files` took from the Hub cache (``.../snapshots/<commit>/<path_in_repo>``), so
+    that more files can be resolved from the same commit; ``None`` for a file of a local directory."""
+    snapshot = Path(resolved).parents[len(Path(path_in_repo).parts) - 1]
+    return snapshot.name if snapshot.parent.name == "snapshots" else None
+
+
 @contextlib.contextmanager
 def hub_errors(repo_id: str, filename: str, revision: str | None, repo_type: str, local_files_only: bool) -> Iterator[None]:
     """Re-raise the ``huggingface_hub`` errors of resolving ``filename`` of ``repo_id`` translated by :func:`translate_hub_error`."""

@@ -5,6 +5,11 @@ A generator (a ``transformers.PreTrainedModel``) mixes in :class:`GeneratorHubMi
 ``save_files`` (through :func:`save_generator`, and its card); the mixin's ``save_pretrained`` writes them
 (and pushes them with ``push_to_hub=True``), and ``push_to_hub`` uploads exactly those files in one
 commit, keeping a card's user-written sections.
+
+A head generator made of components (:meth:`HeadGeneratorHubMixin.component_configs`) is saved like a diffusers
+pipeline: ``model_index.json`` names the components, each in its own folder with its own ``config.json`` (the
+keyword arguments that build it) and ``model.safetensors``; the root ``config.json`` / ``model.safetensors`` keep the
+model's config and the tensors outside the components.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from transformers import PretrainedConfig
 
 from .atomic import replace_atomically
 from .cards import CARD_NAME, GeneratorCardData, write_card
-from .hub import push_saved_directory, resolve_files
+from .hub import push_saved_directory, resolve_files, snapshot_revision
 from .logging import get_logger
 
 logger = get_logger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+MODEL_INDEX_NAME = "model_index.json"  # diffusers' name for the file that names a pipeline's components
 # The config key holding the sha256 of model.safetensors: a flipped bit or a file from another save is refused at load.
 CHECKSUM_KEY = "weights_sha256"
 SAVE_ADVICE = "save or push the model again (or pass force_download=True if it came from the Hub cache)"
@@ -123,18 +129,56 @@ def load_checked_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor
     module.load_state_dict(state)
 
 
-def save_generator(save_directory: str | os.PathLike, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
-    """Write ``model.safetensors`` (``state`` made contiguous on CPU), then ``config.json`` recording the weights' sha256
-    (``weights_sha256``), each through a temporary file renamed into place, into ``save_directory``."""
+def save_weights(save_directory: str | os.PathLike, config_data: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Write ``model.safetensors`` (``state`` made contiguous on CPU), then ``config.json`` (``config_data`` plus the
+    weights' sha256, ``weights_sha256``), each through a temporary file renamed into place, into ``save_directory``."""
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
     os.makedirs(save_directory, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
     weights_file = os.path.join(save_directory, WEIGHTS_NAME)
     replace_atomically(weights_file, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
-    data = json.loads(config.to_json_string(use_diff=True))  # what config.save_pretrained writes, plus the checksum
-    data[CHECKSUM_KEY] = file_sha256(weights_file)
+    data = {**config_data, CHECKSUM_KEY: file_sha256(weights_file)}
     replace_atomically(os.path.join(save_directory, CONFIG_NAME), lambda path: path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def save_generator(save_directory: str | os.PathLike, config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """:func:`save_weights` of ``state`` with the JSON ``config.save_pretrained`` writes."""
+    save_weights(save_directory, json.loads(config.to_json_string(use_diff=True)), state)
+
+
+def read_components(
+    path_or_repo: str | os.PathLike,
+    expected: Mapping[str, Mapping[str, Any]],
+    root_weights: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    **hub_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """The checked tensors of the component folders ``expected`` names (``{name: its saved config}``), as one state with
+    ``name.`` prefixes, from the commit of ``root_weights`` (the root ``model.safetensors`` already resolved).
+
+    Refuses a ``model_index.json`` naming other components, a component config other than the one the root config
+    implies (folders from different saves), and weights whose sha256 differs from their config's."""
+    files = [MODEL_INDEX_NAME] + [f"{name}/{filename}" for name in expected for filename in (CONFIG_NAME, WEIGHTS_NAME)]
+    pinned = snapshot_revision(root_weights, f"{subfolder.strip('/')}/{WEIGHTS_NAME}" if subfolder else WEIGHTS_NAME) or revision
+    index_file, *paths = resolve_files(path_or_repo, files, subfolder=subfolder, revision=pinned, **hub_kwargs)
+    named = sorted(key for key in read_config_dict(index_file) if not key.startswith("_"))
+    if named != sorted(expected):
+        raise ValueError(f"{index_file} names the components {named}, but the root {CONFIG_NAME} builds {sorted(expected)}: the files come "
+                         f"from different saves; {SAVE_ADVICE}.")
+    state: dict[str, torch.Tensor] = {}
+    for (name, settings), config_file, weights_file in zip(expected.items(), paths[::2], paths[1::2]):
+        saved = {key: value for key, value in read_config_dict(config_file).items() if key != CHECKSUM_KEY}
+        wanted = json.loads(json.dumps(dict(settings)))  # as JSON stores it (tuples become lists)
+        if saved != wanted:
+            raise ValueError(f"Component {name!r} in {config_file} is {saved}, but the root {CONFIG_NAME} builds {wanted}: the folders come from "
+                             f"different saves; {SAVE_ADVICE}.")
+        component = read_weights(weights_file)
+        verify_weights(weights_file, config_file)
+        state.update({f"{name}.{key}": tensor for key, tensor in component.items()})
+    return state
 
 
 # The keyword arguments of push_to_hub that save_pretrained(..., push_to_hub=True) passes on.
@@ -230,8 +274,14 @@ class GeneratorHubMixin:
 
 class HeadGeneratorHubMixin(GeneratorHubMixin):
     """Saving and loading shared by the task-conditioned head generators (Mc-Di, D2NWG): ``config.json``,
-    ``model.safetensors`` (the whole state) and the card of :meth:`model_card`; ``from_pretrained`` refuses
-    another encoder through the model's ``check_encoder``. A subclass sets ``config_class`` and ``method_name``."""
+    ``model.safetensors`` and the card of :meth:`model_card`; ``from_pretrained`` refuses another encoder through
+    the model's ``check_encoder``. A subclass sets ``config_class`` and ``method_name``.
+
+    A subclass whose :meth:`component_configs` names components (submodules, e.g. D2NWG's VAE, dataset encoder and
+    denoiser) is saved diffusers-style: ``model_index.json`` names the components, each is in its own
+    folder with its ``config.json`` (its class and the keyword arguments that build it) and ``model.safetensors``, and the
+    root ``model.safetensors`` holds the rest of the state. A directory saved before components existed (everything in the
+    root ``model.safetensors``) still loads."""
 
     method_name: str = "head"
 
@@ -239,11 +289,36 @@ class HeadGeneratorHubMixin(GeneratorHubMixin):
         """The model card; keyword arguments are fields of :class:`~ocd_hf.GeneratorCardData`."""
         raise NotImplementedError(f"{type(self).__name__} must implement model_card(**model_card_kwargs).")
 
+    @classmethod
+    def component_configs(cls, config: PretrainedConfig) -> dict[str, dict[str, Any]]:
+        """``{name: saved config}`` of the submodules that ``config`` builds and that are saved as components: the component's
+        class (``_class_name``) and the keyword arguments that build it. None by default: the whole state is one file."""
+        return {}
+
+    @property
+    def hub_files(self) -> tuple[str, ...]:  # type: ignore[override]  # a component folder's files are named per instance
+        """The files :meth:`save_files` writes (and :meth:`push_to_hub` uploads)."""
+        names = list(self.component_configs(self.config))
+        index = [MODEL_INDEX_NAME] if names else []
+        return (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, *index, *(f"{name}/{filename}" for name in names for filename in (CONFIG_NAME, WEIGHTS_NAME)))
+
     def save_files(self, save_directory: str | os.PathLike, model_card_kwargs: Mapping[str, Any] | None = None) -> None:
-        """Write ``config.json``, ``model.safetensors`` and ``README.md`` (sections written outside its generated
-        block survive). :meth:`save_pretrained` (which can also push) and :meth:`push_to_hub` call this."""
+        """Write ``config.json``, ``model.safetensors``, the component folders with ``model_index.json`` (if any) and
+        ``README.md`` (sections written outside its generated block survive). :meth:`save_pretrained` (which can also
+        push) and :meth:`push_to_hub` call this."""
         card = self.model_card(**dict(model_card_kwargs or {}))  # unknown card fields fail before anything is written
-        save_generator(save_directory, self.config, self.state_dict())
+        state = self.state_dict()
+        components = self.component_configs(self.config)
+        save_generator(save_directory, self.config, {key: value for key, value in state.items() if key.split(".", 1)[0] not in components})
+        for name, settings in components.items():
+            prefix = f"{name}."
+            save_weights(os.path.join(save_directory, name), settings, {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)})
+        if components:
+            # diffusers' model_index.json: each component as [the module of its class, the class]
+            index = {"_class_name": type(self).__name__, **{name: [type(getattr(self, name)).__module__, settings["_class_name"]]
+                                                            for name, settings in components.items()}}
+            replace_atomically(os.path.join(save_directory, MODEL_INDEX_NAME),
+                               lambda path: path.write_text(json.dumps(index, indent=2) + "\n"))
         write_card(card, save_directory)
 
     def default_commit_message(self) -> str:
@@ -264,18 +339,23 @@ class HeadGeneratorHubMixin(GeneratorHubMixin):
         force_download: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Load a saved generator from a directory (its ``subfolder``, if given) or a Hub repo, config and weights
-        from one commit, the weights checked before anything is built.
+        """Load a saved generator from a directory (its ``subfolder``, if given) or a Hub repo, every file from one
+        commit, the weights checked before anything is built.
 
         With ``encoder``, refuses it if its embedding size or fingerprint differs from the config's
         (``check_encoder``). Keyword arguments ``transformers`` passes along (e.g. ``trust_remote_code``) are ignored.
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments besides the path.")
-        hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only, "force_download": force_download}
+        hub_kwargs = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only, "force_download": force_download}
         config, state, weights_file = read_generator_files(
-            cls.config_class, pretrained_model_name_or_path, config=config, subfolder=subfolder, **hub_kwargs
+            cls.config_class, pretrained_model_name_or_path, config=config, subfolder=subfolder, revision=revision, **hub_kwargs
         )
+        components = cls.component_configs(config)
+        # Saved before components existed: the root model.safetensors holds every tensor and loads as it is.
+        if components and not any(key.split(".", 1)[0] in components for key in state):
+            state.update(read_components(pretrained_model_name_or_path, components, weights_file, subfolder=subfolder, revision=revision,
+                                         **hub_kwargs))
         model = cls(config)
         load_checked_state(model, state, weights_file)
         if encoder is not None:

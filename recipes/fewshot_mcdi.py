@@ -18,17 +18,22 @@ and adds the cross-domain split ``fashion_mnist``, scored like meta-val and meta
 ``--checkpoints-per-task`` checkpoints of every harvested head, the three stages of ``train_d2nwg`` (conditioning
 supports re-drawn from the meta-train classes), and the rows ``d2nwg`` (one draw), ``d2nwg_mean10`` (the mean
 accuracy of 10 draws), ``d2nwg_support_loss10`` (the draw of 10 with the lowest support loss: deployable),
-``d2nwg_then_adam{1,5,25}``, the same Adam baselines, the ``--ablations`` of ``D2NWG_ABLATIONS``, and † the paper's
-protocol ``d2nwg_query_top3of50`` (the mean accuracy of the best 3 of 50 draws ranked by *query* accuracy: it reads
-the test labels, a bound).
+``d2nwg_then_adam{1,5,25}``, the same Adam baselines, the ``--ablations`` of ``D2NWG_ABLATIONS`` (the paper's: ``no_vae``
+— diffusion on the standardised weights; ``no_alignment`` — the encoder trained with the denoiser; the encoders
+``set_transformer`` and ``mlp_encoder``; the zoo ``checkpoints_per_task_1``, ``zoo_500_tasks``, ``zoo_1000_tasks``), and † the
+paper's protocol ``d2nwg_query_top3of50`` (the mean accuracy of the best 3 of 50 draws ranked by *query* accuracy: it
+reads the test labels, a bound). The D2NWG rows share their draws (draw ``s`` of a task is the same in every row), so a
+row's latency counts only the draws no earlier row made.
 
     pip install -e ".[recipes]" && apt-get install -y wordnet-base      # the offline default's data
     apt-get install -y dataset-fashion-mnist                            # --source glyphs' cross-domain split (or --cross-domain none)
     accelerate launch recipes/fewshot_mcdi.py                           # WordNet supersenses, 5-way 1- and 5-shot
+    python recipes/fewshot_mcdi.py --method d2nwg --jobs 2              # D2NWG; 1- and 5-shot at once, one thread each (2 cores)
     python recipes/fewshot_mcdi.py --shots 1 --ablations reptile mvdi twdi fit_on_support small_denoiser   # the ablations
     python recipes/fewshot_mcdi.py --source debian                      # Debian package sections (apt-cache dumpavail)
     python recipes/fewshot_mcdi.py --source glyphs                      # images: matplotlib's fonts -> LeNet-5 fc3 heads (recipes/fewshot_images.py)
-    python recipes/fewshot_mcdi.py --method d2nwg --shots 1 --ablations no_alignment set_transformer mlp_encoder checkpoints_per_task_1
+    python recipes/fewshot_mcdi.py --method d2nwg --shots 1 --ablations no_vae no_alignment set_transformer mlp_encoder \
+        checkpoints_per_task_1 zoo_500_tasks zoo_1000_tasks                      # D2NWG's ablations
     python recipes/fewshot_mcdi.py --source ag_news --text-column text --label-column label --model sentence-transformers/all-MiniLM-L6-v2
 
 The embedding cache, head datasets, generators and results go under ``--output-dir``.
@@ -87,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="outputs/fewshot_mcdi")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the first shot setting's generator")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores of one process)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the shot settings in this many processes of one thread each: the numbers of --threads 1, "
+                             "in the wall time of the slowest shot setting when there are as many free cores")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--feature-check", action="store_true",
                         help="image sources: print the protocol facts and the baselines on meta-val and the cross-domain split, then stop")
@@ -100,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # An ablation that changes nothing: every setting it overrides already has that value (config_overrides is no argument).
     if same := [name for name in args.ablations if all(getattr(args, key, None) == value for key, value in ablations[name][1].items())]:
         parser.error(f"--ablations {' '.join(same)}: already the default generator's setting; drop it or change the default.")
+    if args.method == "d2nwg" and (small := [name for name in args.ablations if ablations[name][1].get("num_tasks", 0) >= args.num_tasks]):
+        parser.error(f"--ablations {' '.join(small)}: a zoo-size ablation trains on fewer tasks than --num-tasks {args.num_tasks}; raise --num-tasks.")
+    if args.jobs < 1 or (args.jobs > 1 and args.threads not in (None, 1)):
+        parser.error(f"--jobs {args.jobs} with --threads {args.threads}: --jobs must be >= 1, and each job runs on one thread (drop --threads).")
     if args.feature_check and args.source not in IMAGE_SOURCES:
         parser.error(f"--feature-check takes an image --source ({', '.join(IMAGE_SOURCES)}), got {args.source!r}.")
     if args.model is None and args.source not in IMAGE_SOURCES:
@@ -155,15 +167,18 @@ ABLATIONS = {
 
 
 # D2NWG's ablations (the paper's App. C and E), each trained on its own: settings are recipe arguments, the
-# training's (``joint_encoder``) or ``config_overrides``. The paper's "no VAE" (diffusion on the standardised weight
-# vector) is not offered: train_d2nwg always trains and diffuses through the VAE.
+# training's (``joint_encoder``, ``num_tasks``) or ``config_overrides``.
 D2NWG_ABLATIONS = {
+    "no_vae": ("D2NWG without the weight VAE: the diffusion runs on the standardised head rows themselves (App. C.4)",
+               {"config_overrides": {"use_vae": False}}),
     "no_alignment": ("D2NWG without contrastive alignment: the dataset encoder trained jointly with the denoiser",
                      {"alignment_steps": 0, "joint_encoder": True}),
     "set_transformer": ("D2NWG with the paper's Set Transformer encoder (pools across classes: cannot tell which row is which class)",
                         {"config_overrides": {"encoder_type": "set_transformer"}}),
     "mlp_encoder": ("D2NWG with the authors' code's order-aware MLP encoder", {"config_overrides": {"encoder_type": "mlp"}}),
     "checkpoints_per_task_1": ("D2NWG on a zoo of one checkpoint per task (the last; E = 1)", {"checkpoints_per_task": 1}),
+    "zoo_500_tasks": ("D2NWG trained on the first 500 harvested meta-train tasks only (zoo size, App. C.3)", {"num_tasks": 500}),
+    "zoo_1000_tasks": ("D2NWG trained on the first 1 000 harvested meta-train tasks only (zoo size, App. C.3)", {"num_tasks": 1000}),
 }
 D2NWG_DRAWS = 10  # the draws of the mean and support-loss rows
 D2NWG_TOP, D2NWG_POOL = 3, 50  # the paper's protocol: the best 3 of 50 draws by query accuracy (†)
@@ -206,17 +221,18 @@ def mcdi_fitters(generator: Any, seed: int) -> tuple[dict[str, Any], dict[str, s
     return fitters, descriptions
 
 
-def d2nwg_draws(generator: Any, seed: int, num_draws: int) -> Any:
-    """``draw(support, labels) -> (E, num_draws, N, d+1)``: draw ``s`` of every task starts from noise seeded with
-    ``seed + s``, so that the draws are nested up to float rounding (the first of 50 is the single draw, the first 10 those of 10)."""
+def d2nwg_draws(generator: Any, seed: int, num_draws: int, first: int = 0) -> Any:
+    """``draw(support, labels) -> (E, num_draws, N, d+1)``: draws ``first .. first + num_draws - 1``, draw ``s`` of every
+    task starting from noise seeded with ``seed + s``, so that the draws are nested up to float rounding (the first of 50
+    is the single draw, the first 10 those of 10): each head's DDIM chain reads only its own noise and task."""
     import torch
 
     config = generator.config
 
     def draw(support: Any, labels: Any) -> Any:
         num_classes = int(labels.max()) + 1
-        shape = (support.shape[0], config.vectorizer.num_tokens(num_classes), config.vae_config["latent_size"])
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + index)) for index in range(num_draws)], 1)
+        shape = (support.shape[0], config.vectorizer.num_tokens(num_classes), config.latent_size)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + first + index)) for index in range(num_draws)], 1)
         chunk = max(1, D2NWG_CHUNK // num_draws)
         with torch.no_grad():
             heads = [generator.generate_heads(support[start : start + chunk].float(), labels[start : start + chunk], num_samples=num_draws,
@@ -226,38 +242,74 @@ def d2nwg_draws(generator: Any, seed: int, num_draws: int) -> Any:
     return draw
 
 
+class SharedDraws:
+    """The draws ``0 .. n-1`` of a generator for a set of support sets, made once and shared by every row that reads them
+    (the single draw, the 10 of the mean and support-loss rows, the start of fine-tuning, the 50 of the † row): a row
+    asking for more draws than an earlier row made draws only the missing ones (:func:`d2nwg_draws`' ``first``).
+
+    The last ``entries`` support sets are kept (the benchmark's warm-up call on two episodes, then all of them), matched by
+    value. The draws equal those made row by row up to float rounding: bit for bit where a head's chain does not depend on
+    the batch it is computed in (measured for the default-size generator on this project's 2-core CPU; not for the tests'
+    tiny one). A row's wall time then counts only the draws it added."""
+
+    def __init__(self, generator: Any, seed: int, entries: int = 2) -> None:
+        self.generator, self.seed, self.entries = generator, seed, entries
+        self.cache: list[tuple[Any, Any, Any]] = []  # (support as float32, labels, draws (E, n, N, d+1))
+
+    def __call__(self, support: Any, labels: Any, num_draws: int) -> Any:
+        """Draws ``0 .. num_draws - 1`` of every task: ``(E, num_draws, N, d+1)``."""
+        import torch
+
+        support = support.float()
+        for index, (seen, seen_labels, heads) in enumerate(self.cache):
+            if seen.shape == support.shape and torch.equal(seen, support) and torch.equal(seen_labels, labels):
+                if heads.shape[1] < num_draws:
+                    missing = d2nwg_draws(self.generator, self.seed, num_draws - heads.shape[1], first=heads.shape[1])
+                    heads = torch.cat([heads, missing(support, labels)], 1)
+                self.cache.insert(0, (seen, seen_labels, heads))
+                del self.cache[index + 1]
+                return heads[:, :num_draws]
+        heads = d2nwg_draws(self.generator, self.seed, num_draws)(support, labels)
+        self.cache = [(support, labels, heads), *self.cache][: self.entries]
+        return heads
+
+
 def d2nwg_fitters(generator: Any, seed: int) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
     """Rows of a trained D2NWG generator: one draw, the mean accuracy of 10, the draw of 10 with the lowest support
     loss, the first draw fine-tuned for a few Adam steps; and the † oracle of the paper's protocol (top 3 of 50 by
-    query accuracy), which reads the query labels."""
+    query accuracy), which reads the query labels. The rows share their draws (:class:`SharedDraws`): a row's ms/task
+    counts only the draws no earlier row made (one draw costs the ``d2nwg`` row's)."""
     from ocd_hf.fewshot import adam_fitter
     from ocd_hf.methods.d2nwg import select_heads
 
-    one, several, pool = d2nwg_draws(generator, seed, 1), d2nwg_draws(generator, seed, D2NWG_DRAWS), d2nwg_draws(generator, seed, D2NWG_POOL)
+    draws = SharedDraws(generator, seed)
 
     def support_loss(support: Any, labels: Any, n_way: int) -> Any:
-        return select_heads(several(support, labels), support.double(), labels, "support_loss")[:, 0]
+        return select_heads(draws(support, labels, D2NWG_DRAWS), support.double(), labels, "support_loss")[:, 0]
 
     def query_top(episodes: Any) -> Any:
-        return select_heads(pool(episodes.support, episodes.support_labels), episodes.support.double(), episodes.support_labels, "query_topk",
-                            query=episodes.query.double(), query_labels=episodes.query_labels, top_k=D2NWG_TOP)
+        return select_heads(draws(episodes.support, episodes.support_labels, D2NWG_POOL), episodes.support.double(), episodes.support_labels,
+                            "query_topk", query=episodes.query.double(), query_labels=episodes.query_labels, top_k=D2NWG_TOP)
 
     fitters = {
-        "d2nwg": lambda support, labels, n_way: one(support, labels)[:, 0],
-        f"d2nwg_mean{D2NWG_DRAWS}": lambda support, labels, n_way: several(support, labels),
+        "d2nwg": lambda support, labels, n_way: draws(support, labels, 1)[:, 0],
+        f"d2nwg_mean{D2NWG_DRAWS}": lambda support, labels, n_way: draws(support, labels, D2NWG_DRAWS),
         f"d2nwg_support_loss{D2NWG_DRAWS}": support_loss,
     }
     descriptions = {
         "d2nwg": "D2NWG: one generated head (DDIM, all episodes batched)",
-        f"d2nwg_mean{D2NWG_DRAWS}": f"D2NWG: the mean accuracy of {D2NWG_DRAWS} generated heads (the expected accuracy of one draw)",
-        f"d2nwg_support_loss{D2NWG_DRAWS}": f"D2NWG: of {D2NWG_DRAWS} draws, the one with the lowest loss on the support (deployable)",
+        f"d2nwg_mean{D2NWG_DRAWS}": f"D2NWG: the mean accuracy of {D2NWG_DRAWS} generated heads (the expected accuracy of one draw; "
+                                    f"ms/task: the {D2NWG_DRAWS - 1} draws after the d2nwg row's)",
+        f"d2nwg_support_loss{D2NWG_DRAWS}": f"D2NWG: of {D2NWG_DRAWS} draws, the one with the lowest loss on the support (deployable; "
+                                            f"the draws of d2nwg_mean{D2NWG_DRAWS}: ms/task is the selection only)",
     }
     for steps in FINETUNE_STEPS:
         fitters[f"d2nwg_then_adam{steps}"] = adam_fitter(steps, start=fitters["d2nwg"])
-        descriptions[f"d2nwg_then_adam{steps}"] = f"the generated head fine-tuned on the support for {steps} Adam steps (lr 0.005)"
+        descriptions[f"d2nwg_then_adam{steps}"] = (f"the generated head (the d2nwg row's draw: ms/task is the fine-tuning only) fine-tuned on "
+                                                   f"the support for {steps} Adam steps (lr 0.005)")
     oracle = f"d2nwg_query_top{D2NWG_TOP}of{D2NWG_POOL}"
     descriptions[oracle] = (f"D2NWG, the paper's protocol: the mean accuracy of the best {D2NWG_TOP} of {D2NWG_POOL} draws ranked by "
-                            "query accuracy (uses test labels)")
+                            f"query accuracy (uses test labels; ms/task: the {D2NWG_POOL - D2NWG_DRAWS} draws after the first {D2NWG_DRAWS})")
     return fitters, descriptions, {oracle: query_top}
 
 
@@ -300,7 +352,8 @@ def train_d2nwg_generator(
     args: argparse.Namespace, splits: Any, heads: Path, directory: Path, config_overrides: dict | None = None, **overrides: Any
 ) -> Any:
     """D2NWG's three stages on the zoo ``heads``, every conditioning support re-drawn from the meta-train classes;
-    ``overrides`` are recipe arguments (``checkpoints_per_task``, ``alignment_steps``, ``joint_encoder``) or ``config_overrides``."""
+    ``overrides`` are recipe arguments (``checkpoints_per_task``, ``alignment_steps``), training arguments (``joint_encoder``,
+    ``num_tasks``: the zoo's first tasks only) or ``config_overrides``."""
     from ocd_hf.methods.d2nwg import D2NWGTrainingArguments, train_d2nwg
 
     settings = {"num_checkpoints": overrides.pop("checkpoints_per_task", args.checkpoints_per_task), "vae_steps": args.vae_steps,
@@ -356,10 +409,12 @@ def run_shot(args: argparse.Namespace, splits: Any, shots: int, encoder_fingerpr
     benchmark = splits.benchmark_episodes(args.n_way, shots, args.queries, args.episodes, column="embedding")
     for split, episodes in benchmark.items():  # the same fixed episodes for every row
         split_name = f"meta-{split}" if split in ("val", "test") else f"{split} (cross-domain)"
+        started = time.perf_counter()
         table = evaluate_episodes(
             episodes, fitters, kinds=kinds, descriptions=descriptions, oracle_fitters=oracles, output_dir=root / f"results-{split}",
             title=f"{METHOD_NAMES[args.method]}, {args.n_way}-way {shots}-shot, {split_name} classes",
         )
+        seconds[f"evaluate_{split}"] = time.perf_counter() - started
         summary[split] = {row.name: (row.mean("accuracy"), row.ci95("accuracy")) for row in table.rows}
         if split == "test":  # the card carries the meta-test table next to the settings
             settings = json.loads((root / "generator" / HISTORY_NAME).read_text())["settings"]
@@ -398,12 +453,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.jobs > 1:
+        torch.set_num_threads(args.threads or 1)
     splits, fingerprint = load_splits(args)
     summary = {"args": vars(args), "split": splits.record}
-    for shots in args.shots:
-        summary[f"{shots}shot"] = run_shot(args, splits, shots, fingerprint)
+    jobs = min(args.jobs, len(args.shots))
+    # One process per shot setting, one thread each. Forked: the children start with the splits in memory, and the parent has
+    # run on one thread since the start, so there is no OpenMP pool to inherit (spawn would re-import everything, ~30 s).
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from itertools import repeat
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            shot_summaries = list(pool.map(run_shot, repeat(args), repeat(splits), args.shots, repeat(fingerprint)))
+    else:
+        shot_summaries = [run_shot(args, splits, shots, fingerprint) for shots in args.shots]
+    summary.update({f"{shots}shot": shot_summary for shots, shot_summary in zip(args.shots, shot_summaries)})
     output = Path(args.output_dir) / "summary.json"
     output.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if args.push_to_hub:

@@ -14,8 +14,8 @@ from ocd_hf.episodes import EpisodeSampler
 from ocd_hf.fewshot import episode_accuracy
 from ocd_hf.methods.d2nwg import D2NWGTrainingArguments, train_d2nwg
 from ocd_hf.methods.d2nwg import training as training_module
-from ocd_hf.task_heads import harvest_task_heads
-from ocd_hf.trainer import HISTORY_NAME, list_checkpoints
+from ocd_hf.task_heads import harvest_task_heads, resolve_head_dataset
+from ocd_hf.trainer import HISTORY_NAME, list_checkpoints, split_rows
 
 QUIET = {"progress": False, "logging_steps": 2}
 SMALL = {"vae_config": {"latent_size": 16, "hidden_size": 64, "num_layers": 1}, "projection_size": 16,
@@ -104,3 +104,35 @@ def test_without_alignment_the_encoder_trains_with_the_denoiser(zoo, tmp_path):
     assert "out.weight" in moved and len(moved) > len(initial) // 2  # the diffusion loss trained the encoder
     with pytest.raises(ValueError, match="alignment_steps=0 would leave the dataset encoder untrained"):
         D2NWGTrainingArguments(alignment_steps=0)
+
+
+def test_without_a_vae_the_vae_stage_is_skipped_and_the_tokens_are_aligned_and_diffused(zoo, tmp_path):
+    settings = dict(vae_steps=2, alignment_steps=2, num_steps=3, batch_size=8, validation_fraction=0.0, ema_decay=None, seed=0, **QUIET)
+    model = train_d2nwg(zoo, tmp_path, config_overrides={**TINY, "use_vae": False}, **settings)
+    assert model.vae is None and sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["alignment", "diffusion"]
+    assert set(json.loads((tmp_path / HISTORY_NAME).read_text())["stages"]) == {"alignment", "diffusion"}
+    # latent_scale is 1 / the std of the standardised tokens of every kept checkpoint (about 1)
+    tokens = model.heads_to_tokens(torch.as_tensor(resolve_head_dataset(zoo)[0].with_format("torch")[:]["targets"]).float()).double()
+    assert model.config.latent_scale == pytest.approx(1 / float(tokens.std(unbiased=False)), rel=1e-4)
+    loaded = type(model).from_pretrained(tmp_path)
+    support = torch.randn(2, 6, 16)
+    labels = torch.arange(3).repeat_interleave(2).repeat(2, 1)
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    heads = loaded.generate_heads(support, labels, num_samples=2, generator=generator())
+    assert heads.shape == (2, 2, 3, 17) and torch.equal(heads, model.generate_heads(support, labels, num_samples=2, generator=generator()))
+
+
+def test_the_zoo_size_ablation_trains_on_the_first_tasks_only(zoo, tmp_path):
+    settings = dict(config_overrides=TINY, vae_steps=1, alignment_steps=1, num_steps=1, batch_size=8, validation_fraction=0.25, ema_decay=None,
+                    seed=0, **QUIET)
+    model = train_d2nwg(zoo, tmp_path, num_tasks=40, **settings)
+    stages = json.loads((tmp_path / HISTORY_NAME).read_text())["stages"]
+    assert {(s["num_train_tasks"], s["num_validation_tasks"]) for s in stages.values()} == {(30, 10)}
+    assert model.config.harvest_config["num_tasks_trained"] == 40
+    # the first 40 tasks' statistics, not the whole zoo's
+    first = resolve_head_dataset(zoo)[0].select(range(40))
+    train, _ = split_rows(first.select_columns(["targets"]), 0.25, 0, item_name="task")
+    tokens = torch.as_tensor(train.with_format("torch")[:]["targets"]).flatten(0, 2).double()
+    torch.testing.assert_close(model.weight_mean[0], tokens.mean(0).float())
+    with pytest.raises(ValueError, match="num_tasks=97 exceeds the 96 tasks of the zoo"):
+        train_d2nwg(zoo, tmp_path / "other", num_tasks=97, **settings)

@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sentence_transformers = pytest.importorskip("sentence_transformers")
 
 import fewshot_mcdi  # recipes/ is on pytest's pythonpath  # noqa: E402
+from helpers.d2nwg import tiny_d2nwg  # noqa: E402
+from helpers.mcdi import support_set  # noqa: E402
 from test_backbones import WORDS, tiny_sentence_transformer, write_tiny_bert  # noqa: E402
 
 from ocd_hf import load_head_metadata  # noqa: E402
@@ -60,13 +62,15 @@ def test_recipe_runs_from_items_to_the_benchmark(tmp_path):
 
 def test_d2nwg_method_writes_its_rows_and_the_paper_protocol_as_a_bound_that_reads_the_query_labels(tmp_path):
     summary = fewshot_mcdi.main([*tiny_items(tmp_path), "--method", "d2nwg", "--vae-steps", "3", "--alignment-steps", "2", "--episodes", "8",
-                                 "--ablations", "no_alignment", "checkpoints_per_task_1"])
+                                 "--ablations", "no_alignment", "checkpoints_per_task_1", "no_vae", "zoo_500_tasks",
+                                 "--num-tasks", "600"])
     root = tmp_path / "out" / "3way-1shot"
     generated = {"d2nwg", "d2nwg_mean10", "d2nwg_support_loss10", "d2nwg_then_adam1", "d2nwg_then_adam5", "d2nwg_then_adam25"}
     adam = {"random_then_adam0", "random_then_adam1", "random_then_adam5", "random_then_adam25"}
     baselines = {"logistic_regression", "nearest_centroid", "query_label_bound"}
     for split in ("val", "test"):
-        assert set(summary["1shot"][split]) == generated | adam | baselines | {"no_alignment", "checkpoints_per_task_1", "d2nwg_query_top3of50"}
+        ablations = {"no_alignment", "checkpoints_per_task_1", "no_vae", "zoo_500_tasks"}
+        assert set(summary["1shot"][split]) == generated | adam | baselines | ablations | {"d2nwg_query_top3of50"}
         table = ResultsTable.from_json(root / f"results-{split}" / "results.json")
         oracle = table["d2nwg_query_top3of50"]
         assert oracle.kind == "bound" and "uses test labels" in oracle.description
@@ -83,7 +87,32 @@ def test_d2nwg_method_writes_its_rows_and_the_paper_protocol_as_a_bound_that_rea
     assert json.loads((root / "generator-checkpoints_per_task_1" / "training_history.json").read_text())["settings"]["num_checkpoints"] == 1
     ablation = json.loads((root / "generator-no_alignment" / "training_history.json").read_text())
     assert set(ablation["stages"]) == {"vae", "diffusion"} and ablation["settings"]["joint_encoder"] is True
+    assert set(json.loads((root / "generator-no_vae" / "training_history.json").read_text())["stages"]) == {"alignment", "diffusion"}
+    assert json.loads((root / "generator-zoo_500_tasks" / "training_history.json").read_text())["settings"]["num_tasks"] == 500
     assert "| d2nwg_then_adam5 |" in (root / "generator" / "README.md").read_text()
+
+
+def test_the_d2nwg_rows_share_their_draws_which_equal_the_draws_made_alone(monkeypatch):
+    model = tiny_d2nwg()
+    support, labels = support_set(num_tasks=3, n_way=3, k_shot=2)
+    reference = fewshot_mcdi.d2nwg_draws(model, 4, 50)(support, labels)  # every draw made at once
+    made, original = [], model.generate_heads
+
+    def counting(support, labels, num_samples, noise):
+        made.append(len(support) * num_samples)
+        return original(support, labels, num_samples=num_samples, noise=noise)
+
+    monkeypatch.setattr(model, "generate_heads", counting)
+    draws = fewshot_mcdi.SharedDraws(model, seed=4)
+    one = draws(support, labels, 1)
+    ten = draws(support.double(), labels, 10)  # the same support sets in another dtype (the fine-tuning rows pass float32)
+    few = draws(support[:2], labels[:2], 3)  # the benchmark's warm-up call on two episodes: another entry
+    fifty = draws(support, labels, 50)
+    assert made == [3 * 1, 3 * 9, 2 * 3, 3 * 40], "each row draws only what no earlier row drew"
+    assert torch.equal(one, fifty[:, :1]) and torch.equal(ten, fifty[:, :10]) and fifty.dtype == torch.float64
+    # nested draws: draw s starts from the noise seeded 4 + s (equal up to float rounding: the chains ran in other batches)
+    torch.testing.assert_close(fifty, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(few, fewshot_mcdi.d2nwg_draws(model, 4, 3)(support[:2], labels[:2]), rtol=1e-4, atol=1e-5)
 
 
 def test_ablations_belong_to_their_method():
@@ -94,8 +123,28 @@ def test_ablations_belong_to_their_method():
     with pytest.raises(SystemExit):
         fewshot_mcdi.parse_args(["--method", "d2nwg", "--checkpoints-per-task", "1", "--ablations", "checkpoints_per_task_1", "--model", "m"])
     assert fewshot_mcdi.parse_args(["--method", "d2nwg", "--ablations", "set_transformer", "--model", "m"]).ablations == ["set_transformer"]
+    with pytest.raises(SystemExit):  # the zoo-size ablation needs a larger harvest than it trains on
+        fewshot_mcdi.parse_args(["--method", "d2nwg", "--num-tasks", "500", "--ablations", "zoo_1000_tasks", "--model", "m"])
+    assert fewshot_mcdi.parse_args(["--method", "d2nwg", "--ablations", "zoo_500_tasks", "no_vae", "--model", "m"]).num_tasks == 2000
 
 
 def test_the_feature_check_is_for_image_sources_only():
     with pytest.raises(SystemExit):
         fewshot_mcdi.parse_args(["--feature-check", "--model", "m"])
+
+
+def report_process(args, splits, shots, fingerprint):
+    """A stand-in for ``run_shot`` that reports where it ran."""
+    return {"pid": os.getpid(), "threads": torch.get_num_threads(), "shots": shots, "classes": splits["train"].num_classes}
+
+
+def test_jobs_run_the_shot_settings_in_processes_of_one_thread(tmp_path, monkeypatch):
+    # One run of the real recipe with --shots 1 2, in --jobs 2 against --threads 1, gave equal summaries (30 s: not kept here).
+    monkeypatch.setattr(fewshot_mcdi, "run_shot", report_process)
+    summary = fewshot_mcdi.main([*tiny_items(tmp_path), "--shots", "3", "1", "2", "--jobs", "2"])
+    runs = [summary[f"{shots}shot"] for shots in (3, 1, 2)]
+    assert [run["shots"] for run in runs] == [3, 1, 2] and {run["threads"] for run in runs} == {1} and {run["classes"] for run in runs} == {4}
+    assert os.getpid() not in {run["pid"] for run in runs} and len({run["pid"] for run in runs}) <= 2
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["1shot"]["shots"] == 1
+    with pytest.raises(SystemExit):
+        fewshot_mcdi.parse_args(["--jobs", "2", "--threads", "2", "--model", "m"])

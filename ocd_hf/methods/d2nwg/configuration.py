@@ -37,6 +37,9 @@ class D2NWGConfig(PretrainedConfig):
         vectorization: ``"row"`` (one latent token per head row: the default, needed by the row-aligned encoder),
             ``"model"`` (model-wise, one vector) or ``"layer"`` (layer-wise chunks of ``chunk_size``, chunk index as a condition).
         chunk_size: the chunk length of ``"layer"``.
+        use_vae: ``False`` is the paper's "no VAE" ablation (App. C.4): no weight VAE; the diffusion runs on the
+            standardised weight tokens themselves (the latents are the tokens, ``latent_size`` is the token width) and the
+            dataset encoder is aligned to them. ``vae_config``, ``vae_loss`` and ``kl_weight`` are then unused.
         vae_config: ``latent_size``, ``hidden_size``, ``num_layers`` of the :class:`~ocd_hf.methods.d2nwg.modules.WeightVAE`.
         vae_loss: ``"paper"`` (squared error + ``kl_weight``·KL, Eq. 1) or ``"code"`` (the authors' code: L1 / exp(logvar) +
             logvar with a learned scalar log-variance, + ``kl_weight``·KL + 1000·MSE).
@@ -65,6 +68,7 @@ class D2NWGConfig(PretrainedConfig):
         max_shots: int = 5,
         vectorization: str = "row",
         chunk_size: int | None = None,
+        use_vae: bool = True,
         vae_config: dict[str, Any] | None = None,
         vae_loss: str = "paper",
         kl_weight: float = 1e-6,
@@ -101,6 +105,7 @@ class D2NWGConfig(PretrainedConfig):
         HeadVectorizer(vectorization, embedding_dim, max_num_classes, chunk_size)  # refuses a missing chunk_size
         self.embedding_dim, self.max_num_classes, self.max_shots = int(embedding_dim), int(max_num_classes), int(max_shots)
         self.vectorization, self.chunk_size = vectorization, chunk_size
+        self.use_vae = bool(use_vae)
         self.vae_config = _merge("vae_config", DEFAULT_VAE_CONFIG, vae_config)
         self.vae_loss, self.kl_weight = vae_loss, float(kl_weight)
         self.encoder_type = encoder_type
@@ -124,6 +129,11 @@ class D2NWGConfig(PretrainedConfig):
         """The sampler's steps: ``num_inference_steps``, else the sampler's default."""
         default = DEFAULT_INFERENCE_STEPS[self.sampler] or self.scheduler_config["num_train_timesteps"]
         return int(self.num_inference_steps or default)
+
+    @property
+    def latent_size(self) -> int:
+        """The size of one diffused latent token: the VAE's ``latent_size``, or the token width without a VAE."""
+        return int(self.vae_config["latent_size"]) if self.use_vae else self.vectorizer.width
 
     @property
     def vectorizer(self) -> HeadVectorizer:

@@ -29,6 +29,7 @@ def d2nwg_card(model: PreTrainedModel, card_data: GeneratorCardData | None = Non
         "max_num_classes": config.max_num_classes,
         "vectorization": config.vectorization,
         "chunk_size": config.chunk_size,
+        "use_vae": config.use_vae,
         "vae_config": config.vae_config,
         "vae_loss": config.vae_loss,
         "kl_weight": config.kl_weight,
@@ -40,7 +41,8 @@ def d2nwg_card(model: PreTrainedModel, card_data: GeneratorCardData | None = Non
         "sampler": config.sampler,
         "inference_steps": config.inference_steps,
         "latent_scale": config.latent_scale,
-        "num_parameters": {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("vae", "dataset_encoder", "denoiser")},
+        "components": list(model.component_configs(config)),
+        "num_parameters": {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in model.component_configs(config)},
         "harvest_config": config.harvest_config,
         "task_distribution": config.task_distribution,
     }

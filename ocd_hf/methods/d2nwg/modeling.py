@@ -18,7 +18,7 @@ from ...modeling_utils import HeadGeneratorHubMixin
 from .configuration import D2NWGConfig
 from .diffusion import make_scheduler, sample_latents
 from .model_card import d2nwg_card
-from .modules import LatentDenoiser, WeightVAE, build_dataset_encoder, group_by_class
+from .modules import ENCODER_CLASSES, LatentDenoiser, WeightVAE, build_dataset_encoder, group_by_class
 
 SELECTIONS = ("none", "support_loss", "query_topk")
 
@@ -26,10 +26,13 @@ SELECTIONS = ("none", "support_loss", "query_topk")
 class D2NWGHeadGenerator(HeadGeneratorHubMixin, PreTrainedModel):
     """A dataset-conditioned generator of classification heads ``(N, d+1)`` for a frozen encoder (D2NWG).
 
-    Three components: ``vae`` (weight tokens <-> latents), ``dataset_encoder`` (class-grouped support ->
-    dataset code) and ``denoiser`` (ε over the latents given the code), plus the per-coordinate ``weight_mean`` /
-    ``weight_std`` of the training heads' tokens. Build it from a :class:`~ocd_hf.methods.d2nwg.D2NWGConfig`
-    (untrained), with :func:`~ocd_hf.methods.d2nwg.train_d2nwg`, or with :meth:`from_pretrained`.
+    Three components: ``vae`` (weight tokens <-> latents; ``None`` with ``use_vae=False``, the no-VAE ablation that
+    diffuses the tokens themselves), ``dataset_encoder`` (class-grouped support -> dataset code) and ``denoiser`` (ε over
+    the latents given the code), plus the per-coordinate ``weight_mean`` / ``weight_std`` of the training heads' tokens.
+    Build it from a :class:`~ocd_hf.methods.d2nwg.D2NWGConfig` (untrained), with :func:`~ocd_hf.methods.d2nwg.train_d2nwg`,
+    or with :meth:`from_pretrained`. Saved diffusers-style: ``model_index.json`` names the components, each in its own
+    folder (``vae/``, ``dataset_encoder/``, ``denoiser/``) with its ``config.json`` and ``model.safetensors``; the root
+    ``model.safetensors`` holds the statistics.
     """
 
     method_name = "D2NWG"
@@ -38,21 +41,36 @@ class D2NWGHeadGenerator(HeadGeneratorHubMixin, PreTrainedModel):
 
     def __init__(self, config: D2NWGConfig) -> None:
         super().__init__(config)
-        vectorizer = config.vectorizer
-        latent_size, code_size = config.vae_config["latent_size"], config.encoder_config["code_size"]
-        self.vae = WeightVAE(vectorizer.width, num_positions=vectorizer.num_positions if config.vectorization == "layer" else 0,
-                             **config.vae_config)
-        encoder_settings = {key: value for key, value in config.encoder_config.items() if key != "code_size"}
-        self.dataset_encoder = build_dataset_encoder(config.encoder_type, config.embedding_dim, code_size, config.max_num_classes,
-                                                     config.max_shots, **encoder_settings)
-        # Token positions tell the denoiser which token is which; a row-aligned code does that itself (and must, to stay equivariant).
-        positions = 0 if config.encoder_type == "row_aligned" else max(vectorizer.num_positions, config.max_num_classes)
-        self.denoiser = LatentDenoiser(latent_size, code_size, num_positions=positions, **config.denoiser_config)
+        settings = {name: {key: value for key, value in saved.items() if key != "_class_name"}
+                    for name, saved in self.component_configs(config).items()}
+        self.vae = WeightVAE(**settings["vae"]) if config.use_vae else None
+        self.dataset_encoder = build_dataset_encoder(**settings["dataset_encoder"])
+        self.denoiser = LatentDenoiser(**settings["denoiser"])
         self.register_buffer("weight_mean", torch.zeros(config.statistics_shape))
         self.register_buffer("weight_std", torch.ones(config.statistics_shape))
 
     def _init_weights(self, module: nn.Module) -> None:
         """The components initialise themselves: nothing to do."""
+
+    @classmethod
+    def component_configs(cls, config: D2NWGConfig) -> dict[str, dict[str, Any]]:
+        """The saved config of each component ``config`` builds: its class (``_class_name``) and the keyword arguments of
+        :class:`~ocd_hf.methods.d2nwg.modules.WeightVAE` (absent without a VAE), :func:`~ocd_hf.methods.d2nwg.modules.build_dataset_encoder`
+        and :class:`~ocd_hf.methods.d2nwg.modules.LatentDenoiser`."""
+        vectorizer, code_size = config.vectorizer, config.encoder_config["code_size"]
+        components: dict[str, dict[str, Any]] = {}
+        if config.use_vae:
+            positions = vectorizer.num_positions if config.vectorization == "layer" else 0
+            components["vae"] = {"_class_name": WeightVAE.__name__, "width": vectorizer.width, "num_positions": positions, **config.vae_config}
+        components["dataset_encoder"] = {
+            "_class_name": ENCODER_CLASSES[config.encoder_type].__name__, "encoder_type": config.encoder_type, "embedding_dim": config.embedding_dim,
+            "max_num_classes": config.max_num_classes, "max_shots": config.max_shots, **config.encoder_config,
+        }
+        # Token positions tell the denoiser which token is which; a row-aligned code does that itself (and must, to stay equivariant).
+        positions = 0 if config.encoder_type == "row_aligned" else max(vectorizer.num_positions, config.max_num_classes)
+        components["denoiser"] = {"_class_name": LatentDenoiser.__name__, "latent_size": config.latent_size, "condition_size": code_size,
+                                  "num_positions": positions, **config.denoiser_config}
+        return components
 
     # ----- the pieces -------------------------------------------------------------------------------
 
@@ -65,16 +83,18 @@ class D2NWGHeadGenerator(HeadGeneratorHubMixin, PreTrainedModel):
         return self.config.vectorizer.to_heads(tokens * self.weight_std + self.weight_mean, num_classes)
 
     def encode_heads(self, heads: torch.Tensor) -> torch.Tensor:
-        """The VAE posterior means ``(..., L, latent_size)`` of heads (not yet multiplied by ``latent_scale``)."""
-        return self.vae.encode(self.heads_to_tokens(heads))[0]
+        """The VAE posterior means ``(..., L, latent_size)`` of heads (not yet multiplied by ``latent_scale``); without a VAE,
+        the standardised tokens."""
+        tokens = self.heads_to_tokens(heads)
+        return tokens if self.vae is None else self.vae.encode(tokens)[0]
 
     def decode_latents(self, latents: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """Heads ``(..., N, d+1)`` from VAE latents (in the VAE's units)."""
-        return self.tokens_to_heads(self.vae.decode(latents), num_classes)
+        """Heads ``(..., N, d+1)`` from VAE latents (in the VAE's units; without a VAE, standardised tokens)."""
+        return self.tokens_to_heads(latents if self.vae is None else self.vae.decode(latents), num_classes)
 
     @torch.no_grad()
     def reconstruct_heads(self, heads: torch.Tensor) -> torch.Tensor:
-        """Heads through the VAE (posterior mean, then the decoder): how much of a head the latent keeps."""
+        """Heads through the VAE (posterior mean, then the decoder): how much of a head the latent keeps (all of it without a VAE)."""
         return self.decode_latents(self.encode_heads(heads), heads.shape[-2])
 
     def encode_support(self, grouped: torch.Tensor) -> torch.Tensor:
@@ -116,7 +136,7 @@ class D2NWGHeadGenerator(HeadGeneratorHubMixin, PreTrainedModel):
         support = support.to(device=parameter.device, dtype=parameter.dtype)
         grouped = group_by_class(support, labels.to(parameter.device), num_classes)
         tasks = support.shape[0]
-        shape = (tasks * num_samples, config.vectorizer.num_tokens(num_classes), config.vae_config["latent_size"])
+        shape = (tasks * num_samples, config.vectorizer.num_tokens(num_classes), config.latent_size)
         if noise is None:
             noise = torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
         else:

@@ -278,16 +278,17 @@ class MLPEncoder(nn.Module):
         return self.out(mixed.flatten(1))
 
 
+ENCODER_CLASSES: dict[str, type[nn.Module]] = {"row_aligned": RowAlignedEncoder, "set_transformer": SetTransformerEncoder, "mlp": MLPEncoder}
+
+
 def build_dataset_encoder(encoder_type: str, embedding_dim: int, code_size: int, max_num_classes: int, max_shots: int,
                           **settings: int) -> nn.Module:
     """The dataset encoder named ``encoder_type`` (one of :data:`ENCODER_TYPES`)."""
-    if encoder_type == "row_aligned":
-        return RowAlignedEncoder(embedding_dim, code_size, **settings)
-    if encoder_type == "set_transformer":
-        return SetTransformerEncoder(embedding_dim, code_size, **settings)
+    if encoder_type not in ENCODER_CLASSES:
+        raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}.")
     if encoder_type == "mlp":
         return MLPEncoder(embedding_dim, code_size, max_num_classes, max_shots, **settings)
-    raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}.")
+    return ENCODER_CLASSES[encoder_type](embedding_dim, code_size, **settings)
 
 
 def group_by_class(support: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Train a D2NWG head generator on a zoo of heads in three stages (App. B), each on the shared
 :class:`~ocd_hf.trainer.GeneratorTrainer` (AdamW, EMA, checkpoints that resume exactly):
 
-1. ``vae`` — the weight VAE on the standardised tokens of every kept checkpoint (Eq. 1, ``paper`` or ``code`` loss);
+1. ``vae`` — the weight VAE on the standardised tokens of every kept checkpoint (Eq. 1, ``paper`` or ``code`` loss;
+   skipped with ``D2NWGConfig(use_vae=False)``, the paper's no-VAE ablation, whose "latents" are the standardised tokens);
 2. ``alignment`` — the dataset encoder against the frozen VAE's latents (Eq. 2), one checkpoint per task per batch
    (``alignment_steps=0`` skips it);
 3. ``diffusion`` — the latent denoiser on ``latent_scale ·`` VAE latents given the frozen encoder's code (Eq. 5), or
@@ -67,10 +68,12 @@ class D2NWGTrainingArguments(GeneratorTrainingArguments):
         "help": "train the dataset encoder with the denoiser in the diffusion stage (the paper's setting for its MLP encoder)"})
     num_checkpoints: int | None = field(default=None, metadata={
         "help": "E, the last harvested checkpoints of each task kept in the zoo (default: all the harvest stored)"})
+    num_tasks: int | None = field(default=None, metadata={
+        "help": "train on the zoo's first num_tasks tasks only (the zoo-size ablation; default: every harvested task)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("vae_steps", "num_checkpoints"):
+        for name in ("vae_steps", "num_checkpoints", "num_tasks"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
@@ -254,7 +257,7 @@ def token_statistics(
 
 @torch.no_grad()
 def latent_std(model: D2NWGHeadGenerator, dataset: Dataset | InMemoryRows, checkpoint_index: list[int], batch_size: int = 256) -> float:
-    """The std of the VAE posterior means of every kept checkpoint (LDM's ``1 / scale_factor``)."""
+    """The std of the VAE posterior means of every kept checkpoint (LDM's ``1 / scale_factor``); without a VAE, of the standardised tokens."""
     total, squares, count = 0.0, 0.0, 0
     for batch in dataset.iter(batch_size=batch_size):
         latents = model.encode_heads(batch["targets"][:, checkpoint_index].float()).double()
@@ -306,8 +309,9 @@ def train_d2nwg(
     Args:
         head_dataset: a directory made by :func:`~ocd_hf.task_heads.harvest_task_heads` (its ``targets`` are the
             zoo's checkpoints; ``target_spacing="last"`` keeps the last ones), or a ``(Dataset, metadata)`` pair.
-        output_dir: receives ``config.json``, ``model.safetensors``, ``README.md``, ``training_history.json`` and
-            ``stages/<vae|alignment|diffusion>/`` (checkpoints, each finished stage's component).
+        output_dir: receives the saved generator (``config.json``, ``model.safetensors``, ``model_index.json``, a folder
+            per component, ``README.md``), ``training_history.json`` and ``stages/<vae|alignment|diffusion>/``
+            (checkpoints, each finished stage's component).
         args: :class:`D2NWGTrainingArguments`, or its fields as keyword arguments (not both).
         distribution: the task distribution the zoo was harvested from: every training item's support is then
             re-drawn from its classes (default: the harvested support).
@@ -333,6 +337,11 @@ def train_d2nwg(
     if kept > harvested:
         raise ValueError(f"num_checkpoints={kept} exceeds the {harvested} checkpoints per task the harvest stored; harvest with num_targets >= {kept}.")
     checkpoint_index = list(range(harvested - kept, harvested))
+    if args.num_tasks is not None:
+        if args.num_tasks > len(dataset):
+            raise ValueError(f"num_tasks={args.num_tasks} exceeds the {len(dataset)} tasks of the zoo; harvest num_tasks >= {args.num_tasks} "
+                             "or train on fewer.")
+        dataset = dataset.select(range(args.num_tasks))
     train_set, validation_set = split_rows(dataset.select_columns(TRAINING_COLUMNS), args.validation_fraction, args.seed, item_name="task")
     train_set = InMemoryRows(train_set)
     validation_set = None if validation_set is None else InMemoryRows(validation_set)
@@ -341,14 +350,15 @@ def train_d2nwg(
     config = D2NWGConfig(
         embedding_dim=metadata["embedding_dim"], encoder_id=encoder.get("id"), encoder_revision=encoder.get("revision"),
         encoder_fingerprint=encoder.get("fingerprint"),
-        harvest_config={**metadata["harvest_config"], "n_way": metadata["n_way"], "k_shot": metadata["k_shot"], "num_checkpoints": kept},
+        harvest_config={**metadata["harvest_config"], "n_way": metadata["n_way"], "k_shot": metadata["k_shot"], "num_checkpoints": kept,
+                        **({} if args.num_tasks is None else {"num_tasks_trained": args.num_tasks})},
         task_distribution=metadata.get("source"), **settings,
     )
     set_seed(args.seed)
     model = D2NWGHeadGenerator(config)
     # A row-aligned code is aligned row by row; a pooled code with the whole latent (all its tokens).
     tokens = 1 if config.encoder_type == "row_aligned" else config.vectorizer.num_tokens(config.max_num_classes)
-    alignment = AlignmentHeads(model.dataset_encoder, config.encoder_config["code_size"], config.vae_config["latent_size"] * tokens,
+    alignment = AlignmentHeads(model.dataset_encoder, config.encoder_config["code_size"], config.latent_size * tokens,
                                config.projection_size, config.alignment_loss)
     resampler = None if distribution is None else SupportResampler(distribution, (metadata.get("source") or {}).get("column", "embedding"), metadata["k_shot"])
     output_dir = Path(output_dir)
@@ -360,6 +370,9 @@ def train_d2nwg(
         parameter.requires_grad_(False)
     diffusion = nn.ModuleDict({"denoiser": model.denoiser, "dataset_encoder": model.dataset_encoder}) if args.joint_encoder else model.denoiser
     for name in STAGES:
+        if name == "vae" and not config.use_vae:
+            config.latent_scale = 1.0 / latent_std(model, train_set, checkpoint_index)  # the tokens' std (about 1: they are standardised)
+            continue
         if name == "alignment" and args.alignment_steps == 0:
             continue
         trained = {"vae": model.vae, "alignment": alignment, "diffusion": diffusion}[name]
