@@ -180,8 +180,11 @@ def test_closed_form_respects_a_custom_loss():
     assert_deltas_close(closed.deltas, reference.deltas)
 
 
-@pytest.mark.parametrize("shape", [(84, 120), (120, 84)])
-def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape):
+@pytest.mark.parametrize("shape", [(84, 120), (120, 84), (2, 384), (40, 10)])  # direct products, then the Gram path
+def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape, monkeypatch):
+    gram_path = []
+    original = harvest_module.gram_rank1_energy
+    monkeypatch.setattr(harvest_module, "gram_rank1_energy", lambda deltas, *args: gram_path.append(len(deltas)) or original(deltas, *args))
     generator = torch.Generator().manual_seed(0)
     out, inp = shape
     near_rank1 = torch.randn(16, out, 1, generator=generator) * torch.randn(16, 1, inp, generator=generator)
@@ -195,6 +198,10 @@ def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape):
     energy = rank1_energy(deltas)
     torch.testing.assert_close(energy, expected, rtol=0, atol=1e-5)
     assert energy[-1] == 1.0 and abs(float(energy[-3]) - 0.5) < 1e-6
+    if min(shape) <= harvest_module.GRAM_SIDE:
+        assert sum(gram_path) == len(deltas)
+    else:  # the nearly rank-1 ones converge on the direct products; only some random ones need the Gram
+        assert 0 < sum(gram_path) <= 8
 
 
 def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeypatch):

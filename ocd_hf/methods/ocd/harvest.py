@@ -33,7 +33,7 @@ from ...backbones import load_pretrained_backbone
 from ...checks import is_saved_dataset, only_local
 from ...data import DEFAULT_SPLIT, select_split
 from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
-from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
+from ...finetune import CHUNK_ELEMENTS, DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
 from ...harvest import harvest_shards
 from ...logging import get_logger
 from ...target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
@@ -75,16 +75,62 @@ IGNORE_INDEX = -100  # transformers' label to ignore in a loss: a harvest fine-t
 CHECK_BATCH_SIZE = 1024
 
 
+# rank1_energy forms the Gram matrix of a delta (min² · max multiply-adds) only when its smaller side is at most this;
+# above, power iteration by products with the delta itself (2 · out · in multiply-adds per iteration; nearly rank-1
+# deltas converge in 2-3) is cheaper. Measured on CPU: LeNet-5 fc2's 84 x 120 deltas 2.5x faster than the Gram,
+# a 2 x 384 head's 2x slower.
+GRAM_SIDE = 32
+# Power iterations on the delta itself before a matrix still unconverged takes the Gram path.
+DIRECT_ITERATIONS = 8
+
+
 def rank1_energy(deltas: torch.Tensor, iterations: int = 50, tolerance: float = 1e-5) -> torch.Tensor:
     """``σ₁² / Σσᵢ²`` of every matrix of a ``(batch, out, in)`` tensor, batched.
 
     1 means exactly rank-1. An all-zero delta counts as rank-1 (energy 1). ``σ₁²`` is the largest
-    eigenvalue of the float32 Gram matrix of the unit-norm delta on its smaller side, by power iteration
-    from its largest column (harvested deltas are nearly rank-1, so a few iterations do; ~5x faster than
-    a float64 eigensolver); a matrix whose eigenpair residual ``‖Gv − λv‖`` is still above ``tolerance``
-    after ``iterations`` gets float64 ``eigvalsh`` instead (``svdvals`` if that does not converge).
+    eigenvalue of ``Ĝ = D̂ᵀD̂`` for the unit-norm delta ``D̂``, by float32 power iteration from its
+    largest row until the eigenpair residual ``‖Ĝv − λv‖`` is at most ``tolerance`` (harvested deltas are
+    nearly rank-1, so a few iterations do; ~5x faster than a float64 eigensolver). Deltas whose smaller side
+    exceeds :data:`GRAM_SIDE` iterate on products with ``D̂`` itself, in cache-sized chunks, for up to
+    :data:`DIRECT_ITERATIONS`; the others, and those still unconverged, go through :func:`gram_rank1_energy`.
     """
     deltas = deltas.float()
+    if deltas.dim() != 3 or min(deltas.shape[-2:]) <= GRAM_SIDE:
+        return gram_rank1_energy(deltas, iterations, tolerance)
+    energy = deltas.new_empty(deltas.shape[0])
+    chunk = max(1, CHUNK_ELEMENTS // deltas[0].numel())
+    for start in range(0, deltas.shape[0], chunk):
+        part = deltas[start : start + chunk]
+        found, unconverged = direct_rank1_energy(part, DIRECT_ITERATIONS, tolerance)
+        if unconverged.any():
+            found[unconverged] = gram_rank1_energy(part[unconverged], iterations, tolerance)
+        energy[start : start + chunk] = found
+    return energy
+
+
+def direct_rank1_energy(deltas: torch.Tensor, iterations: int, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rank1_energy` of ``(batch, out, in)`` deltas by power iteration on ``v ↦ D̂ᵀ(D̂ v)``, and which
+    matrices have not converged within ``iterations`` (their energy is then only an estimate)."""
+    tiny = torch.finfo(torch.float32).tiny
+    total = torch.linalg.vector_norm(deltas, dim=(1, 2)).pow(2)
+    unit = deltas * (1 / total.sqrt().clamp_min(tiny))[:, None, None]
+    # Products as broadcasting multiply-and-sum: on CPU 4x faster than a batched matrix-vector bmm.
+    vector = unit[torch.arange(unit.shape[0]), torch.linalg.vector_norm(unit, dim=2).argmax(1)]
+    for _ in range(iterations):
+        vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(tiny)
+        image = (unit * (unit * vector.unsqueeze(1)).sum(2, keepdim=True)).sum(1)
+        top = (vector * image).sum(1)
+        unconverged = (image - top.unsqueeze(1) * vector).norm(dim=1) > tolerance
+        if not unconverged.any():
+            break
+        vector = image
+    return torch.where(total > 0, top.clamp(0, 1), torch.ones_like(top)), unconverged & (total > 0)
+
+
+def gram_rank1_energy(deltas: torch.Tensor, iterations: int = 50, tolerance: float = 1e-5) -> torch.Tensor:
+    """:func:`rank1_energy` of ``(..., out, in)`` deltas through the float32 Gram matrix on their smaller side, by
+    power iteration from its largest column; a matrix whose eigenpair residual is still above ``tolerance`` after
+    ``iterations`` gets float64 ``eigvalsh`` instead (``svdvals`` if that does not converge)."""
     total = deltas.pow(2).sum((-2, -1))
     unit = deltas / total.sqrt().clamp_min(torch.finfo(torch.float32).tiny)[..., None, None]
     transposed = unit.transpose(-1, -2)
