@@ -198,6 +198,7 @@ def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape, monkeyp
     energy = rank1_energy(deltas)
     torch.testing.assert_close(energy, expected, rtol=0, atol=1e-5)
     assert energy[-1] == 1.0 and abs(float(energy[-3]) - 0.5) < 1e-6
+    assert rank1_energy(deltas[:0]).shape == (0,)  # a batch whose samples were all skipped
     if min(shape) <= harvest_module.GRAM_SIDE:
         assert sum(gram_path) == len(deltas)
     else:  # the nearly rank-1 ones converge on the direct products; only some random ones need the Gram

@@ -98,7 +98,7 @@ def rank1_energy(deltas: torch.Tensor, iterations: int = 50, tolerance: float = 
     if deltas.dim() != 3 or min(deltas.shape[-2:]) <= GRAM_SIDE:
         return gram_rank1_energy(deltas, iterations, tolerance)
     energy = deltas.new_empty(deltas.shape[0])
-    chunk = max(1, CHUNK_ELEMENTS // deltas[0].numel())
+    chunk = max(1, CHUNK_ELEMENTS // math.prod(deltas.shape[1:]))
     for start in range(0, deltas.shape[0], chunk):
         part = deltas[start : start + chunk]
         found, unconverged = direct_rank1_energy(part, DIRECT_ITERATIONS, tolerance)
@@ -311,13 +311,14 @@ def harvest_batch(
     finite = torch.ones(ids.shape[0], dtype=torch.bool)
     for value in columns.values():
         if value.is_floating_point():
-            # x·0 is 0 where x is finite and NaN where it is not: one cheap reduction per row, where
-            # isfinite(...).all(1) makes and reduces a boolean tensor (10x slower on a batch of deltas).
-            finite &= value.reshape(value.shape[0], -1).mul(0).sum(1) == 0
+            # A row's min and max are finite iff all of it is (both propagate NaN): two reductions and no temporary,
+            # where isfinite(...).all(1) makes and reduces a boolean tensor (20x slower on a batch of deltas).
+            rows = value.reshape(value.shape[0], -1)
+            finite &= torch.isfinite(rows.amin(1)) & torch.isfinite(rows.amax(1))
     if not finite.all():
         columns = {name: value[finite] for name, value in columns.items()}
     if delta_storage == "full":
-        columns["rho"] = columns["delta"].pow(2).mean((1, 2)).sqrt()
+        columns["rho"] = torch.linalg.vector_norm(columns["delta"], dim=(1, 2)) / math.sqrt(math.prod(columns["delta"].shape[1:]))
         columns["rank1_energy"] = rank1_energy(columns["delta"])
     else:
         if factor_tolerance is not None:
