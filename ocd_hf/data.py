@@ -92,7 +92,8 @@ def fixed_shape_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
         dtype = np.bool_
     else:
         return None
-    return array.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(shape)
+    # A copy: a zero-copy view of the Arrow buffer is read-only, and a tensor made from it must be writable.
+    return np.array(array.to_numpy(zero_copy_only=False), dtype=dtype).reshape(shape)
 
 
 def split_batch(batch: Any) -> Batch:

@@ -220,6 +220,27 @@ def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeyp
         torch.testing.assert_close(auto.with_format("torch")[column], forced.with_format("torch")[column], rtol=0, atol=0)
 
 
+def test_default_batch_size_follows_the_path_and_is_recorded(tmp_path, monkeypatch):
+    kind, target = HARVEST_CASES["mlp-regression"]  # one vector per sample: about AUTO_BATCH_ELEMENTS entries per batch
+    backbone, dataset = build_backbone(kind), build_dataset(kind, 7)
+    _, layer = find_target_linear(backbone, target)
+    monkeypatch.setattr(harvest_module, "AUTO_BATCH_ELEMENTS", 3 * layer.weight.numel())
+    monkeypatch.setattr(harvest_module, "AUTO_BATCH_RANGE", (2, 2048))
+    calls = []
+    original = harvest_module.harvest_batch
+    monkeypatch.setattr(harvest_module, "harvest_batch", lambda *args, **kwargs: calls.append(len(args[3])) or original(*args, **kwargs))
+    chosen = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "auto", delta_storage="full", progress=False)
+    assert calls == [3, 3, 1]
+    recorded = load_harvest_metadata(tmp_path / "auto")["batch_size"]
+    assert recorded["batch_size"] == 3 and "one vector per sample" in recorded["reason"]
+    whole = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "whole", batch_size=7, delta_storage="full", progress=False)
+    assert load_harvest_metadata(tmp_path / "whole")["batch_size"] == {"batch_size": 7, "reason": "requested"}
+    assert_deltas_close(chosen.with_format("torch")[:]["delta"], whole.with_format("torch")[:]["delta"])
+    kind, target = HARVEST_CASES["bert-intermediate"]
+    harvest_module.harvest_deltas(build_backbone(kind), build_dataset(kind, 2), target, tmp_path / "token", progress=False)
+    assert load_harvest_metadata(tmp_path / "token")["batch_size"]["batch_size"] == harvest_module.PER_TOKEN_BATCH_SIZE
+
+
 def two_layer_bert(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3)

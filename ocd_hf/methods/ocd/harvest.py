@@ -71,6 +71,15 @@ DEFAULT_FACTOR_TOLERANCE = 5e-2
 # have a long tail (above), and a later sample beyond the tolerance would stop the harvest midway.
 AUTO_MARGIN = 0.1
 MAX_LISTED_SAMPLES = 10
+# harvest_deltas' batch size when none is given (default_batch_size). A layer that sees one vector per sample takes the
+# closed form, whose cost per sample falls with the batch until its (batch, out, in) deltas outgrow ~16 MB (measured on
+# one CPU thread: LeNet-5 fc2 84 x 120 flat from 256 to 768 samples and 1.5x slower at 1024; a 2 x 384 head 2x faster
+# at 1024-2048 than at 256; above ~32 MB every batch also pays page faults for fresh memory). Per-token layers keep 32:
+# the optimizer path holds four (batch, out, in) tensors.
+AUTO_BATCH_ELEMENTS = 2**22
+AUTO_BATCH_RANGE = (32, 2048)
+PER_TOKEN_BATCH_SIZE = 32
+PROBE_ROWS = 8  # rows that describe the backbone before the batch size is chosen
 IGNORE_INDEX = -100  # transformers' label to ignore in a loss: a harvest fine-tunes on every label, so it is refused
 CHECK_BATCH_SIZE = 1024
 
@@ -169,6 +178,15 @@ def factor_rule_for(optimizer: str, per_token: bool, target_module: str) -> str:
             f"({sorted(RULE_FOR_OPTIMIZER)}); {optimizer!r} has none. Use delta_storage='full'."
         )
     return RULE_FOR_OPTIMIZER[optimizer]
+
+
+def default_batch_size(per_token: bool, layer: nn.Linear) -> tuple[int, str]:
+    """The batch size ``harvest_deltas`` uses when none is given, and why (see :data:`AUTO_BATCH_ELEMENTS`)."""
+    if per_token:
+        return PER_TOKEN_BATCH_SIZE, "per-token layer: the optimizer path's batch size"
+    low, high = AUTO_BATCH_RANGE
+    size = min(max(AUTO_BATCH_ELEMENTS // (layer.out_features * layer.in_features), low), high)
+    return size, f"one vector per sample (closed form): about {AUTO_BATCH_ELEMENTS} delta entries per batch, within {low}-{high} rows"
 
 
 def _listed(ids: torch.Tensor, values: torch.Tensor) -> str:
@@ -598,7 +616,7 @@ def harvest_deltas(
     label_column: str = "label",
     input_columns: list[str] | None = None,
     collate_fn: CollateFn | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     optimizer: str = DEFAULT_OPTIMIZER,
     lr: float = DEFAULT_LR,
     steps: int = DEFAULT_STEPS,
@@ -632,6 +650,9 @@ def harvest_deltas(
     device and run in eval mode.
 
     Args:
+        batch_size: samples fine-tuned at once; default by path (:func:`default_batch_size`, recorded in the
+            metadata as ``batch_size``): a layer that sees one vector per sample takes about 4M delta entries per
+            batch (LeNet-5 fc2: 416, a 2 x 384 head: 2048), a per-token layer 32. The deltas do not depend on it.
         loss: per-sample loss ``(model output, labels) -> (batch,)``; default the task loss
             (cross-entropy for classification, squared error for a backbone with ``num_labels=1``).
         dtype: ``"float32"`` (exact deltas) or ``"bfloat16"`` (half the size, stored bit-exactly).
@@ -669,8 +690,8 @@ def harvest_deltas(
         raise ValueError(f"delta_storage must be one of {STORAGE_CHOICES}, got {delta_storage!r}.")
     if not (isinstance(factor_tolerance, (int, float)) and 0 <= factor_tolerance < math.inf):
         raise ValueError(f"factor_tolerance must be a finite number >= 0, got {factor_tolerance!r}.")
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("steps", steps)):
-        if not isinstance(value, int) or value < 1:
+    for name, value in (("batch_size", 1 if batch_size is None else batch_size), ("shard_size", shard_size), ("steps", steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     check_cross_fit(cross_fit, fit_fold, len(dataset) if isinstance(dataset, Dataset) else None)
     state = accelerator if accelerator is not None else PartialState()
@@ -685,7 +706,7 @@ def harvest_deltas(
                 dataset, backbone, task=backbone_task(backbone), label_column=label_column, input_columns=input_columns,
                 collate_fn=collate_fn,
             )
-            first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
+            first_inputs, first_labels = reader(0, min(batch_size or PROBE_ROWS, len(reader)))
             try:
                 description = describe_backbone(backbone, name, example_inputs=first_inputs)
             except (TypeError, ValueError, RuntimeError) as error:
@@ -693,6 +714,11 @@ def harvest_deltas(
                     f"{type(backbone).__name__} failed on the first batch, built from inputs {sorted(first_inputs)}: {error}. "
                     "Pass input_columns= with the model's input columns, or collate_fn= to build its inputs."
                 ) from error
+            batch_choice = {"batch_size": batch_size, "reason": "requested"}
+            if batch_size is None:
+                batch_size, reason = default_batch_size(description["per_token"], layer)
+                batch_choice = {"batch_size": batch_size, "reason": reason}
+                first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
             settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
             storage, decision, trial = choose_delta_storage(
                 delta_storage, backbone, layer, first_inputs, first_labels, name, output_dir, description["per_token"],
@@ -724,6 +750,7 @@ def harvest_deltas(
                     "cross_fit": cross_fit,
                 },
                 "storage_decision": decision,
+                "batch_size": batch_choice,
                 "source": {
                     "num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256,
                     # The inputs too (resuming with other inputs and the same labels would mix two datasets), and the
@@ -1046,7 +1073,7 @@ def harvest_from_pretrained(
     label_column: str = "label",
     max_length: int = 128,
     max_samples: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     optimizer: str = DEFAULT_OPTIMIZER,
     lr: float = DEFAULT_LR,
     steps: int = DEFAULT_STEPS,
