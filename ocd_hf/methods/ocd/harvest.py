@@ -101,15 +101,19 @@ def rank1_energy(deltas: torch.Tensor, iterations: int = 50, tolerance: float = 
     largest row until the eigenpair residual ``‖Ĝv − λv‖`` is at most ``tolerance`` (harvested deltas are
     nearly rank-1, so a few iterations do; ~5x faster than a float64 eigensolver). Deltas whose smaller side
     exceeds :data:`GRAM_SIDE` iterate on products with ``D̂`` itself, in cache-sized chunks, for up to
-    :data:`DIRECT_ITERATIONS`; the others, and those still unconverged, go through :func:`gram_rank1_energy`.
+    :data:`DIRECT_ITERATIONS`; the others, and those still unconverged, go through :func:`gram_rank1_energy`
+    (in chunks too).
     """
     deltas = deltas.float()
-    if deltas.dim() != 3 or min(deltas.shape[-2:]) <= GRAM_SIDE:
+    if deltas.dim() != 3:
         return gram_rank1_energy(deltas, iterations, tolerance)
     energy = deltas.new_empty(deltas.shape[0])
-    chunk = max(1, CHUNK_ELEMENTS // math.prod(deltas.shape[1:]))
+    chunk = max(1, CHUNK_ELEMENTS // math.prod(deltas.shape[1:]))  # the temporaries of a chunk stay in cache
     for start in range(0, deltas.shape[0], chunk):
         part = deltas[start : start + chunk]
+        if min(deltas.shape[1:]) <= GRAM_SIDE:
+            energy[start : start + chunk] = gram_rank1_energy(part, iterations, tolerance)
+            continue
         found, unconverged = direct_rank1_energy(part, DIRECT_ITERATIONS, tolerance)
         if unconverged.any():
             found[unconverged] = gram_rank1_energy(part[unconverged], iterations, tolerance)
