@@ -224,8 +224,8 @@ def test_default_batch_size_follows_the_path_and_is_recorded(tmp_path, monkeypat
     kind, target = HARVEST_CASES["mlp-regression"]  # one vector per sample: about AUTO_BATCH_ELEMENTS entries per batch
     backbone, dataset = build_backbone(kind), build_dataset(kind, 7)
     _, layer = find_target_linear(backbone, target)
-    monkeypatch.setattr(harvest_module, "AUTO_BATCH_ELEMENTS", 3 * layer.weight.numel())
-    monkeypatch.setattr(harvest_module, "AUTO_BATCH_RANGE", (2, 2048))
+    monkeypatch.setitem(harvest_module.AUTO_BATCH_ELEMENTS, "one_vector", 3 * layer.weight.numel())
+    monkeypatch.setitem(harvest_module.AUTO_BATCH_RANGE, "one_vector", (2, 2048))
     calls = []
     original = harvest_module.harvest_batch
     monkeypatch.setattr(harvest_module, "harvest_batch", lambda *args, **kwargs: calls.append(len(args[3])) or original(*args, **kwargs))
@@ -238,7 +238,8 @@ def test_default_batch_size_follows_the_path_and_is_recorded(tmp_path, monkeypat
     assert_deltas_close(chosen.with_format("torch")[:]["delta"], whole.with_format("torch")[:]["delta"])
     kind, target = HARVEST_CASES["bert-intermediate"]
     harvest_module.harvest_deltas(build_backbone(kind), build_dataset(kind, 2), target, tmp_path / "token", progress=False)
-    assert load_harvest_metadata(tmp_path / "token")["batch_size"]["batch_size"] == harvest_module.PER_TOKEN_BATCH_SIZE
+    recorded = load_harvest_metadata(tmp_path / "token")["batch_size"]
+    assert recorded["batch_size"] == 128 and "per-token layer" in recorded["reason"]  # a 32 x 16 layer: the range's top
 
 
 def two_layer_bert(seed: int = 0) -> nn.Module:

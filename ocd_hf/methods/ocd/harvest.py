@@ -71,14 +71,14 @@ DEFAULT_FACTOR_TOLERANCE = 5e-2
 # have a long tail (above), and a later sample beyond the tolerance would stop the harvest midway.
 AUTO_MARGIN = 0.1
 MAX_LISTED_SAMPLES = 10
-# harvest_deltas' batch size when none is given (default_batch_size). A layer that sees one vector per sample takes the
-# closed form, whose cost per sample falls with the batch until its (batch, out, in) deltas outgrow ~16 MB (measured on
-# one CPU thread: LeNet-5 fc2 84 x 120 flat from 256 to 768 samples and 1.5x slower at 1024; a 2 x 384 head 2x faster
-# at 1024-2048 than at 256; above ~32 MB every batch also pays page faults for fresh memory). Per-token layers keep 32:
-# the optimizer path holds four (batch, out, in) tensors.
-AUTO_BATCH_ELEMENTS = 2**22
-AUTO_BATCH_RANGE = (32, 2048)
-PER_TOKEN_BATCH_SIZE = 32
+# harvest_deltas' batch size when none is given (default_batch_size): about this many delta entries per batch, within
+# the path's range of rows. Measured on one CPU thread: the closed form (a layer that sees one vector per sample) gets
+# cheaper per sample with the batch until its (batch, out, in) deltas outgrow ~16 MB (LeNet-5 fc2 84 x 120 flat from
+# 256 to 768 samples and 1.5x slower at 1024, where every batch pays page faults for fresh memory; a 2 x 384 head 2x
+# faster at 1024-2048 than at 256). Per-token layers hold four such tensors on the optimizer path (a small Bert's
+# 256 x 64 layer: 64-128 samples 1.5-2x faster than 32); their floor of 32 keeps large layers at the former default.
+AUTO_BATCH_ELEMENTS = {"one_vector": 2**22, "per_token": 2**21}
+AUTO_BATCH_RANGE = {"one_vector": (32, 2048), "per_token": (32, 128)}
 PROBE_ROWS = 8  # rows that describe the backbone before the batch size is chosen
 IGNORE_INDEX = -100  # transformers' label to ignore in a loss: a harvest fine-tunes on every label, so it is refused
 CHECK_BATCH_SIZE = 1024
@@ -186,11 +186,11 @@ def factor_rule_for(optimizer: str, per_token: bool, target_module: str) -> str:
 
 def default_batch_size(per_token: bool, layer: nn.Linear) -> tuple[int, str]:
     """The batch size ``harvest_deltas`` uses when none is given, and why (see :data:`AUTO_BATCH_ELEMENTS`)."""
-    if per_token:
-        return PER_TOKEN_BATCH_SIZE, "per-token layer: the optimizer path's batch size"
-    low, high = AUTO_BATCH_RANGE
-    size = min(max(AUTO_BATCH_ELEMENTS // (layer.out_features * layer.in_features), low), high)
-    return size, f"one vector per sample (closed form): about {AUTO_BATCH_ELEMENTS} delta entries per batch, within {low}-{high} rows"
+    kind = "per_token" if per_token else "one_vector"
+    (low, high), elements = AUTO_BATCH_RANGE[kind], AUTO_BATCH_ELEMENTS[kind]
+    size = min(max(elements // (layer.out_features * layer.in_features), low), high)
+    what = "per-token layer" if per_token else "one vector per sample"
+    return size, f"{what}: about {elements} delta entries per batch, within {low}-{high} rows"
 
 
 def _listed(ids: torch.Tensor, values: torch.Tensor) -> str:
@@ -655,8 +655,9 @@ def harvest_deltas(
 
     Args:
         batch_size: samples fine-tuned at once; default by path (:func:`default_batch_size`, recorded in the
-            metadata as ``batch_size``): a layer that sees one vector per sample takes about 4M delta entries per
-            batch (LeNet-5 fc2: 416, a 2 x 384 head: 2048), a per-token layer 32. The deltas do not depend on it.
+            metadata as ``batch_size``): about 4M delta entries per batch within 32-2048 rows for a layer that sees one
+            vector per sample (LeNet-5 fc2: 416, a 2 x 384 head: 2048), 2M within 32-128 rows for a per-token layer.
+            The deltas do not depend on it.
         loss: per-sample loss ``(model output, labels) -> (batch,)``; default the task loss
             (cross-entropy for classification, squared error for a backbone with ``num_labels=1``).
         dtype: ``"float32"`` (exact deltas) or ``"bfloat16"`` (half the size, stored bit-exactly).
