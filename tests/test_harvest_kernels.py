@@ -205,19 +205,24 @@ def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape, monkeyp
         assert 0 < sum(gram_path) <= 8
 
 
-def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeypatch):
+@pytest.mark.parametrize("chosen", ["factorised", "full"])
+def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeypatch, chosen):
     kind, target = HARVEST_CASES["bert-classifier"]
     backbone, dataset = build_backbone(kind), build_dataset(kind, 7)
+    # factor_tolerance=0: no residual is within it, so "auto" picks full storage.
+    tolerance = {"factorised": harvest_module.DEFAULT_FACTOR_TOLERANCE, "full": 0.0}[chosen]
     calls = []
-    original = harvest_module.harvest_batch
-    monkeypatch.setattr(harvest_module, "harvest_batch", lambda *args, **kwargs: calls.append(len(args[3])) or original(*args, **kwargs))
-    auto = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "auto", batch_size=4, progress=False)
-    assert load_harvest_metadata(tmp_path / "auto")["harvest_config"]["delta_storage"] == "factorised"
+    original = harvest_module.overfit_batch
+    monkeypatch.setattr(harvest_module, "overfit_batch", lambda *args, **kwargs: calls.append(len(args[3])) or original(*args, **kwargs))
+    auto = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "auto", batch_size=4, factor_tolerance=tolerance,
+                                         progress=False)
+    assert load_harvest_metadata(tmp_path / "auto")["harvest_config"]["delta_storage"] == chosen
     assert calls == [4, 3]  # the first batch once (to decide), then the rest
-    forced = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "forced", batch_size=4, delta_storage="factorised",
+    forced = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "forced", batch_size=4, delta_storage=chosen,
                                            progress=False)
-    for column in ("id", "delta_factor", "factor_residual", "layer_input", "loss_after"):
-        torch.testing.assert_close(auto.with_format("torch")[column], forced.with_format("torch")[column], rtol=0, atol=0)
+    stored = ("delta_factor", "factor_residual") if chosen == "factorised" else ("delta", "rank1_energy")
+    for column in ("id", "rho", "layer_input", "loss_after", *stored):
+        torch.testing.assert_close(auto.with_format("torch")[:][column], forced.with_format("torch")[:][column], rtol=0, atol=0)
 
 
 def test_default_batch_size_follows_the_path_and_is_recorded(tmp_path, monkeypatch):

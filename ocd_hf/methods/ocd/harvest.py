@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -33,7 +34,7 @@ from ...backbones import load_pretrained_backbone
 from ...checks import is_saved_dataset, only_local
 from ...data import DEFAULT_SPLIT, fixed_shape_numpy, select_split
 from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
-from ...finetune import CHUNK_ELEMENTS, DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
+from ...finetune import CHUNK_ELEMENTS, DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, OverfitResult, overfit_deltas
 from ...harvest import harvest_shards
 from ...logging import get_logger
 from ...target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
@@ -265,6 +266,52 @@ def record_first_forward(backbone: nn.Module, layer: nn.Linear) -> Iterator[Firs
             handle.remove()
 
 
+@dataclass
+class OverfitBatch:
+    """A batch overfitted by :func:`overfit_batch`, before its columns are chosen (see :func:`batch_columns`): the
+    result, the conditioning, the columns every storage has, and the optimizer and steps it ran with."""
+
+    result: OverfitResult
+    conditioning: Conditioning
+    columns: dict[str, torch.Tensor]
+    optimizer: str
+    steps: int
+
+
+def overfit_batch(
+    backbone: nn.Module,
+    layer: nn.Linear,
+    inputs: Mapping[str, Any],
+    labels: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    task: str,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    lr: float = DEFAULT_LR,
+    steps: int = DEFAULT_STEPS,
+    loss_fn: LossFn | None = None,
+    store_trajectory: bool = False,
+    split_prefix: bool = True,
+) -> OverfitBatch:
+    """The work of :func:`harvest_batch` that does not depend on the storage: the overfitting and ``I(x)``."""
+    with record_first_forward(backbone, layer) as first:
+        result = overfit_deltas(
+            backbone, layer, inputs, labels, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
+            return_trajectory=store_trajectory, split_prefix=split_prefix,
+        )
+    cond = first.conditioning(inputs.get("attention_mask"))
+    columns = {
+        "id": ids,
+        "label": labels,
+        "layer_input": cond.layer_input.float(),
+        "layer_output": cond.layer_output.float(),
+        "model_output": cond.model_output.float(),
+        "loss_before": result.loss_before.float(),
+        "loss_after": result.loss_after.float(),
+    }
+    return OverfitBatch(result, cond, columns, optimizer, steps)
+
+
 def harvest_batch(
     backbone: nn.Module,
     layer: nn.Linear,
@@ -299,21 +346,27 @@ def harvest_batch(
     ``factor_tolerance`` (``None``: no check), or only warns with ``strict_tolerance=False``.
     ``split_prefix=False`` re-runs the whole backbone at every step (see :func:`~ocd_hf.finetune.overfit_deltas`).
     """
-    with record_first_forward(backbone, layer) as first:
-        result = overfit_deltas(
-            backbone, layer, inputs, labels, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
-            return_trajectory=store_trajectory, split_prefix=split_prefix,
-        )
-    cond = first.conditioning(inputs.get("attention_mask"))
-    columns = {
-        "id": ids,
-        "label": labels,
-        "layer_input": cond.layer_input.float(),
-        "layer_output": cond.layer_output.float(),
-        "model_output": cond.model_output.float(),
-        "loss_before": result.loss_before.float(),
-        "loss_after": result.loss_after.float(),
-    }
+    overfitted = overfit_batch(
+        backbone, layer, inputs, labels, ids, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
+        store_trajectory=store_trajectory, split_prefix=split_prefix,
+    )
+    return batch_columns(overfitted, dtype=dtype, delta_storage=delta_storage, factor_tolerance=factor_tolerance,
+                         strict_tolerance=strict_tolerance)
+
+
+def batch_columns(
+    overfitted: OverfitBatch,
+    *,
+    dtype: str = "float32",
+    delta_storage: str = "full",
+    factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
+    strict_tolerance: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`harvest_batch`'s columns and skipped ids of an overfitted batch, in ``delta_storage`` (one overfitted
+    batch can give both storages: ``"auto"`` decides on the factorised columns, then keeps the batch)."""
+    result, cond, optimizer, steps = overfitted.result, overfitted.conditioning, overfitted.optimizer, overfitted.steps
+    columns, ids = dict(overfitted.columns), overfitted.columns["id"]
+    store_trajectory = result.trajectory is not None
     rule = None
     if delta_storage == "full":
         columns["delta"] = round_to_storage(result.deltas, dtype)
@@ -769,8 +822,8 @@ def harvest_deltas(
             prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
             state.wait_for_everyone()
             models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
-            # The batch "auto" overfitted to choose factorised storage is rows [0, batch_size) as the harvest would store them.
-            first_batch = trial if storage == "factorised" and cross_fit is None and not store_trajectory else None
+            # The batch "auto" overfitted to choose the storage is rows [0, batch_size) as the harvest would overfit them.
+            first_batch = trial if cross_fit is None and not store_trajectory else None
             _harvest_shards(models, reader, output_dir, metadata, state, batch_size, loss, progress, first_batch)
         finally:
             backbone.train(was_training)
@@ -794,9 +847,9 @@ def choose_delta_storage(
     factor_tolerance: float,
     dtype: str = "float32",
     **overfit_settings: Any,
-) -> tuple[str, dict[str, Any], tuple[dict[str, torch.Tensor], torch.Tensor] | None]:
-    """The storage of a harvest (``"full"`` or ``"factorised"``), a record of how it was chosen, and the
-    factorised columns of the first batch when ``"auto"`` harvested it to decide (else ``None``).
+) -> tuple[str, dict[str, Any], OverfitBatch | None]:
+    """The storage of a harvest (``"full"`` or ``"factorised"``), a record of how it was chosen, and the first
+    batch overfitted (without trajectory) when ``"auto"`` overfitted it to decide (else ``None``), for either storage.
 
     ``"factorised"`` is checked (per-token layers and optimizers without a factor rule are refused);
     ``"auto"`` keeps the storage of a harvest it resumes in ``output_dir``, else overfits the first
@@ -818,14 +871,10 @@ def choose_delta_storage(
         return "full", {**decision, "reason": "the layer is applied to every token, so its deltas are not rank-1"}, None
     if optimizer not in RULE_FOR_OPTIMIZER:
         return "full", {**decision, "reason": f"optimizer {optimizer!r} has no right-factor rule"}, None
-    ids = torch.arange(labels.shape[0])
-    trial = harvest_batch(
-        backbone, layer, inputs, labels, ids, delta_storage="factorised", factor_tolerance=None, dtype=dtype, **overfit_settings
-    )
-    columns = trial[0]
-    residuals = columns["factor_residual"]
+    trial = overfit_batch(backbone, layer, inputs, labels, torch.arange(labels.shape[0]), **overfit_settings)
+    residuals = batch_columns(trial, delta_storage="factorised", factor_tolerance=None, dtype=dtype)[0]["factor_residual"]
     if residuals.numel() == 0:
-        return "full", {**decision, "reason": "no finite delta in the first batch to measure the rank on"}, None
+        return "full", {**decision, "reason": "no finite delta in the first batch to measure the rank on"}, trial
     worst, threshold = float(residuals.max()), AUTO_MARGIN * factor_tolerance
     decision.update({"first_batch_size": int(residuals.numel()), "first_batch_max_residual": worst, "threshold": threshold})
     rule = RULE_FOR_OPTIMIZER[optimizer]
@@ -834,7 +883,7 @@ def choose_delta_storage(
         reason = f"rank-1 with factor_rule {rule!r}: {measured} <= {threshold:g} ({AUTO_MARGIN:g} × factor_tolerance)"
         return "factorised", {**decision, "reason": reason}, trial
     reason = f"not rank-1 with factor_rule {rule!r}: {measured} > {threshold:g} ({AUTO_MARGIN:g} × factor_tolerance)"
-    return "full", {**decision, "reason": reason}, None
+    return "full", {**decision, "reason": reason}, trial
 
 
 def check_cross_fit(cross_fit: int | None, fit_fold: "FitFoldFn | None", num_rows: int | None) -> None:
@@ -933,10 +982,10 @@ def _harvest_shards(
     batch_size: int,
     loss: LossFn | None,
     progress: bool,
-    first_batch: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
+    first_batch: OverfitBatch | None = None,
 ) -> None:
-    """Harvest this process's missing shards, one atomic shard file at a time; ``first_batch`` is the
-    harvested rows ``[0, batch_size)`` when already at hand."""
+    """Harvest this process's missing shards, one atomic shard file at a time; ``first_batch`` is rows
+    ``[0, batch_size)`` overfitted, when already at hand."""
     settings = metadata["harvest_config"]
     features = delta_features(
         in_features=metadata["in_features"],
@@ -950,7 +999,10 @@ def _harvest_shards(
 
     def harvest_rows(start: int, end: int) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
         if first_batch is not None and start == 0 and end == min(batch_size, len(reader)):
-            return checked(*first_batch)
+            return checked(*batch_columns(
+                first_batch, dtype=settings["dtype"], delta_storage=settings["delta_storage"],
+                factor_tolerance=settings.get("factor_tolerance"), strict_tolerance=settings.get("factor_tolerance_strict", True),
+            ))
         inputs, labels = reader(start, end)
         ids = torch.arange(start, end)
         parts = [
