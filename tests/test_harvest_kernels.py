@@ -4,6 +4,7 @@ and the official per-sample loop (a deep copy per sample, the optimizer on the l
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -241,6 +242,15 @@ def test_default_batch_size_follows_the_path_and_is_recorded(tmp_path, monkeypat
     whole = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "whole", batch_size=7, delta_storage="full", progress=False)
     assert load_harvest_metadata(tmp_path / "whole")["batch_size"] == {"batch_size": 7, "reason": "requested"}
     assert_deltas_close(chosen.with_format("torch")[:]["delta"], whole.with_format("torch")[:]["delta"])
+    # A resumed harvest keeps its batch size (the first batch is part of its identity), 32 for one that recorded none.
+    metadata_path = tmp_path / "whole" / "harvest.json"
+    legacy = json.loads(metadata_path.read_text())
+    del legacy["batch_size"]
+    metadata_path.write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="first_batch_sha256"):
+        harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "whole", batch_size=3, delta_storage="full", progress=False)
+    harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "whole", delta_storage="full", progress=False)
+    assert load_harvest_metadata(tmp_path / "whole")["batch_size"]["batch_size"] == harvest_module.FORMER_DEFAULT_BATCH_SIZE
     kind, target = HARVEST_CASES["bert-intermediate"]
     harvest_module.harvest_deltas(build_backbone(kind), build_dataset(kind, 2), target, tmp_path / "token", progress=False)
     recorded = load_harvest_metadata(tmp_path / "token")["batch_size"]

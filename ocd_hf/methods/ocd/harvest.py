@@ -81,6 +81,8 @@ MAX_LISTED_SAMPLES = 10
 AUTO_BATCH_ELEMENTS = {"one_vector": 2**22, "per_token": 2**21}
 AUTO_BATCH_RANGE = {"one_vector": (32, 2048), "per_token": (32, 128)}
 PROBE_ROWS = 8  # rows that describe the backbone before the batch size is chosen
+# The default before batch sizes followed the path: what a harvest.json without a recorded batch size was made with.
+FORMER_DEFAULT_BATCH_SIZE = 32
 IGNORE_INDEX = -100  # transformers' label to ignore in a loss: a harvest fine-tunes on every label, so it is refused
 CHECK_BATCH_SIZE = 1024
 
@@ -192,6 +194,17 @@ def default_batch_size(per_token: bool, layer: nn.Linear) -> tuple[int, str]:
     size = min(max(elements // (layer.out_features * layer.in_features), low), high)
     what = "per-token layer" if per_token else "one vector per sample"
     return size, f"{what}: about {elements} delta entries per batch, within {low}-{high} rows"
+
+
+def resumed_batch_size(output_dir: str | os.PathLike) -> tuple[int, str] | None:
+    """The batch size of the harvest ``output_dir`` holds, which a resumed harvest without ``batch_size`` keeps (its
+    first batch is part of its identity), and why; ``None`` when there is no harvest to resume."""
+    if not (Path(output_dir) / HARVEST_METADATA_NAME).is_file():
+        return None
+    recorded = load_harvest_metadata(output_dir).get("batch_size")
+    if recorded is None:
+        return FORMER_DEFAULT_BATCH_SIZE, "resumed a harvest that recorded no batch size: the former default"
+    return recorded["batch_size"], "resumed: the batch size the harvest started with"
 
 
 def _listed(ids: torch.Tensor, values: torch.Tensor) -> str:
@@ -710,7 +723,7 @@ def harvest_deltas(
         batch_size: samples fine-tuned at once; default by path (:func:`default_batch_size`, recorded in the
             metadata as ``batch_size``): about 4M delta entries per batch within 32-2048 rows for a layer that sees one
             vector per sample (LeNet-5 fc2: 416, a 2 x 384 head: 2048), 2M within 32-128 rows for a per-token layer.
-            The deltas do not depend on it.
+            The deltas do not depend on it; a resumed harvest keeps the batch size it started with.
         loss: per-sample loss ``(model output, labels) -> (batch,)``; default the task loss
             (cross-entropy for classification, squared error for a backbone with ``num_labels=1``).
         dtype: ``"float32"`` (exact deltas) or ``"bfloat16"`` (half the size, stored bit-exactly).
@@ -774,7 +787,7 @@ def harvest_deltas(
                 ) from error
             batch_choice = {"batch_size": batch_size, "reason": "requested"}
             if batch_size is None:
-                batch_size, reason = default_batch_size(description["per_token"], layer)
+                batch_size, reason = resumed_batch_size(output_dir) or default_batch_size(description["per_token"], layer)
                 batch_choice = {"batch_size": batch_size, "reason": reason}
                 first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
             settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
