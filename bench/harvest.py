@@ -21,7 +21,9 @@ tolerance, 0.05). Prints a markdown table and writes ``bench/results/harvest.jso
 Side by side with the official OCD procedure, written here from its published algorithm (not its code):
 for each sample, a deep copy of the model, Adam on the target layer's weight only (lr 5e-4, 3 steps,
 batch 1), the conditioning captured by hooks in the first forward. Both run on the same model and
-samples, interleaved and repeated; reported: samples/s of each, their ratio (median over repeats), the
+samples, interleaved and repeated, ocd-hf at ``harvest_deltas``' default batch size for the layer (``--batch-size``
+overrides it); reported: samples/s of each, their ratio (median over repeats), ``harvest_deltas`` end to end with
+its defaults (a nested-list dataset read, harvested, written, checked, carded and loaded) and its ratio, the
 largest delta difference, and the fraction of the FLOP limit that ocd-hf reaches: the unavoidable work
 per sample (one forward of the whole network, then per step a forward and backward of the target's
 shift and what follows it, and Adam's element-wise work, ~10 FLOPs per weight entry), counted with
@@ -73,6 +75,7 @@ from ocd_hf import (
     model_output_tensor,
 )
 from ocd_hf.finetune import overfit_deltas
+from ocd_hf.methods.ocd.harvest import default_batch_size
 
 
 class LeNetConfig(PretrainedConfig):
@@ -304,9 +307,10 @@ def official_loop(backbone: nn.Module, target: str, inputs: dict[str, torch.Tens
 def ocd_hf_harvest(
     backbone: nn.Module, target: str, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int, lr: float, steps: int,
     split_prefix: bool = True,
-) -> torch.Tensor:
-    """``harvest_batch`` (full storage) over every sample: the deltas ``(n, out, in)``; ``split_prefix=False`` re-runs
-    the network before the target at every step (the path before the split)."""
+) -> list[torch.Tensor]:
+    """``harvest_batch`` (full storage) over every sample: the deltas ``(batch, out, in)`` of each batch (not concatenated:
+    a harvest writes batch by batch); ``split_prefix=False`` re-runs the network before the target at every step (the
+    path before the split)."""
     _, layer = find_target_linear(backbone, target)
     deltas = []
     for start in range(0, labels.shape[0], batch_size):
@@ -317,7 +321,25 @@ def ocd_hf_harvest(
             split_prefix=split_prefix,
         )
         deltas.append(columns["delta"])
-    return torch.cat(deltas)
+    return deltas
+
+
+def first_rows(batches: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of a list of batches."""
+    taken, count = [], 0
+    for batch in batches:
+        if count >= rows:
+            break
+        taken.append(batch[: rows - count])
+        count += taken[-1].shape[0]
+    return torch.cat(taken)
+
+
+def harvest_end_to_end(backbone: nn.Module, target: str, dataset: Dataset) -> float:
+    """Seconds of ``harvest_deltas`` with its defaults (storage ``"auto"``, batch size by path) into a fresh directory:
+    reading the dataset, the harvest, writing and checking the shards, the dataset card, loading the result."""
+    with tempfile.TemporaryDirectory() as directory:
+        return timed(lambda: harvest_deltas(backbone, dataset, target, directory, progress=False))[1]
 
 
 def matmul_flops_per_s(size: int = 1024, repeats: int = 5) -> float:
@@ -353,25 +375,30 @@ def unavoidable_flops(backbone: nn.Module, target: str, inputs: dict[str, torch.
 def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) -> dict[str, Any]:
     backbone, inputs, labels, layer, loop_inputs = prepare_case(case, args)
     loop_labels = labels[: args.loop_samples]
-    path = overfit_deltas(backbone, layer, {k: v[: args.batch_size] for k, v in inputs.items()}, labels[: args.batch_size], steps=1).path
-    batch_size = args.closed_form_batch_size if path.startswith("closed_form") else args.batch_size
+    per_token = describe_backbone(backbone, case.target, {k: v[:2] for k, v in inputs.items()})["per_token"]
+    batch_size = args.batch_size or default_batch_size(per_token, layer)[0]  # harvest_deltas' default
+    path = overfit_deltas(backbone, layer, {k: v[:batch_size] for k, v in inputs.items()}, labels[:batch_size], steps=1).path
+    # Image columns as a .map would leave them (nested lists): what harvest_deltas reads in practice.
+    dataset = Dataset.from_dict({**{name: value.numpy() for name, value in inputs.items()}, "label": labels.numpy()})
     official_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
     ocd_hf_harvest(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, labels[:batch_size], batch_size, args.lr, args.steps)
-    official_rates, ocd_rates, unsplit_rates = [], [], []
+    official_rates, ocd_rates, unsplit_rates, end_to_end_rates = [], [], [], []
     for _ in range(args.repeats):  # interleaved: a drifting machine speed hits both alike
         official_deltas, seconds = timed(lambda: official_loop(backbone, case.target, loop_inputs, loop_labels, args.lr, args.steps))
         official_rates.append(args.loop_samples / seconds)
         ocd_deltas, seconds = timed(lambda: ocd_hf_harvest(backbone, case.target, inputs, labels, batch_size, args.lr, args.steps))
         ocd_rates.append(args.samples / seconds)
+        end_to_end_rates.append(args.samples / harvest_end_to_end(backbone, case.target, dataset))
         if path.endswith("_split"):  # the same harvest with the whole network re-run at every step
             unsplit_deltas, seconds = timed(
                 lambda: ocd_hf_harvest(backbone, case.target, inputs, labels, batch_size, args.lr, args.steps, split_prefix=False)
             )
             unsplit_rates.append(args.samples / seconds)
-            torch.testing.assert_close(unsplit_deltas, ocd_deltas, rtol=0, atol=0)
-    difference = (ocd_deltas[: args.loop_samples] - official_deltas).abs().amax().item()
+            for unsplit, split in zip(unsplit_deltas, ocd_deltas):
+                torch.testing.assert_close(unsplit, split, rtol=0, atol=0)
+    difference = (first_rows(ocd_deltas, args.loop_samples) - official_deltas).abs().amax().item()
     limit = matmul_rate / unavoidable_flops(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, args.steps)
-    ocd_rate = statistics.median(ocd_rates)
+    ocd_rate, end_to_end_rate = statistics.median(ocd_rates), statistics.median(end_to_end_rates)
     return {
         "case": case.name,
         "target": case.target,
@@ -382,6 +409,8 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
         "ocd_hf_samples_per_s": ocd_rate,
         "ratio": statistics.median(o / f for o, f in zip(ocd_rates, official_rates)),
         "ratios": [o / f for o, f in zip(ocd_rates, official_rates)],
+        "end_to_end_samples_per_s": end_to_end_rate,
+        "end_to_end_ratio": statistics.median(e / f for e, f in zip(end_to_end_rates, official_rates)),
         "unsplit_samples_per_s": statistics.median(unsplit_rates) if unsplit_rates else None,
         "unsplit_ratio": statistics.median(u / f for u, f in zip(unsplit_rates, official_rates)) if unsplit_rates else None,
         "max_abs_delta_difference": difference,
@@ -395,13 +424,15 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
 def side_by_side_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| case | layer (out x in) | ocd-hf path (batch) | official samples/s | ocd-hf samples/s | ratio "
-        "| without the split: samples/s (ratio) | FLOP-limit samples/s | fraction of limit | max delta diff (abs / rel) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| harvest_deltas end to end: samples/s (ratio) | without the split: samples/s (ratio) | FLOP-limit samples/s "
+        "| fraction of limit | max delta diff (abs / rel) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['case']} | `{r['target']}` {r['shape'][0]}x{r['shape'][1]} | {r['path']} ({r['batch_size']}) | "
             f"{r['official_samples_per_s']:.0f} | {r['ocd_hf_samples_per_s']:.0f} | {r['ratio']:.1f}x | "
+            f"{r['end_to_end_samples_per_s']:.0f} ({r['end_to_end_ratio']:.1f}x) | "
             f"{_cell(r['unsplit_samples_per_s'], '{:.0f}')}{_cell(r['unsplit_ratio'], ' ({:.1f}x)') if r['unsplit_ratio'] else ''} | "
             f"{r['flop_limit_samples_per_s']:.0f} | {r['fraction_of_flop_limit']:.1%} | "
             f"{r['max_abs_delta_difference']:.1e} / {r['max_delta_difference_relative']:.1e} |"
@@ -459,7 +490,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=512, help="samples for the vectorised and end-to-end runs")
     parser.add_argument("--loop-samples", type=int, default=48, help="samples for the per-sample loop")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default mode: 64; official mode: harvest_deltas' default for the layer (by path)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
@@ -467,9 +499,6 @@ def main() -> None:
     parser.add_argument("--mode", choices=["default", "official"], default="default",
                         help="official: side by side with the official per-sample procedure (see above)")
     parser.add_argument("--repeats", type=int, default=3, help="official mode: interleaved repeats")
-    parser.add_argument("--closed-form-batch-size", type=int, default=256,
-                        help="official mode: batch size of the closed-form paths (layers that see one vector per sample, "
-                        "or of which one token reaches the loss)")
     args = parser.parse_args()
     if args.loop_samples > args.samples:
         parser.error("--loop-samples must not exceed --samples")
@@ -477,6 +506,7 @@ def main() -> None:
     if args.mode == "official":
         run_side_by_side(args)
         return
+    args.batch_size = args.batch_size or 64
 
     results = []
     for case in CASES:

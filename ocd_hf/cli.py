@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_arguments(harvest)
     harvest.add_argument("--target-module", required=True, help="exact name, dotted suffix or regex of an nn.Linear")
     harvest.add_argument("--output-dir", required=True)
-    harvest.add_argument("--batch-size", type=int, default=32)
+    harvest.add_argument("--batch-size", type=int, default=None,
+                         help="samples fine-tuned at once (default: by layer, see harvest_deltas; recorded in harvest.json)")
     harvest.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=DEFAULT_OPTIMIZER)
     harvest.add_argument("--lr", type=float, default=DEFAULT_LR)
     harvest.add_argument("--steps", type=int, default=DEFAULT_STEPS)

@@ -8,6 +8,8 @@ import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
@@ -58,6 +60,40 @@ def column_tensor(dataset: Dataset, rows: slice | list[int], column: str) -> tor
     if isinstance(values, list) and values and isinstance(values[0], torch.Tensor):
         return torch.stack(values).float()
     return torch.as_tensor(np.asarray(values, dtype=np.float32))
+
+
+def fixed_shape_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
+    """A column of nested lists with the same length at every level (e.g. ``pixel_values`` made by ``.map``) as one
+    numeric array ``(rows, *shape)`` (int64 or float32, as the numpy formatter gives), straight from its Arrow buffers;
+    ``None`` when it is not one (ragged rows, nulls,
+    non-numeric values, extension types such as ``Array3D``, which the numpy formatter reads fast itself).
+
+    Hand-written because the numpy formatter of ``datasets`` converts nested lists row by row and level by level:
+    25x slower than this on 28x28 images."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    shape = [len(array)]
+    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        if array.null_count:
+            return None
+        lengths = pc.list_value_length(array)
+        low, high = pc.min_max(lengths).values() if len(array) else (pa.scalar(0), pa.scalar(0))
+        if low.as_py() != high.as_py():
+            return None
+        shape.append(high.as_py())
+        array = array.flatten()  # the values of the rows in the slice only
+    if array.null_count:
+        return None
+    # The numpy formatter's dtypes: int64 for integers, float32 for floats.
+    if pa.types.is_integer(array.type):
+        dtype = np.int64
+    elif pa.types.is_floating(array.type):
+        dtype = np.float32
+    elif pa.types.is_boolean(array.type):
+        dtype = np.bool_
+    else:
+        return None
+    # A copy: a zero-copy view of the Arrow buffer is read-only, and a tensor made from it must be writable.
+    return np.array(array.to_numpy(zero_copy_only=False), dtype=dtype).reshape(shape)
 
 
 def split_batch(batch: Any) -> Batch:

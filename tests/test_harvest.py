@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, DatasetDict, Features, Image, Value
+from datasets import Array3D, Dataset, DatasetDict, Features, Image, Value
 from helpers import subprocess_env
 from helpers.harvest_fixtures import CASES, build_backbone, build_dataset
 from helpers.tolerances import adam_delta_atol
 from torch.nn import functional as F
 
+from ocd_hf.data import fixed_shape_numpy
 from ocd_hf.methods.ocd.deltas import load_deltas, load_harvest_metadata, materialise_deltas, shard_path
 from ocd_hf.methods.ocd.harvest import harvest_deltas, harvest_from_pretrained, rank1_energy
 from ocd_hf.target import capture_conditioning, find_target_linear
@@ -237,6 +238,23 @@ def test_collate_fn_on_raw_text_matches_pretokenized_columns(tmp_path):
     from_text = harvest_deltas(build_backbone(kind), raw, target, tmp_path / "text", collate_fn=collate, progress=False)
     from_columns = harvest_deltas(build_backbone(kind), tokenized, target, tmp_path / "ids", progress=False)
     torch.testing.assert_close(from_text[:]["delta_factor"], from_columns[:]["delta_factor"], rtol=0, atol=0)
+
+
+def test_fixed_shape_nested_lists_read_straight_from_arrow_equal_the_numpy_formatter():
+    generator = np.random.default_rng(0)
+    dataset = Dataset.from_dict({
+        "pixel_values": generator.standard_normal((12, 1, 4, 3)), "input_ids": np.arange(24, dtype=np.int32).reshape(12, 2),
+        "flag": [True, False] * 6, "text": ["a"] * 12, "ragged": [[1], [1, 2]] * 6, "holes": [[1.0, None]] * 12,
+    })
+    rows = dataset.shuffle(seed=0).select(range(2, 10))  # an indices mapping, as after .shuffle/.select
+    table, formatted = rows.with_format("arrow")[1:6], rows.with_format("numpy")[1:6]
+    for name in ("pixel_values", "input_ids", "flag"):
+        values = fixed_shape_numpy(table.column(name))
+        assert values.dtype == formatted[name].dtype and np.array_equal(values, formatted[name]), name
+    for name in ("text", "ragged", "holes"):  # left to the numpy formatter (and its errors)
+        assert fixed_shape_numpy(table.column(name)) is None, name
+    as_array = dataset.cast_column("pixel_values", Array3D((1, 4, 3), "float32"))
+    assert fixed_shape_numpy(as_array.with_format("arrow")[0:2].column("pixel_values")) is None
 
 
 def test_bad_inputs_get_clear_errors(tmp_path):

@@ -4,6 +4,7 @@ and the official per-sample loop (a deep copy per sample, the optimizer on the l
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -180,8 +181,11 @@ def test_closed_form_respects_a_custom_loss():
     assert_deltas_close(closed.deltas, reference.deltas)
 
 
-@pytest.mark.parametrize("shape", [(84, 120), (120, 84)])
-def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape):
+@pytest.mark.parametrize("shape", [(84, 120), (120, 84), (2, 384), (40, 10)])  # direct products, then the Gram path
+def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape, monkeypatch):
+    gram_path = []
+    original = harvest_module.gram_rank1_energy
+    monkeypatch.setattr(harvest_module, "gram_rank1_energy", lambda deltas, *args: gram_path.append(len(deltas)) or original(deltas, *args))
     generator = torch.Generator().manual_seed(0)
     out, inp = shape
     near_rank1 = torch.randn(16, out, 1, generator=generator) * torch.randn(16, 1, inp, generator=generator)
@@ -195,21 +199,62 @@ def test_rank1_energy_power_iteration_equals_the_float64_spectrum(shape):
     energy = rank1_energy(deltas)
     torch.testing.assert_close(energy, expected, rtol=0, atol=1e-5)
     assert energy[-1] == 1.0 and abs(float(energy[-3]) - 0.5) < 1e-6
+    assert rank1_energy(deltas[:0]).shape == (0,)  # a batch whose samples were all skipped
+    if min(shape) <= harvest_module.GRAM_SIDE:
+        assert sum(gram_path) == len(deltas)
+    else:  # the nearly rank-1 ones converge on the direct products; only some random ones need the Gram
+        assert 0 < sum(gram_path) <= 8
 
 
-def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeypatch):
+@pytest.mark.parametrize("chosen", ["factorised", "full"])
+def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeypatch, chosen):
     kind, target = HARVEST_CASES["bert-classifier"]
     backbone, dataset = build_backbone(kind), build_dataset(kind, 7)
+    # factor_tolerance=0: no residual is within it, so "auto" picks full storage.
+    tolerance = {"factorised": harvest_module.DEFAULT_FACTOR_TOLERANCE, "full": 0.0}[chosen]
+    calls = []
+    original = harvest_module.overfit_batch
+    monkeypatch.setattr(harvest_module, "overfit_batch", lambda *args, **kwargs: calls.append(len(args[3])) or original(*args, **kwargs))
+    auto = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "auto", batch_size=4, factor_tolerance=tolerance,
+                                         progress=False)
+    assert load_harvest_metadata(tmp_path / "auto")["harvest_config"]["delta_storage"] == chosen
+    assert calls == [4, 3]  # the first batch once (to decide), then the rest
+    forced = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "forced", batch_size=4, delta_storage=chosen,
+                                           progress=False)
+    stored = ("delta_factor", "factor_residual") if chosen == "factorised" else ("delta", "rank1_energy")
+    for column in ("id", "rho", "layer_input", "loss_after", *stored):
+        torch.testing.assert_close(auto.with_format("torch")[:][column], forced.with_format("torch")[:][column], rtol=0, atol=0)
+
+
+def test_default_batch_size_follows_the_path_and_is_recorded(tmp_path, monkeypatch):
+    kind, target = HARVEST_CASES["mlp-regression"]  # one vector per sample: about AUTO_BATCH_ELEMENTS entries per batch
+    backbone, dataset = build_backbone(kind), build_dataset(kind, 7)
+    _, layer = find_target_linear(backbone, target)
+    monkeypatch.setitem(harvest_module.AUTO_BATCH_ELEMENTS, "one_vector", 3 * layer.weight.numel())
+    monkeypatch.setitem(harvest_module.AUTO_BATCH_RANGE, "one_vector", (2, 2048))
     calls = []
     original = harvest_module.harvest_batch
     monkeypatch.setattr(harvest_module, "harvest_batch", lambda *args, **kwargs: calls.append(len(args[3])) or original(*args, **kwargs))
-    auto = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "auto", batch_size=4, progress=False)
-    assert load_harvest_metadata(tmp_path / "auto")["harvest_config"]["delta_storage"] == "factorised"
-    assert calls == [4, 3]  # the first batch once (to decide), then the rest
-    forced = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "forced", batch_size=4, delta_storage="factorised",
-                                           progress=False)
-    for column in ("id", "delta_factor", "factor_residual", "layer_input", "loss_after"):
-        torch.testing.assert_close(auto.with_format("torch")[column], forced.with_format("torch")[column], rtol=0, atol=0)
+    chosen = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "auto", delta_storage="full", progress=False)
+    assert calls == [3, 3, 1]
+    recorded = load_harvest_metadata(tmp_path / "auto")["batch_size"]
+    assert recorded["batch_size"] == 3 and "one vector per sample" in recorded["reason"]
+    whole = harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "whole", batch_size=7, delta_storage="full", progress=False)
+    assert load_harvest_metadata(tmp_path / "whole")["batch_size"] == {"batch_size": 7, "reason": "requested"}
+    assert_deltas_close(chosen.with_format("torch")[:]["delta"], whole.with_format("torch")[:]["delta"])
+    # A resumed harvest keeps its batch size (the first batch is part of its identity), 32 for one that recorded none.
+    metadata_path = tmp_path / "whole" / "harvest.json"
+    legacy = json.loads(metadata_path.read_text())
+    del legacy["batch_size"]
+    metadata_path.write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="first_batch_sha256"):
+        harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "whole", batch_size=3, delta_storage="full", progress=False)
+    harvest_module.harvest_deltas(backbone, dataset, target, tmp_path / "whole", delta_storage="full", progress=False)
+    assert load_harvest_metadata(tmp_path / "whole")["batch_size"]["batch_size"] == harvest_module.FORMER_DEFAULT_BATCH_SIZE
+    kind, target = HARVEST_CASES["bert-intermediate"]
+    harvest_module.harvest_deltas(build_backbone(kind), build_dataset(kind, 2), target, tmp_path / "token", progress=False)
+    recorded = load_harvest_metadata(tmp_path / "token")["batch_size"]
+    assert recorded["batch_size"] == 128 and "per-token layer" in recorded["reason"]  # a 32 x 16 layer: the range's top
 
 
 def two_layer_bert(seed: int = 0) -> nn.Module:

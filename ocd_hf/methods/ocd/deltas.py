@@ -230,7 +230,8 @@ def decide_delta_mode(metadata: Mapping[str, Any], dataset: Dataset) -> dict[str
     if len(dataset) == 0:
         return {"delta_mode": "full", "reason": "no delta to measure the rank on"}
     if delta_storage(metadata) == "factorised":
-        residuals = torch.as_tensor(dataset.with_format("numpy")["factor_residual"])
+        # [:] then the column: dataset["column"] is a lazy datasets.Column, which torch reads row by row (1000x slower).
+        residuals = torch.as_tensor(dataset.select_columns(["factor_residual"]).with_format("numpy")[:]["factor_residual"])
     else:
         rows = format_deltas(dataset.select_columns(["delta", "layer_input"]), metadata["harvest_config"]["dtype"])
         residuals = torch.cat([

@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -31,9 +32,9 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from ...backbones import load_pretrained_backbone
 from ...checks import is_saved_dataset, only_local
-from ...data import DEFAULT_SPLIT, select_split
+from ...data import DEFAULT_SPLIT, fixed_shape_numpy, select_split
 from ...factorised import RULE_FOR_OPTIMIZER, factorise_deltas, right_factor
-from ...finetune import DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, overfit_deltas
+from ...finetune import CHUNK_ELEMENTS, DEFAULT_LR, DEFAULT_OPTIMIZER, DEFAULT_STEPS, OPTIMIZERS, LossFn, OverfitResult, overfit_deltas
 from ...harvest import harvest_shards
 from ...logging import get_logger
 from ...target import Conditioning, backbone_task, describe_backbone, find_target_linear, model_output_tensor, pool_tokens
@@ -71,20 +72,81 @@ DEFAULT_FACTOR_TOLERANCE = 5e-2
 # have a long tail (above), and a later sample beyond the tolerance would stop the harvest midway.
 AUTO_MARGIN = 0.1
 MAX_LISTED_SAMPLES = 10
+# harvest_deltas' batch size when none is given (default_batch_size): about this many delta entries per batch, within
+# the path's range of rows. Measured on one CPU thread: the closed form (a layer that sees one vector per sample) gets
+# cheaper per sample with the batch until its (batch, out, in) deltas outgrow ~16 MB (LeNet-5 fc2 84 x 120 flat from
+# 256 to 768 samples and 1.5x slower at 1024, where every batch pays page faults for fresh memory; a 2 x 384 head 2x
+# faster at 1024-2048 than at 256). Per-token layers hold four such tensors on the optimizer path (a small Bert's
+# 256 x 64 layer: 64-128 samples 1.5-2x faster than 32); their floor of 32 keeps large layers at the former default.
+AUTO_BATCH_ELEMENTS = {"one_vector": 2**22, "per_token": 2**21}
+AUTO_BATCH_RANGE = {"one_vector": (32, 2048), "per_token": (32, 128)}
+PROBE_ROWS = 8  # rows that describe the backbone before the batch size is chosen
+# The default before batch sizes followed the path: what a harvest.json without a recorded batch size was made with.
+FORMER_DEFAULT_BATCH_SIZE = 32
 IGNORE_INDEX = -100  # transformers' label to ignore in a loss: a harvest fine-tunes on every label, so it is refused
 CHECK_BATCH_SIZE = 1024
+
+
+# rank1_energy forms the Gram matrix of a delta (min² · max multiply-adds) only when its smaller side is at most this;
+# above, power iteration by products with the delta itself (2 · out · in multiply-adds per iteration; nearly rank-1
+# deltas converge in 2-3) is cheaper. Measured on CPU: LeNet-5 fc2's 84 x 120 deltas 2.5x faster than the Gram,
+# a 2 x 384 head's 2x slower.
+GRAM_SIDE = 32
+# Power iterations on the delta itself before a matrix still unconverged takes the Gram path.
+DIRECT_ITERATIONS = 8
 
 
 def rank1_energy(deltas: torch.Tensor, iterations: int = 50, tolerance: float = 1e-5) -> torch.Tensor:
     """``σ₁² / Σσᵢ²`` of every matrix of a ``(batch, out, in)`` tensor, batched.
 
     1 means exactly rank-1. An all-zero delta counts as rank-1 (energy 1). ``σ₁²`` is the largest
-    eigenvalue of the float32 Gram matrix of the unit-norm delta on its smaller side, by power iteration
-    from its largest column (harvested deltas are nearly rank-1, so a few iterations do; ~5x faster than
-    a float64 eigensolver); a matrix whose eigenpair residual ``‖Gv − λv‖`` is still above ``tolerance``
-    after ``iterations`` gets float64 ``eigvalsh`` instead (``svdvals`` if that does not converge).
+    eigenvalue of ``Ĝ = D̂ᵀD̂`` for the unit-norm delta ``D̂``, by float32 power iteration from its
+    largest row until the eigenpair residual ``‖Ĝv − λv‖`` is at most ``tolerance`` (harvested deltas are
+    nearly rank-1, so a few iterations do; ~5x faster than a float64 eigensolver). Deltas whose smaller side
+    exceeds :data:`GRAM_SIDE` iterate on products with ``D̂`` itself, in cache-sized chunks, for up to
+    :data:`DIRECT_ITERATIONS`; the others, and those still unconverged, go through :func:`gram_rank1_energy`
+    (in chunks too).
     """
     deltas = deltas.float()
+    if deltas.dim() != 3:
+        return gram_rank1_energy(deltas, iterations, tolerance)
+    energy = deltas.new_empty(deltas.shape[0])
+    chunk = max(1, CHUNK_ELEMENTS // math.prod(deltas.shape[1:]))  # the temporaries of a chunk stay in cache
+    for start in range(0, deltas.shape[0], chunk):
+        part = deltas[start : start + chunk]
+        if min(deltas.shape[1:]) <= GRAM_SIDE:
+            energy[start : start + chunk] = gram_rank1_energy(part, iterations, tolerance)
+            continue
+        found, unconverged = direct_rank1_energy(part, DIRECT_ITERATIONS, tolerance)
+        if unconverged.any():
+            found[unconverged] = gram_rank1_energy(part[unconverged], iterations, tolerance)
+        energy[start : start + chunk] = found
+    return energy
+
+
+def direct_rank1_energy(deltas: torch.Tensor, iterations: int, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rank1_energy` of ``(batch, out, in)`` deltas by power iteration on ``v ↦ D̂ᵀ(D̂ v)``, and which
+    matrices have not converged within ``iterations`` (their energy is then only an estimate)."""
+    tiny = torch.finfo(torch.float32).tiny
+    total = torch.linalg.vector_norm(deltas, dim=(1, 2)).pow(2)
+    unit = deltas * (1 / total.sqrt().clamp_min(tiny))[:, None, None]
+    # Products as broadcasting multiply-and-sum: on CPU 4x faster than a batched matrix-vector bmm.
+    vector = unit[torch.arange(unit.shape[0]), torch.linalg.vector_norm(unit, dim=2).argmax(1)]
+    for _ in range(iterations):
+        vector = vector / vector.norm(dim=1, keepdim=True).clamp_min(tiny)
+        image = (unit * (unit * vector.unsqueeze(1)).sum(2, keepdim=True)).sum(1)
+        top = (vector * image).sum(1)
+        unconverged = (image - top.unsqueeze(1) * vector).norm(dim=1) > tolerance
+        if not unconverged.any():
+            break
+        vector = image
+    return torch.where(total > 0, top.clamp(0, 1), torch.ones_like(top)), unconverged & (total > 0)
+
+
+def gram_rank1_energy(deltas: torch.Tensor, iterations: int = 50, tolerance: float = 1e-5) -> torch.Tensor:
+    """:func:`rank1_energy` of ``(..., out, in)`` deltas through the float32 Gram matrix on their smaller side, by
+    power iteration from its largest column; a matrix whose eigenpair residual is still above ``tolerance`` after
+    ``iterations`` gets float64 ``eigvalsh`` instead (``svdvals`` if that does not converge)."""
     total = deltas.pow(2).sum((-2, -1))
     unit = deltas / total.sqrt().clamp_min(torch.finfo(torch.float32).tiny)[..., None, None]
     transposed = unit.transpose(-1, -2)
@@ -123,6 +185,26 @@ def factor_rule_for(optimizer: str, per_token: bool, target_module: str) -> str:
             f"({sorted(RULE_FOR_OPTIMIZER)}); {optimizer!r} has none. Use delta_storage='full'."
         )
     return RULE_FOR_OPTIMIZER[optimizer]
+
+
+def default_batch_size(per_token: bool, layer: nn.Linear) -> tuple[int, str]:
+    """The batch size ``harvest_deltas`` uses when none is given, and why (see :data:`AUTO_BATCH_ELEMENTS`)."""
+    kind = "per_token" if per_token else "one_vector"
+    (low, high), elements = AUTO_BATCH_RANGE[kind], AUTO_BATCH_ELEMENTS[kind]
+    size = min(max(elements // (layer.out_features * layer.in_features), low), high)
+    what = "per-token layer" if per_token else "one vector per sample"
+    return size, f"{what}: about {elements} delta entries per batch, within {low}-{high} rows"
+
+
+def resumed_batch_size(output_dir: str | os.PathLike) -> tuple[int, str] | None:
+    """The batch size of the harvest ``output_dir`` holds, which a resumed harvest without ``batch_size`` keeps (its
+    first batch is part of its identity), and why; ``None`` when there is no harvest to resume."""
+    if not (Path(output_dir) / HARVEST_METADATA_NAME).is_file():
+        return None
+    recorded = load_harvest_metadata(output_dir).get("batch_size")
+    if recorded is None:
+        return FORMER_DEFAULT_BATCH_SIZE, "resumed a harvest that recorded no batch size: the former default"
+    return recorded["batch_size"], "resumed: the batch size the harvest started with"
 
 
 def _listed(ids: torch.Tensor, values: torch.Tensor) -> str:
@@ -197,6 +279,52 @@ def record_first_forward(backbone: nn.Module, layer: nn.Linear) -> Iterator[Firs
             handle.remove()
 
 
+@dataclass
+class OverfitBatch:
+    """A batch overfitted by :func:`overfit_batch`, before its columns are chosen (see :func:`batch_columns`): the
+    result, the conditioning, the columns every storage has, and the optimizer and steps it ran with."""
+
+    result: OverfitResult
+    conditioning: Conditioning
+    columns: dict[str, torch.Tensor]
+    optimizer: str
+    steps: int
+
+
+def overfit_batch(
+    backbone: nn.Module,
+    layer: nn.Linear,
+    inputs: Mapping[str, Any],
+    labels: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    task: str,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    lr: float = DEFAULT_LR,
+    steps: int = DEFAULT_STEPS,
+    loss_fn: LossFn | None = None,
+    store_trajectory: bool = False,
+    split_prefix: bool = True,
+) -> OverfitBatch:
+    """The work of :func:`harvest_batch` that does not depend on the storage: the overfitting and ``I(x)``."""
+    with record_first_forward(backbone, layer) as first:
+        result = overfit_deltas(
+            backbone, layer, inputs, labels, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
+            return_trajectory=store_trajectory, split_prefix=split_prefix,
+        )
+    cond = first.conditioning(inputs.get("attention_mask"))
+    columns = {
+        "id": ids,
+        "label": labels,
+        "layer_input": cond.layer_input.float(),
+        "layer_output": cond.layer_output.float(),
+        "model_output": cond.model_output.float(),
+        "loss_before": result.loss_before.float(),
+        "loss_after": result.loss_after.float(),
+    }
+    return OverfitBatch(result, cond, columns, optimizer, steps)
+
+
 def harvest_batch(
     backbone: nn.Module,
     layer: nn.Linear,
@@ -231,21 +359,27 @@ def harvest_batch(
     ``factor_tolerance`` (``None``: no check), or only warns with ``strict_tolerance=False``.
     ``split_prefix=False`` re-runs the whole backbone at every step (see :func:`~ocd_hf.finetune.overfit_deltas`).
     """
-    with record_first_forward(backbone, layer) as first:
-        result = overfit_deltas(
-            backbone, layer, inputs, labels, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
-            return_trajectory=store_trajectory, split_prefix=split_prefix,
-        )
-    cond = first.conditioning(inputs.get("attention_mask"))
-    columns = {
-        "id": ids,
-        "label": labels,
-        "layer_input": cond.layer_input.float(),
-        "layer_output": cond.layer_output.float(),
-        "model_output": cond.model_output.float(),
-        "loss_before": result.loss_before.float(),
-        "loss_after": result.loss_after.float(),
-    }
+    overfitted = overfit_batch(
+        backbone, layer, inputs, labels, ids, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
+        store_trajectory=store_trajectory, split_prefix=split_prefix,
+    )
+    return batch_columns(overfitted, dtype=dtype, delta_storage=delta_storage, factor_tolerance=factor_tolerance,
+                         strict_tolerance=strict_tolerance)
+
+
+def batch_columns(
+    overfitted: OverfitBatch,
+    *,
+    dtype: str = "float32",
+    delta_storage: str = "full",
+    factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
+    strict_tolerance: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`harvest_batch`'s columns and skipped ids of an overfitted batch, in ``delta_storage`` (one overfitted
+    batch can give both storages: ``"auto"`` decides on the factorised columns, then keeps the batch)."""
+    result, cond, optimizer, steps = overfitted.result, overfitted.conditioning, overfitted.optimizer, overfitted.steps
+    columns, ids = dict(overfitted.columns), overfitted.columns["id"]
+    store_trajectory = result.trajectory is not None
     rule = None
     if delta_storage == "full":
         columns["delta"] = round_to_storage(result.deltas, dtype)
@@ -265,13 +399,14 @@ def harvest_batch(
     finite = torch.ones(ids.shape[0], dtype=torch.bool)
     for value in columns.values():
         if value.is_floating_point():
-            # x·0 is 0 where x is finite and NaN where it is not: one cheap reduction per row, where
-            # isfinite(...).all(1) makes and reduces a boolean tensor (10x slower on a batch of deltas).
-            finite &= value.reshape(value.shape[0], -1).mul(0).sum(1) == 0
+            # A row's min and max are finite iff all of it is (both propagate NaN): two reductions and no temporary,
+            # where isfinite(...).all(1) makes and reduces a boolean tensor (20x slower on a batch of deltas).
+            rows = value.reshape(value.shape[0], -1)
+            finite &= torch.isfinite(rows.amin(1)) & torch.isfinite(rows.amax(1))
     if not finite.all():
         columns = {name: value[finite] for name, value in columns.items()}
     if delta_storage == "full":
-        columns["rho"] = columns["delta"].pow(2).mean((1, 2)).sqrt()
+        columns["rho"] = torch.linalg.vector_norm(columns["delta"], dim=(1, 2)) / math.sqrt(math.prod(columns["delta"].shape[1:]))
         columns["rank1_energy"] = rank1_energy(columns["delta"])
     else:
         if factor_tolerance is not None:
@@ -342,7 +477,9 @@ class SampleReader:
         self.input_columns = None if collate_fn is not None else self._input_columns(backbone, input_columns)
         self.device = next(backbone.parameters()).device
         if self.input_columns is not None:
-            # numpy, not torch: 3x faster on nested-list columns (e.g. pixel_values made by .map).
+            # Fixed-shape nested lists straight from Arrow (fixed_shape_numpy), else the numpy formatter (3x faster than
+            # torch's on nested lists).
+            self.arrow = dataset.select_columns(self.input_columns).with_format("arrow")
             self.formatted = dataset.with_format("numpy", columns=self.input_columns)
             for start in range(0, len(dataset), CHECK_BATCH_SIZE):  # every row before any work (with collate_fn: per batch)
                 self.check_inputs(self._stacked(start, min(start + CHECK_BATCH_SIZE, len(dataset))), start)
@@ -478,7 +615,10 @@ class SampleReader:
         return len(self.dataset)
 
     def _stacked(self, start: int, end: int) -> dict[str, torch.Tensor]:
-        batch = self.formatted[start:end]
+        table = self.arrow[start:end]
+        batch = {name: fixed_shape_numpy(table.column(name)) for name in self.input_columns}
+        if any(value is None for value in batch.values()):
+            batch = self.formatted[start:end]
         ragged = [name for name, value in batch.items() if not (isinstance(value, np.ndarray) and value.dtype.kind in "biuf")]
         if ragged:
             raise ValueError(
@@ -546,7 +686,7 @@ def harvest_deltas(
     label_column: str = "label",
     input_columns: list[str] | None = None,
     collate_fn: CollateFn | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     optimizer: str = DEFAULT_OPTIMIZER,
     lr: float = DEFAULT_LR,
     steps: int = DEFAULT_STEPS,
@@ -580,6 +720,10 @@ def harvest_deltas(
     device and run in eval mode.
 
     Args:
+        batch_size: samples fine-tuned at once; default by path (:func:`default_batch_size`, recorded in the
+            metadata as ``batch_size``): about 4M delta entries per batch within 32-2048 rows for a layer that sees one
+            vector per sample (LeNet-5 fc2: 416, a 2 x 384 head: 2048), 2M within 32-128 rows for a per-token layer.
+            The deltas do not depend on it; a resumed harvest keeps the batch size it started with.
         loss: per-sample loss ``(model output, labels) -> (batch,)``; default the task loss
             (cross-entropy for classification, squared error for a backbone with ``num_labels=1``).
         dtype: ``"float32"`` (exact deltas) or ``"bfloat16"`` (half the size, stored bit-exactly).
@@ -617,8 +761,8 @@ def harvest_deltas(
         raise ValueError(f"delta_storage must be one of {STORAGE_CHOICES}, got {delta_storage!r}.")
     if not (isinstance(factor_tolerance, (int, float)) and 0 <= factor_tolerance < math.inf):
         raise ValueError(f"factor_tolerance must be a finite number >= 0, got {factor_tolerance!r}.")
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("steps", steps)):
-        if not isinstance(value, int) or value < 1:
+    for name, value in (("batch_size", 1 if batch_size is None else batch_size), ("shard_size", shard_size), ("steps", steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     check_cross_fit(cross_fit, fit_fold, len(dataset) if isinstance(dataset, Dataset) else None)
     state = accelerator if accelerator is not None else PartialState()
@@ -633,7 +777,7 @@ def harvest_deltas(
                 dataset, backbone, task=backbone_task(backbone), label_column=label_column, input_columns=input_columns,
                 collate_fn=collate_fn,
             )
-            first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
+            first_inputs, first_labels = reader(0, min(batch_size or PROBE_ROWS, len(reader)))
             try:
                 description = describe_backbone(backbone, name, example_inputs=first_inputs)
             except (TypeError, ValueError, RuntimeError) as error:
@@ -641,6 +785,11 @@ def harvest_deltas(
                     f"{type(backbone).__name__} failed on the first batch, built from inputs {sorted(first_inputs)}: {error}. "
                     "Pass input_columns= with the model's input columns, or collate_fn= to build its inputs."
                 ) from error
+            batch_choice = {"batch_size": batch_size, "reason": "requested"}
+            if batch_size is None:
+                batch_size, reason = resumed_batch_size(output_dir) or default_batch_size(description["per_token"], layer)
+                batch_choice = {"batch_size": batch_size, "reason": reason}
+                first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
             settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
             storage, decision, trial = choose_delta_storage(
                 delta_storage, backbone, layer, first_inputs, first_labels, name, output_dir, description["per_token"],
@@ -672,6 +821,7 @@ def harvest_deltas(
                     "cross_fit": cross_fit,
                 },
                 "storage_decision": decision,
+                "batch_size": batch_choice,
                 "source": {
                     "num_rows": len(reader), "label_column": label_column, "labels_sha256": reader.labels_sha256,
                     # The inputs too (resuming with other inputs and the same labels would mix two datasets), and the
@@ -685,8 +835,8 @@ def harvest_deltas(
             prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
             state.wait_for_everyone()
             models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
-            # The batch "auto" overfitted to choose factorised storage is rows [0, batch_size) as the harvest would store them.
-            first_batch = trial if storage == "factorised" and cross_fit is None and not store_trajectory else None
+            # The batch "auto" overfitted to choose the storage is rows [0, batch_size) as the harvest would overfit them.
+            first_batch = trial if cross_fit is None and not store_trajectory else None
             _harvest_shards(models, reader, output_dir, metadata, state, batch_size, loss, progress, first_batch)
         finally:
             backbone.train(was_training)
@@ -710,9 +860,9 @@ def choose_delta_storage(
     factor_tolerance: float,
     dtype: str = "float32",
     **overfit_settings: Any,
-) -> tuple[str, dict[str, Any], tuple[dict[str, torch.Tensor], torch.Tensor] | None]:
-    """The storage of a harvest (``"full"`` or ``"factorised"``), a record of how it was chosen, and the
-    factorised columns of the first batch when ``"auto"`` harvested it to decide (else ``None``).
+) -> tuple[str, dict[str, Any], OverfitBatch | None]:
+    """The storage of a harvest (``"full"`` or ``"factorised"``), a record of how it was chosen, and the first
+    batch overfitted (without trajectory) when ``"auto"`` overfitted it to decide (else ``None``), for either storage.
 
     ``"factorised"`` is checked (per-token layers and optimizers without a factor rule are refused);
     ``"auto"`` keeps the storage of a harvest it resumes in ``output_dir``, else overfits the first
@@ -734,14 +884,10 @@ def choose_delta_storage(
         return "full", {**decision, "reason": "the layer is applied to every token, so its deltas are not rank-1"}, None
     if optimizer not in RULE_FOR_OPTIMIZER:
         return "full", {**decision, "reason": f"optimizer {optimizer!r} has no right-factor rule"}, None
-    ids = torch.arange(labels.shape[0])
-    trial = harvest_batch(
-        backbone, layer, inputs, labels, ids, delta_storage="factorised", factor_tolerance=None, dtype=dtype, **overfit_settings
-    )
-    columns = trial[0]
-    residuals = columns["factor_residual"]
+    trial = overfit_batch(backbone, layer, inputs, labels, torch.arange(labels.shape[0]), **overfit_settings)
+    residuals = batch_columns(trial, delta_storage="factorised", factor_tolerance=None, dtype=dtype)[0]["factor_residual"]
     if residuals.numel() == 0:
-        return "full", {**decision, "reason": "no finite delta in the first batch to measure the rank on"}, None
+        return "full", {**decision, "reason": "no finite delta in the first batch to measure the rank on"}, trial
     worst, threshold = float(residuals.max()), AUTO_MARGIN * factor_tolerance
     decision.update({"first_batch_size": int(residuals.numel()), "first_batch_max_residual": worst, "threshold": threshold})
     rule = RULE_FOR_OPTIMIZER[optimizer]
@@ -750,7 +896,7 @@ def choose_delta_storage(
         reason = f"rank-1 with factor_rule {rule!r}: {measured} <= {threshold:g} ({AUTO_MARGIN:g} × factor_tolerance)"
         return "factorised", {**decision, "reason": reason}, trial
     reason = f"not rank-1 with factor_rule {rule!r}: {measured} > {threshold:g} ({AUTO_MARGIN:g} × factor_tolerance)"
-    return "full", {**decision, "reason": reason}, None
+    return "full", {**decision, "reason": reason}, trial
 
 
 def check_cross_fit(cross_fit: int | None, fit_fold: "FitFoldFn | None", num_rows: int | None) -> None:
@@ -849,10 +995,10 @@ def _harvest_shards(
     batch_size: int,
     loss: LossFn | None,
     progress: bool,
-    first_batch: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
+    first_batch: OverfitBatch | None = None,
 ) -> None:
-    """Harvest this process's missing shards, one atomic shard file at a time; ``first_batch`` is the
-    harvested rows ``[0, batch_size)`` when already at hand."""
+    """Harvest this process's missing shards, one atomic shard file at a time; ``first_batch`` is rows
+    ``[0, batch_size)`` overfitted, when already at hand."""
     settings = metadata["harvest_config"]
     features = delta_features(
         in_features=metadata["in_features"],
@@ -866,7 +1012,10 @@ def _harvest_shards(
 
     def harvest_rows(start: int, end: int) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
         if first_batch is not None and start == 0 and end == min(batch_size, len(reader)):
-            return checked(*first_batch)
+            return checked(*batch_columns(
+                first_batch, dtype=settings["dtype"], delta_storage=settings["delta_storage"],
+                factor_tolerance=settings.get("factor_tolerance"), strict_tolerance=settings.get("factor_tolerance_strict", True),
+            ))
         inputs, labels = reader(start, end)
         ids = torch.arange(start, end)
         parts = [
@@ -994,7 +1143,7 @@ def harvest_from_pretrained(
     label_column: str = "label",
     max_length: int = 128,
     max_samples: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     optimizer: str = DEFAULT_OPTIMIZER,
     lr: float = DEFAULT_LR,
     steps: int = DEFAULT_STEPS,
