@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from ocd_hf import OCDWrapper
 from ocd_hf.methods.ocd.configuration import OCDConfig
+from ocd_hf.methods.ocd.evaluation import evaluate_reconstruction
 from ocd_hf.methods.ocd.harvest import harvest_deltas
 from ocd_hf.methods.ocd.training import train_hypernetwork
 from ocd_hf.target import model_output_tensor
@@ -72,6 +73,18 @@ def test_the_vae_gives_back_deltas_that_change_the_outputs_as_the_originals_do(t
     gain, kept, control = (base - harvested).mean(), (base - through_vae).mean(), (base - others).mean()
     # The reconstruction keeps most of each delta's own effect; another sample's reconstructed delta (the control) does not.
     assert gain > 0 and kept > 0.8 * gain and control < 0.5 * gain, (float(gain), float(kept), float(control))
+    # evaluate_reconstruction reports the same, batch by batch, for rows given in any order (their ids locate the samples).
+    def collate(items):
+        return {name: torch.tensor([item[name] for item in items]) for name in ("input_ids", "attention_mask")}, [i["label"] for i in items]
+
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(0)).tolist()
+    report = evaluate_reconstruction(model, dataset, load_deltas(tmp_path / "deltas").select(order), collate, batch_size=20)
+    assert report["num_examples"] == 48
+    torch.testing.assert_close(report["cosine"], float(cosine.mean()), rtol=1e-4, atol=1e-6)
+    for name, losses in (("base", base), ("harvested", harvested), ("reconstructed", through_vae)):
+        torch.testing.assert_close(report[name]["cross_entropy"], float(losses.mean()), rtol=1e-4, atol=1e-6)
+    logits = model_output_tensor(model.forward_with_deltas(reconstructed, **inputs))
+    assert report["reconstructed"]["accuracy"] == float((logits.argmax(-1) == labels).float().mean())
     # The VAE stage ran its vae_steps (logged every 10) before the diffusion, and its loss fell.
     history = __import__("json").loads((tmp_path / "model" / "training_history.json").read_text())
     losses = [entry["reconstruction_loss"] for entry in history["vae_stage"]["log_history"] if "reconstruction_loss" in entry]
