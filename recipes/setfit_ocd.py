@@ -95,12 +95,12 @@ BUDGETS = {
     # (96 tokens of 6144 values, 32 latents each: 3072 numbers per delta); sampling 1000 texts costs seconds.
     # Rows: one draw (an ensemble would re-run the backbone per draw) and the oracle.
     "per-token-latent": TargetBudget(
-        train_steps=400, batch_size=16, test_size=1000, sampling_seeds=1, num_samples=1, num_inference_steps=10,
+        train_steps=600, batch_size=16, test_size=1000, sampling_seeds=1, num_samples=1, num_inference_steps=10,
         config_overrides={
             "delta_mode": "latent", "generator_type": "diffusion",
             "vae_config": {"latent_size": 32, "hidden_size": 128, "num_layers": 1},  # chunk_size: LATENT_CHUNK_ROWS rows
         },
-        training_kwargs={"vae_steps": 400}, rows=("base", "ocd_1", "oracle"),
+        training_kwargs={"vae_steps": 600, "learning_rate": 5e-4}, rows=("base", "ocd_1", "oracle"),
     ),
 }
 LATENT_CHUNK_ROWS = 4  # rows of the delta per latent token (fewer when they do not divide the layer's rows)

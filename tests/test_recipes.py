@@ -91,7 +91,7 @@ def test_setfit_recipe_measures_latent_deltas_of_a_per_token_layer(tmp_path, ber
         "--vae-steps", "3", "--generator", "label",  # the latent tier trains a diffusion generator whatever --generator says
     ])
     budget = summary["budgets"][target]
-    assert budget["tier"] == "per-token-latent" and budget["training_kwargs"] == {"vae_steps": 3}
+    assert budget["tier"] == "per-token-latent" and budget["training_kwargs"] == {"vae_steps": 3, "learning_rate": 5e-4}
     config = json.loads((output / "seed-0" / slug(target) / "hypernetwork" / "config.json").read_text())
     assert config["delta_mode"] == "latent" and config["generator_type"] == "diffusion"
     assert config["vae_config"]["chunk_size"] == 4 * 32  # 4 rows of the 16×32 delta per token
