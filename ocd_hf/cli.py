@@ -118,8 +118,9 @@ class TrainCommandArguments:
     model_class: str | None = field(default=None, metadata={
         "help": "transformers (or ocd_hf.backbones) class that loads the backbone (default: from its config)"})
     revision: str | None = field(default=None, metadata={"help": "backbone revision on the Hub"})
-    delta_mode: Literal["auto", "full", "factorised"] = field(default="auto", metadata={
-        "help": "auto: factorised where the harvested deltas are rank-1, else full"})
+    delta_mode: Literal["auto", "full", "factorised", "latent"] = field(default="auto", metadata={
+        "help": "auto: factorised where the harvested deltas are rank-1, else full; latent: diffusion in a weight VAE's latent space "
+        "(trained first, --vae-steps), for per-token layers on a CPU"})
     denoiser: Literal["small", "paper"] = field(default="small", metadata={"help": "UNet size in full mode"})
     generator_type: Literal["diffusion", "regression", "label"] = field(default="diffusion", metadata={
         "help": "diffusion (the paper), regression (deterministic MLP) or label (q(y|I(x)) over exact per-label deltas)"})

@@ -37,7 +37,8 @@ def add_ocd_arguments(
     """Add ``--delta-mode``, ``--generator``, ``--conditioning`` and ``--cross-fit`` with a recipe's defaults;
     ``fold_models`` names what cross-fitting retrains per fold (e.g. "classifiers")."""
     parser.add_argument(
-        "--delta-mode", choices=("auto", "full", "factorised"), default="auto", help="delta representation (auto: factorised where exact)"
+        "--delta-mode", choices=("auto", "full", "factorised", "latent"), default="auto",
+        help="delta representation (auto: factorised where exact; latent: diffusion in a weight VAE's latent space)"
     )
     parser.add_argument("--generator", choices=GENERATORS, default=generator, help="delta generator (see the README's Generators)")
     parser.add_argument(

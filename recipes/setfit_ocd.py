@@ -30,6 +30,16 @@ as their left factor by an MLP: cheap), ``unet`` (the 2-D UNet over a small matr
 ``per-token`` (smoke scale on a CPU; raise it on a GPU). ``--train-steps``, ``--test-size``,
 ``--num-samples`` and ``--sampling-seeds`` override every tier.
 
+``--per-token-mode latent`` gives per-token targets the ``per-token-latent`` tier instead: ``delta_mode="latent"``
+(a weight VAE over 4-row chunks of the delta, diffusion over its latent tokens), 1000 test texts, rows base /
+``ocd_1`` / oracle, and what the VAE keeps of the harvested deltas (:func:`ocd_hf.evaluate_reconstruction` on the
+deltas training held out and on as many training deltas). With ``--harvest-size N`` the deltas are harvested on N
+training texts (the few-shot texts, then others of the training split; cross-fitting off) instead of the few-shot
+texts alone. The measurement in docs/when_ocd_helps.md ("Latent deltas for the per-token layer"):
+
+    python recipes/setfit_ocd.py --target-module head body.encoder.layer.5.output.dense --per-token-mode latent \
+        --harvest-size 500 --cross-fit 0 --per-token-seeds 3 --seeds 0 1 2
+
 Output: one line or one progress bar per stage (SetFit training, harvest, hypernetwork training,
 evaluation), then the tables. ``--quiet`` prints only the final tables and the file locations.
 """
@@ -68,6 +78,8 @@ class TargetBudget:
     num_samples: int
     num_inference_steps: int | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    training_kwargs: dict[str, Any] = field(default_factory=dict)  # more OCDTrainingArguments (e.g. the VAE's steps)
+    rows: tuple[str, ...] | None = None  # evaluate_ocd's rows (None: every row the inputs allow)
 
 
 # The study-size budgets (``--full``: about 15-20 minutes on 2 quiet CPU cores with both targets).
@@ -79,7 +91,20 @@ BUDGETS = {
         train_steps=4, batch_size=4, test_size=16, sampling_seeds=1, num_samples=2, num_inference_steps=2,
         config_overrides={"denoiser_config": {"block_out_channels": [4, 8, 8], "norm_num_groups": 4}},
     ),
+    # --per-token-mode latent: diffusion in a weight VAE's latent space. A token is 4 rows of the 384×1536 delta
+    # (96 tokens of 6144 values, 32 latents each: 3072 numbers per delta); sampling 1000 texts costs seconds.
+    # Rows: one draw (an ensemble would re-run the backbone per draw) and the oracle.
+    "per-token-latent": TargetBudget(
+        train_steps=600, batch_size=16, test_size=1000, sampling_seeds=1, num_samples=1, num_inference_steps=10,
+        config_overrides={
+            "delta_mode": "latent", "generator_type": "diffusion",
+            "vae_config": {"latent_size": 32, "hidden_size": 128, "num_layers": 1},  # chunk_size: LATENT_CHUNK_ROWS rows
+        },
+        training_kwargs={"vae_steps": 600, "learning_rate": 5e-4}, rows=("base", "ocd_1", "oracle"),
+    ),
 }
+LATENT_CHUNK_ROWS = 4  # rows of the delta per latent token (fewer when they do not divide the layer's rows)
+
 # The default run (the head alone, ≤ 5 minutes on 2 quiet CPU cores): the same budgets but 500 test texts.
 # Evaluation is about a fifth of a seed's time at 1000 texts; the spread between SetFit seeds (several
 # accuracy points) dwarfs the ±2 points of sampling error of 500 texts.
@@ -135,10 +160,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--harvest-steps", type=int, default=3, help="Adam steps of the single-sample fine-tuning (paper: 3)")
     add_ocd_arguments(parser, fold_models="SetFit models", generator="label", cross_fit=2)  # chosen on validation: docs/when_ocd_helps.md
     parser.add_argument("--train-steps", type=int, default=None, help="hypernetwork optimizer steps (default: per tier)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="weight VAE optimizer steps of latent targets (default: per tier)")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--num-samples", type=int, default=None, help="draws of the OCD ensemble (default: per tier)")
     parser.add_argument("--sampling-seeds", type=int, default=None, help="sampling seeds per hypernetwork (default: per tier)")
     parser.add_argument("--per-token-seeds", type=int, default=1, help="how many of --seeds also run per-token targets")
+    parser.add_argument(
+        "--per-token-mode", choices=("unet", "latent"), default="unet",
+        help="per-token targets: the 2-D UNet at smoke scale (tier per-token) or latent deltas at study scale (tier per-token-latent)",
+    )
+    parser.add_argument(
+        "--harvest-size", type=int, default=None, metavar="N",
+        help="harvest on N training texts: the few-shot texts, then others of the training split (default: the few-shot texts; "
+        "needs --cross-fit 0)",
+    )
     parser.add_argument(
         "--quiet", "--no-progress", dest="quiet", action="store_true", help="print only the final tables and where the files are"
     )
@@ -149,6 +184,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds = list(DEFAULT_SEEDS)
     if args.target_module is None:
         args.target_module = list(FULL_TARGETS if args.full else DEFAULT_TARGETS)
+    if args.harvest_size is not None and args.cross_fit:
+        parser.error(f"--harvest-size harvests on texts outside the few-shot sample, which cross-fitting's fold models cannot leave out; "
+                     f"pass --cross-fit 0 (got --cross-fit {args.cross_fit}).")
+    if args.harvest_size is not None and args.harvest_size < 2 * args.shots:
+        parser.error(f"--harvest-size must be at least the few-shot sample's {2 * args.shots} texts, got {args.harvest_size}.")
     return args
 
 
@@ -250,10 +290,29 @@ def budget_for(args: argparse.Namespace, deltas: Any, metadata: dict[str, Any]) 
     mode = choose_delta_mode(metadata, deltas) if args.delta_mode == "auto" else args.delta_mode
     tier = "per-token" if metadata["per_token"] else "factorised" if mode == "factorised" else "unet"
     budgets = BUDGETS if args.full else DEFAULT_BUDGETS
-    overrides = {**budgets[tier].config_overrides, **hypernetwork_overrides(args), "delta_mode": mode}
-    budget = replace(budgets[tier], config_overrides=overrides)
+    if tier == "per-token" and args.per_token_mode == "latent":  # the tier's mode and generator win over the options
+        tier = "per-token-latent"
+        overrides = {**hypernetwork_overrides(args), **budgets[tier].config_overrides}
+        rows = max(k for k in range(1, LATENT_CHUNK_ROWS + 1) if metadata["out_features"] % k == 0)
+        overrides["vae_config"] = {**overrides["vae_config"], "chunk_size": rows * metadata["in_features"]}
+        budget = replace(budgets[tier], config_overrides=overrides)
+    else:
+        budget = replace(budgets[tier], config_overrides={**budgets[tier].config_overrides, **hypernetwork_overrides(args), "delta_mode": mode})
+    if args.vae_steps is not None and "vae_steps" in budget.training_kwargs:
+        budget = replace(budget, training_kwargs={**budget.training_kwargs, "vae_steps": args.vae_steps})
     chosen = {name: getattr(args, name) for name in ("train_steps", "test_size", "num_samples", "sampling_seeds")}
     return tier, replace(budget, **{name: value for name, value in chosen.items() if value is not None})
+
+
+def harvest_texts(args: argparse.Namespace, train: Any, few_shot: Any, seed: int) -> Any:
+    """The texts deltas are harvested on: the few-shot sample, then (``--harvest-size``) others of the training split."""
+    from data import exclude_ids, seeded_subset
+    from datasets import concatenate_datasets
+
+    if args.harvest_size is None:
+        return few_shot
+    extra = seeded_subset(exclude_ids(train, few_shot), args.harvest_size - len(few_shot), seed)
+    return concatenate_datasets([few_shot, extra.cast(few_shot.features)])
 
 
 def majority_row(majority_accuracy: float, num_classes: int) -> Any:
@@ -335,11 +394,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tables: dict[str, list] = {target: [] for target in args.target_module}
     summary: dict[str, Any] = {
         "arguments": vars(args), "timings_seconds": timings, "budgets": {}, "layer_selection": [], "pushed": {}, "results": {},
-        "models": {},
+        "models": {}, "reconstruction": {},
     }
     for index, seed in enumerate(args.seeds):
         run_dir = output_dir / f"seed-{seed}"
         few_shot = few_shot_sample(train, args.shots, seed)
+        harvested_texts = harvest_texts(args, train, few_shot, seed)
         say(f"[seed {seed}] training SetFit on {len(few_shot)} texts ({args.shots} per class) ...", end=" ", flush=True)
         tick = time.perf_counter()
         setfit_model = train_setfit(args, few_shot, names, seed, run_dir / "setfit-checkpoints")
@@ -377,7 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tick = time.perf_counter()
             # One bar ("Harvesting <target>"); with cross-fitting it first trains the fold models, silently.
             deltas = harvest_deltas(
-                backbone, few_shot, target, target_dir / "deltas", collate_fn=tokenize_batch, batch_size=len(few_shot),
+                backbone, harvested_texts, target, target_dir / "deltas", collate_fn=tokenize_batch, batch_size=min(len(harvested_texts), 32),
                 lr=args.harvest_lr, steps=args.harvest_steps, cross_fit=cross_fit_folds(args),
                 fit_fold=fold_fitter(args, few_shot, names, seed, run_dir) if args.cross_fit else None,
                 base_model_name_or_path=str(backbone_dir.resolve()), accelerator=state, progress=progress,
@@ -385,14 +445,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tier, budget = budget_for(args, deltas, load_harvest_metadata(target_dir / "deltas"))
             summary["budgets"][target] = {"tier": tier, **asdict(budget)}
             say(
-                f"[seed {seed}] {target}: {len(deltas)} deltas; tier {tier}: training the {args.generator} generator "
-                f"for {budget.train_steps} steps ...", end=" ", flush=True,
+                f"[seed {seed}] {target}: {len(deltas)} deltas; tier {tier}: training the "
+                f"{budget.config_overrides['generator_type']} generator for {budget.train_steps} steps ...", end=" ", flush=True,
             )
             training_tick = time.perf_counter()
             model = train_hypernetwork(  # its bars (two delta scans, then training) off: one line per stage
                 target_dir / "deltas", backbone, target_dir / "hypernetwork", config_overrides=budget.config_overrides,
                 num_steps=budget.train_steps, batch_size=min(budget.batch_size, len(deltas)), seed=seed,
-                logging_steps=max(1, budget.train_steps // 10), progress=False,
+                logging_steps=max(1, budget.train_steps // 10), progress=False, **budget.training_kwargs,
             )
             say(f"{time.perf_counter() - training_tick:.0f} s")
             summary["models"][f"seed-{seed}/{target}/hypernetwork"] = str(target_dir / "hypernetwork")
@@ -406,13 +466,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             table = evaluate_ocd(
                 model, tqdm(batches, desc=f"Evaluating {target}", unit="batch", disable=not progress), delta_dataset=deltas,
                 seeds=tuple(range(budget.sampling_seeds)), num_samples=budget.num_samples,
-                num_inference_steps=budget.num_inference_steps, progress=False,
+                num_inference_steps=budget.num_inference_steps, progress=False, rows=budget.rows,
             )
             table.rows.insert(1, majority_row(table.metadata["majority_accuracy"], len(names)))
             table.save(target_dir / "evaluation")
             tables[target].append(table)
             timings[f"seed-{seed}/{target}/evaluate"] = time.perf_counter() - tick
             say(f"[seed {seed}] {target}, accuracy on {len(evaluated)} test texts: {accuracy_line(table)}")
+            if model.config.delta_mode == "latent":
+                summary["reconstruction"][f"seed-{seed}/{target}"] = reconstruction = measure_reconstruction(
+                    model, harvested_texts, deltas, seed, evaluation_batch
+                )
+                say(f"[seed {seed}] {target}, VAE reconstruction: {reconstruction_line(reconstruction)}")
             if args.push_to_hub and index == 0:
                 repo = f"{args.push_to_hub}-{slug(target)}" if len(args.target_module) > 1 else args.push_to_hub
                 model.config.base_model_name_or_path = summary["pushed"]["backbone"]  # the copy others can load
@@ -431,6 +496,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         state.print(file_report(output_dir, summary, timings["total"]))
     return summary
+
+
+def measure_reconstruction(model: Any, texts: Any, deltas: Any, seed: int, collate_fn: Callable) -> dict[str, Any]:
+    """What the VAE keeps of the harvested deltas, on the deltas training held out (its validation split: the same
+    seeded split as ``train_hypernetwork``'s) and on as many of its training deltas."""
+    from ocd_hf import OCDTrainingArguments, evaluate_reconstruction
+    from ocd_hf.trainer import split_rows
+
+    training, held_out = split_rows(deltas, OCDTrainingArguments().validation_fraction, seed)
+    measured = {"held_out": held_out, "training": training.select(range(len(held_out)))}
+    return {name: evaluate_reconstruction(model, texts, rows, collate_fn) for name, rows in measured.items()}
+
+
+def reconstruction_line(reconstruction: dict[str, Any]) -> str:
+    """``held_out (50): base 60.0%, harvested 64.0%, reconstructed 62.0%, cosine 0.80; training …``."""
+    parts = []
+    for split, report in reconstruction.items():
+        accuracies = ", ".join(f"{name} {100 * report[name]['accuracy']:.1f}%" for name in ("base", "harvested", "reconstructed"))
+        parts.append(f"{split} ({report['num_examples']}): {accuracies}, cosine {report['cosine']:.3f}")
+    return "; ".join(parts)
 
 
 def file_report(output_dir: Path, summary: dict[str, Any], seconds: float) -> str:

@@ -13,7 +13,7 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "ocd_hf"
 # The shared substrate: none of these may import anything from ocd_hf.methods (not even for type hints).
 SHARED = ("hub", "cards", "results", "weight_datasets", "trainer", "harvest", "data", "finetune", "target", "factorised",
-          "modeling_utils", "backbones", "episodes", "sources", "fewshot", "task_heads")
+          "modeling_utils", "backbones", "episodes", "sources", "fewshot", "task_heads", "weight_vae")
 
 
 def module_name(path: Path) -> str:

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("setfit")
 import deit_ocd  # recipes/ is on pytest's pythonpath
 import setfit_ocd
+from setfit_ocd import slug
 from test_backbones import WORDS, write_tiny_bert
 from test_recipes_data import write_fashion_mnist
 
@@ -80,6 +81,28 @@ def test_setfit_recipe_runs_both_tiers_and_layer_selection(tmp_path, bert_dir, t
     assert (output / "seed-0" / "layer-selection" / "ranking.json").is_file()
     reloaded = OCDWrapper.from_pretrained(output / "seed-0" / "head" / "hypernetwork")  # backbone found from the config
     assert isinstance(reloaded.backbone, SetFitBackbone) and reloaded.target_name == "head"
+
+
+def test_setfit_recipe_measures_latent_deltas_of_a_per_token_layer(tmp_path, bert_dir, text_dataset):
+    output, target = tmp_path / "out", "body.encoder.layer.0.output.dense"
+    summary = setfit_ocd.main([
+        "--model", str(bert_dir), "--dataset", str(text_dataset), "--text-column", "review", "--label-column", "verdict",
+        "--target-module", target, "--output-dir", str(output), *TINY_SETFIT, "--per-token-mode", "latent", "--harvest-size", "10",
+        "--vae-steps", "3", "--generator", "label",  # the latent tier trains a diffusion generator whatever --generator says
+    ])
+    budget = summary["budgets"][target]
+    assert budget["tier"] == "per-token-latent" and budget["training_kwargs"] == {"vae_steps": 3, "learning_rate": 5e-4}
+    config = json.loads((output / "seed-0" / slug(target) / "hypernetwork" / "config.json").read_text())
+    assert config["delta_mode"] == "latent" and config["generator_type"] == "diffusion"
+    assert config["vae_config"]["chunk_size"] == 4 * 32  # 4 rows of the 16×32 delta per token
+    metadata = json.loads((output / "seed-0" / slug(target) / "deltas" / "harvest.json").read_text())
+    assert metadata["num_samples"] == 10  # the 4 few-shot texts and 6 more training texts
+    assert rows_of(output / slug(target) / "results.json") == {"base", "majority_class", "ocd_1", "oracle"}
+    reconstruction = summary["reconstruction"][f"seed-0/{target}"]
+    assert reconstruction["held_out"]["num_examples"] == reconstruction["training"]["num_examples"] == 1
+    assert set(reconstruction["held_out"]) >= {"base", "harvested", "reconstructed", "cosine"}
+    with pytest.raises(SystemExit):  # harvested texts outside the few-shot sample cannot be cross-fitted
+        setfit_ocd.parse_args(["--model", "m", "--harvest-size", "100", "--cross-fit", "2"])
 
 
 def test_setfit_recipe_cross_fits_the_head_with_a_label_generator(tmp_path, bert_dir, text_dataset):

@@ -8,11 +8,11 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from ...lazy_imports import complete_registration
+from ...weight_vae import VAE_LOSSES
 from .alignment import ALIGNMENT_LOSSES
 from .diffusion import DEFAULT_SCHEDULER_CONFIG, SAMPLERS
 from .modules import ENCODER_TYPES, VECTORIZATIONS, HeadVectorizer
 
-VAE_LOSSES = ("paper", "code")
 # CPU-sized defaults (a 5-way head on 384-d embeddings is 1 925 numbers).
 DEFAULT_VAE_CONFIG: dict[str, Any] = {"latent_size": 64, "hidden_size": 512, "num_layers": 2}
 DEFAULT_ENCODER_CONFIG: dict[str, Any] = {"code_size": 128, "hidden_size": 128, "num_heads": 2, "num_inducing": 16, "num_layers": 2, "slot_size": 8}
@@ -40,7 +40,7 @@ class D2NWGConfig(PretrainedConfig):
         use_vae: ``False`` is the paper's "no VAE" ablation (App. C.4): no weight VAE; the diffusion runs on the
             standardised weight tokens themselves (the latents are the tokens, ``latent_size`` is the token width) and the
             dataset encoder is aligned to them. ``vae_config``, ``vae_loss`` and ``kl_weight`` are then unused.
-        vae_config: ``latent_size``, ``hidden_size``, ``num_layers`` of the :class:`~ocd_hf.methods.d2nwg.modules.WeightVAE`.
+        vae_config: ``latent_size``, ``hidden_size``, ``num_layers`` of the :class:`~ocd_hf.weight_vae.WeightVAE`.
         vae_loss: ``"paper"`` (squared error + ``kl_weight``·KL, Eq. 1) or ``"code"`` (the authors' code: L1 / exp(logvar) +
             logvar with a learned scalar log-variance, + ``kl_weight``·KL + 1000·MSE).
         kl_weight: β (1e-6 in both the paper and the code).

@@ -1,5 +1,6 @@
-"""D2NWG's networks: heads as tokens (model-wise, layer-wise chunked or one token per row), the weight VAE,
-the dataset encoders over class-grouped support embeddings, and the latent denoiser.
+"""D2NWG's networks: heads as tokens (model-wise, layer-wise chunked or one token per row), the dataset encoders over
+class-grouped support embeddings, and the latent denoiser. The weight VAE, its losses and the chunking live in the
+shared :mod:`ocd_hf.weight_vae` (OCD's latent deltas use them too) and are re-exported here.
 
 Written for a CPU: the paper's VAE and UNet are LDM's image models behind a Linear (a weight vector reshaped
 to a 64×64 "image"); a head is at most a few thousand numbers, so MLPs and a small transformer over latent
@@ -11,11 +12,14 @@ no library ships them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ...weight_vae import WeightVAE, from_chunks, mlp, num_chunks, to_chunks
+
+__all__ = ["ENCODER_TYPES", "VECTORIZATIONS", "HeadVectorizer", "LatentDenoiser", "MLPEncoder", "RowAlignedEncoder",
+           "SetTransformerEncoder", "WeightVAE", "build_dataset_encoder", "group_by_class", "mlp"]
 
 VECTORIZATIONS = ("row", "model", "layer")
 ENCODER_TYPES = ("row_aligned", "set_transformer", "mlp")
@@ -42,8 +46,8 @@ class HeadVectorizer:
         self.mode, self.embedding_dim, self.max_num_classes, self.chunk_size = mode, embedding_dim, max_num_classes, chunk_size
         weights = max_num_classes * embedding_dim
         if mode == "layer":
-            self.weight_chunks = math.ceil(weights / chunk_size)
-            self.bias_chunks = math.ceil(max_num_classes / chunk_size)
+            self.weight_chunks = num_chunks(weights, chunk_size)
+            self.bias_chunks = num_chunks(max_num_classes, chunk_size)
 
     @property
     def width(self) -> int:
@@ -73,10 +77,7 @@ class HeadVectorizer:
         weights, bias = padded[..., :-1].flatten(-2), padded[..., -1]
         if self.mode == "model":
             return torch.cat([weights, bias], -1).unsqueeze(-2)
-        size = self.chunk_size
-        weights = F.pad(weights, (0, self.weight_chunks * size - weights.shape[-1])).unflatten(-1, (self.weight_chunks, size))
-        bias = F.pad(bias, (0, self.bias_chunks * size - bias.shape[-1])).unflatten(-1, (self.bias_chunks, size))
-        return torch.cat([weights, bias], -2)
+        return torch.cat([to_chunks(weights, self.chunk_size), to_chunks(bias, self.chunk_size)], -2)
 
     def to_heads(self, tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
         """``(..., L, width)`` -> ``(..., N, d+1)``: the inverse of :meth:`to_tokens` (padding dropped)."""
@@ -87,62 +88,10 @@ class HeadVectorizer:
             flat = tokens.squeeze(-2)
             weights, bias = flat[..., : n * d], flat[..., n * d :]
         else:
-            weights = tokens[..., : self.weight_chunks, :].flatten(-2)[..., : n * d]
-            bias = tokens[..., self.weight_chunks :, :].flatten(-2)[..., :n]
+            weights = from_chunks(tokens[..., : self.weight_chunks, :], n * d)
+            bias = from_chunks(tokens[..., self.weight_chunks :, :], n)
         heads = torch.cat([weights.unflatten(-1, (n, d)), bias.unsqueeze(-1)], -1)
         return heads[..., :num_classes, :]
-
-
-# ----- the weight VAE -------------------------------------------------------------------------------
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers of ``sizes`` with SiLU between them."""
-    layers: list[nn.Module] = []
-    for index, (size_in, size_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(size_in, size_out))
-        if index < len(sizes) - 2:
-            layers.append(nn.SiLU())
-    return nn.Sequential(*layers)
-
-
-class WeightVAE(nn.Module):
-    """A VAE over weight tokens ``(..., L, width)`` with a diagonal Gaussian posterior ``(..., L, latent_size)``.
-
-    With ``num_positions > 0`` (layer-wise chunks) a learned embedding of the chunk index is added to the first
-    hidden layer of the encoder and of the decoder (the chunk index as a condition). ``logvar`` is the learned scalar
-    log-variance of the ``code`` loss's L1 likelihood (LDM's ``LPIPSWithDiscriminator.logvar``); the ``paper`` loss
-    does not use it.
-    """
-
-    def __init__(self, width: int, latent_size: int = 64, hidden_size: int = 512, num_layers: int = 2, num_positions: int = 0) -> None:
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"The VAE needs num_layers >= 1, got {num_layers}.")
-        self.latent_size = latent_size
-        self.encoder_in = nn.Linear(width, hidden_size)
-        self.encoder = mlp([hidden_size] * num_layers + [2 * latent_size])
-        self.decoder_in = nn.Linear(latent_size, hidden_size)
-        self.decoder = mlp([hidden_size] * num_layers + [width])
-        self.positions = nn.Embedding(num_positions, 2 * hidden_size) if num_positions else None
-        self.logvar = nn.Parameter(torch.zeros(()))
-
-    def _position(self, hidden: torch.Tensor, part: int) -> torch.Tensor:
-        if self.positions is None:
-            return hidden
-        size = hidden.shape[-1]
-        index = torch.arange(hidden.shape[-2], device=hidden.device)
-        return hidden + self.positions(index)[:, part * size : (part + 1) * size]
-
-    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The posterior's mean and log-variance, each ``(..., L, latent_size)``."""
-        hidden = F.silu(self._position(self.encoder_in(tokens), 0))
-        mean, logvar = self.encoder(hidden).chunk(2, -1)
-        return mean, logvar.clamp(-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamps the same way
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(..., L, width)`` from latents ``(..., L, latent_size)``."""
-        return self.decoder(F.silu(self._position(self.decoder_in(latents), 1)))
 
 
 # ----- Set Transformer blocks (Lee et al., 2019) ----------------------------------------------------------

@@ -37,6 +37,7 @@ from ...episodes import TaskDistribution
 from ...modeling_utils import load_checked_state
 from ...task_heads import resolve_head_dataset
 from ...trainer import HISTORY_NAME, GeneratorTrainer, GeneratorTrainingArguments, prepare_accelerator, split_rows, training_arguments
+from ...weight_vae import vae_losses
 from .alignment import AlignmentHeads
 from .configuration import D2NWGConfig
 from .diffusion import diffusion_loss, make_scheduler
@@ -89,26 +90,6 @@ class D2NWGTrainingArguments(GeneratorTrainingArguments):
         steps, rate = (self.vae_steps, self.vae_learning_rate) if name == "vae" else (self.alignment_steps, self.alignment_learning_rate)
         base = GeneratorTrainingArguments(**{f: getattr(self, f) for f in GeneratorTrainingArguments.__dataclass_fields__ if f != "num_epochs"})
         return replace(base, num_steps=steps, learning_rate=rate)
-
-
-# ----- the VAE's losses (Eq. 1) --------------------------------------------------------------------------
-
-
-def vae_losses(vae: nn.Module, tokens: torch.Tensor, loss_type: str, kl_weight: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The VAE's named losses per item (summed over the item's tokens ``(..., L, width)``; leading dims kept).
-
-    ``paper`` (Eq. 1): ``Σ (ŵ − w)²`` (a unit-variance Gaussian likelihood) and ``β·KL``. ``code`` (LDM's
-    ``LPIPSWithDiscriminator`` without the discriminator, as the authors train it): ``Σ |ŵ − w| / exp(s) + s`` with
-    the VAE's learned scalar ``s = vae.logvar``, ``β·KL``, and ``1000 · mean (ŵ − w)²``. ``ŵ`` decodes a posterior sample.
-    """
-    mean, logvar = vae.encode(tokens)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    error = vae.decode(mean + (0.5 * logvar).exp() * noise) - tokens
-    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum((-2, -1))
-    if loss_type == "paper":
-        return {"reconstruction": error.pow(2).sum((-2, -1)), "kl": kl_weight * kl}
-    nll = (error.abs() / vae.logvar.exp() + vae.logvar).sum((-2, -1))
-    return {"nll": nll, "kl": kl_weight * kl, "mse": 1000.0 * error.pow(2).mean((-2, -1))}
 
 
 # ----- the condition of a training item --------------------------------------------------------------

@@ -8,7 +8,7 @@ from ...lazy_imports import lazy_attributes
 if TYPE_CHECKING:
     from .configuration import CONDITION_COMPONENTS, FACTOR_DENOISER_CONFIG, GENERATOR_TYPES, PAPER_DENOISER_CONFIG, OCDConfig
     from .deltas import load_deltas, load_harvest_metadata, materialise_deltas
-    from .evaluation import evaluate_ocd
+    from .evaluation import evaluate_ocd, evaluate_reconstruction
     from .harvest import DEFAULT_FACTOR_TOLERANCE, harvest_batch, harvest_deltas, harvest_from_pretrained
     from .hub import SetFitPairCommits, load_deltas_from_hub, push_deltas_to_hub, push_setfit_pair
     from .hypernetwork import OCDHypernetwork
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 _IMPORT_STRUCTURE = {
     ".configuration": ["CONDITION_COMPONENTS", "FACTOR_DENOISER_CONFIG", "GENERATOR_TYPES", "PAPER_DENOISER_CONFIG", "OCDConfig"],
     ".deltas": ["load_deltas", "load_harvest_metadata", "materialise_deltas"],
-    ".evaluation": ["evaluate_ocd"],
+    ".evaluation": ["evaluate_ocd", "evaluate_reconstruction"],
     ".harvest": ["DEFAULT_FACTOR_TOLERANCE", "harvest_batch", "harvest_deltas", "harvest_from_pretrained"],
     ".hub": ["SetFitPairCommits", "load_deltas_from_hub", "push_deltas_to_hub", "push_setfit_pair"],
     ".hypernetwork": ["OCDHypernetwork"],
@@ -50,6 +50,7 @@ __all__ = [
     "PAPER_DENOISER_CONFIG",
     "SetFitPairCommits",
     "evaluate_ocd",
+    "evaluate_reconstruction",
     "harvest_deltas",
     "harvest_from_pretrained",
     "load_deltas",

@@ -66,6 +66,25 @@ FACTOR_DENOISER_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
 }
 
+LATENT_VAE_CONFIG: dict[str, Any] = {
+    # The weight VAE of ``delta_mode="latent"`` (:class:`ocd_hf.weight_vae.WeightVAE`): each ``chunk_size`` consecutive
+    # values of the row-major delta are one token (None: ``in_features``, one row per token), encoded to ``latent_size``.
+    "chunk_size": None,
+    "latent_size": 16,
+    "hidden_size": 256,
+    "num_layers": 2,
+    "vae_loss": "paper",
+    "kl_weight": 1e-6,
+}
+LATENT_DENOISER_CONFIG: dict[str, Any] = {
+    # The transformer over the (num_chunks, latent_size) latent tokens of ``delta_mode="latent"``.
+    "hidden_size": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "intermediate_size": 256,
+    "embed_dim": 128,
+}
+
 # The fields that describe the backbone and its target layer: recorded by a harvest, required to match
 # when a harvest resumes, and copied into the config of the hypernetwork trained on it.
 BACKBONE_FIELDS = (
@@ -80,7 +99,7 @@ BACKBONE_FIELDS = (
     "task",
     "base_layer_fingerprint",
 )
-DELTA_MODES = ("full", "factorised")
+DELTA_MODES = ("full", "factorised", "latent")
 GENERATOR_TYPES = ("diffusion", "regression", "label")
 LABEL_COMBINATIONS = ("expectation", "sample")
 DELTA_NORMALIZATIONS = ("rms", "std")
@@ -105,6 +124,41 @@ def scheduler_class_from_name(name: str) -> type[SchedulerMixin]:
         f"{name} cannot sample from a denoiser trained with the DDPM forward process (betas, epsilon prediction) as OCD's is; "
         f"choose one of {list(SAMPLING_SCHEDULERS)}."
     )
+
+
+def merge_settings(name: str, defaults: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+    """``defaults`` updated by ``given``, refusing keys ``defaults`` does not have."""
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown}; it takes {sorted(defaults)}.")
+    return {**defaults, **(given or {})}
+
+
+def check_latent_settings(vae: dict[str, Any], denoiser: dict[str, Any], out_features: int, in_features: int) -> None:
+    """Refuse a ``delta_mode="latent"`` VAE or denoiser whose chunking, latent size or attention heads do not fit the layer."""
+    from ...weight_vae import VAE_LOSSES
+
+    size, chunk = out_features * in_features, vae["chunk_size"] or in_features
+    if not isinstance(chunk, int) or chunk < 1 or size % chunk:
+        rows = [k for k in range(1, out_features + 1) if out_features % k == 0][:6]
+        raise ValueError(
+            f"vae_config chunk_size={vae['chunk_size']!r} does not divide the {out_features}×{in_features} = {size} values of the "
+            f"delta into equal tokens; choose a divisor of {size}, e.g. k·in_features with k dividing out_features "
+            f"({', '.join(str(k * in_features) for k in rows)}, ...), or None for one row per token."
+        )
+    latent = vae["latent_size"]
+    if not isinstance(latent, int) or not 1 <= latent < chunk:
+        raise ValueError(
+            f"vae_config latent_size={latent!r} must be an integer in [1, chunk_size) = [1, {chunk}): a token of {chunk} values is "
+            f"encoded to latent_size numbers. Lower latent_size or raise chunk_size."
+        )
+    if vae["vae_loss"] not in VAE_LOSSES:
+        raise ValueError(f"vae_config vae_loss must be one of {VAE_LOSSES}, got {vae['vae_loss']!r}.")
+    if denoiser["hidden_size"] % denoiser["num_heads"]:
+        raise ValueError(
+            f"latent_denoiser_config hidden_size={denoiser['hidden_size']} is not divisible by num_heads={denoiser['num_heads']}; "
+            "choose a num_heads that divides it (e.g. 4 for 128)."
+        )
 
 
 def padded_size(size: int, levels: int) -> int:
@@ -133,7 +187,9 @@ class OCDConfig(PretrainedConfig):
         base_layer_fingerprint: hash of the target layer's base weights; loading onto a backbone
             whose layer differs is refused.
         delta_mode: ``"full"`` generates the whole (padded) weight delta with a 2-D UNet, as in the
-            paper; ``"factorised"`` generates the left factor ``u`` of a rank-1 delta ``u vᵀ`` whose
+            paper; ``"latent"`` diffuses in the latent space of a weight VAE over the delta's chunks (``vae_config``,
+            trained on the harvested deltas first; any layer, made for per-token layers whose full delta is too big
+            for a UNet on a CPU) and decodes the latents; ``"factorised"`` generates the left factor ``u`` of a rank-1 delta ``u vᵀ`` whose
             right factor ``v`` follows ``factor_rule`` from the layer input (``"sign"`` for Adam
             deltas, ``"input"`` for SGD) — exact for layers that see one vector per sample.
         factor_rule: ``"sign"`` or ``"input"`` (see ``delta_mode``).
@@ -150,6 +206,13 @@ class OCDConfig(PretrainedConfig):
             and conditioning are filled in by the wrapper).
         factor_denoiser_config: ``hidden_dim``, ``num_layers``, ``embed_dim`` of the MLP denoiser
             for factorised mode.
+        vae_config: the weight VAE of ``delta_mode="latent"`` (:data:`LATENT_VAE_CONFIG`): ``chunk_size`` (values per
+            token of the row-major delta; must divide ``out_features × in_features``; default ``in_features``, a row),
+            ``latent_size``, ``hidden_size``, ``num_layers``, ``vae_loss`` (``"paper"`` or ``"code"``, see
+            :func:`ocd_hf.weight_vae.vae_losses`) and ``kl_weight``.
+        latent_denoiser_config: ``hidden_size``, ``num_layers``, ``num_heads``, ``intermediate_size``, ``embed_dim`` of
+            the transformer denoiser over the latent tokens (``delta_mode="latent"``).
+        latent_scale: latents are diffused multiplied by this (1 / the std of the training deltas' latents; set by training).
         scheduler_class: the diffusers scheduler that samples (``"DDIMScheduler"``, as in the paper, with
             eta 0; or e.g. ``"DPMSolverMultistepScheduler"``, ``"EulerDiscreteScheduler"``,
             ``"DDPMScheduler"``: any of :data:`SAMPLING_SCHEDULERS`). Training always noises with
@@ -187,6 +250,9 @@ class OCDConfig(PretrainedConfig):
         label_combination: str = "expectation",
         denoiser_config: dict[str, Any] | None = None,
         factor_denoiser_config: dict[str, Any] | None = None,
+        vae_config: dict[str, Any] | None = None,
+        latent_denoiser_config: dict[str, Any] | None = None,
+        latent_scale: float = 1.0,
         scheduler_class: str = DEFAULT_SCHEDULER_CLASS,
         scheduler_config: dict[str, Any] | None = None,
         num_inference_steps: int = 10,
@@ -205,7 +271,7 @@ class OCDConfig(PretrainedConfig):
         if delta_mode == "factorised" and per_token:
             raise ValueError(
                 "delta_mode='factorised' needs a layer that sees one vector per sample (a head or MLP layer); "
-                f"{target_module!r} is applied to every token, so its deltas are not rank-1. Use delta_mode='full'."
+                f"{target_module!r} is applied to every token, so its deltas are not rank-1. Use delta_mode='latent' (cheap on a CPU) or 'full'."
             )
         generator_type = kwargs.pop("generator", generator_type)  # the key configs saved before 0.2 use
         if generator_type not in GENERATOR_TYPES:
@@ -215,6 +281,17 @@ class OCDConfig(PretrainedConfig):
                 "generator_type='label' predicts a distribution over class labels and needs a classification backbone; "
                 f"got task {task!r}. Use generator_type='diffusion' or 'regression'."
             )
+        vae_config = merge_settings("vae_config", LATENT_VAE_CONFIG, vae_config)
+        latent_denoiser_config = merge_settings("latent_denoiser_config", LATENT_DENOISER_CONFIG, latent_denoiser_config)
+        if delta_mode == "latent":
+            if generator_type != "diffusion":
+                raise ValueError(
+                    f"delta_mode='latent' diffuses in a VAE's latent space: it needs generator_type='diffusion', got {generator_type!r}. "
+                    "Use delta_mode='full' or 'factorised' with a regression or label generator."
+                )
+            check_latent_settings(vae_config, latent_denoiser_config, int(out_features), int(in_features))
+        if not latent_scale > 0:
+            raise ValueError(f"latent_scale must be positive, got {latent_scale!r}.")
         if label_combination not in LABEL_COMBINATIONS:
             raise ValueError(f"label_combination must be one of {LABEL_COMBINATIONS}, got {label_combination!r}.")
         if factor_rule not in FACTOR_RULES:
@@ -247,6 +324,9 @@ class OCDConfig(PretrainedConfig):
         self.label_combination = label_combination
         self.denoiser_config = {**DEFAULT_DENOISER_CONFIG, **(denoiser_config or {})}
         self.factor_denoiser_config = {**FACTOR_DENOISER_CONFIG, **(factor_denoiser_config or {})}
+        self.vae_config = vae_config
+        self.latent_denoiser_config = latent_denoiser_config
+        self.latent_scale = float(latent_scale)
         self.scheduler_class = scheduler_class
         self.scheduler_config = {**DEFAULT_SCHEDULER_CONFIG, **(scheduler_config or {})}
         self.num_inference_steps = int(num_inference_steps)
@@ -279,7 +359,19 @@ class OCDConfig(PretrainedConfig):
         """Size of the condition embedding (the denoiser's time-embedding size)."""
         if self.delta_mode == "factorised":
             return int(self.factor_denoiser_config["embed_dim"])
+        if self.delta_mode == "latent":
+            return int(self.latent_denoiser_config["embed_dim"])
         return int(self.denoiser_config["block_out_channels"][0]) * 4
+
+    @property
+    def chunk_size(self) -> int:
+        """Values per latent token (``delta_mode="latent"``): ``vae_config["chunk_size"]``, else ``in_features``."""
+        return int(self.vae_config["chunk_size"] or self.in_features)
+
+    @property
+    def num_chunks(self) -> int:
+        """Latent tokens per delta (``delta_mode="latent"``)."""
+        return self.out_features * self.in_features // self.chunk_size
 
     @property
     def sample_size(self) -> tuple[int, int]:

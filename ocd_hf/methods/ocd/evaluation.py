@@ -1,4 +1,5 @@
-"""Evaluate a trained OCD hypernetwork on a held-out split against the base model, ablations and bounds.
+"""Evaluate a trained OCD hypernetwork on a held-out split against the base model, ablations and bounds
+(and, for ``delta_mode="latent"``, what its weight VAE keeps of the harvested deltas: :func:`evaluate_reconstruction`).
 
 Rows (see :data:`ROW_DESCRIPTIONS`): ``base``; ``ocd_1``, ``ocd_ens{k}``, ``ocd_mean{k}``; the ablations
 ``no_scale``, ``nearest_neighbour`` and ``alternative_layer``; the bounds ``oracle`` (overfits on the
@@ -544,3 +545,53 @@ def _build_table(results: dict[str, list[dict[str, float]]], metadata: dict[str,
         values = {metric: [run[metric] for run in runs] for metric in runs[0]}
         rows.append(ResultRow(row_name(row, num_samples), ROW_KINDS[row], description, values))
     return ResultsTable(rows, {"title": "OCD evaluation", **metadata}, runs_label="seeds")
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    model: OCDWrapper,
+    data: Dataset,
+    delta_dataset: Dataset,
+    collate_fn: Callable[[list[dict]], Any],
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """How much of the harvested deltas a ``delta_mode="latent"`` model's VAE keeps, judged by what they do.
+
+    For every row of ``delta_dataset`` (a delta dataset, or a split of it such as the validation rows training held
+    out), its sample is row ``id`` of ``data`` (the harvested dataset; ``collate_fn`` turns rows into the backbone's
+    inputs, as for :func:`evaluate_ocd`). Returns the accuracy and cross-entropy of the backbone alone (``base``), with
+    each sample's own harvested delta (``harvested``) and with that delta through the VAE (``reconstructed``,
+    :meth:`~ocd_hf.methods.ocd.hypernetwork.OCDHypernetwork.reconstruct_deltas`), and the mean cosine and relative
+    error ``‖Δ̂ − Δ‖ / ‖Δ‖`` of the reconstructions (classification).
+    """
+    if model.config.delta_mode != "latent":
+        raise ValueError(f"evaluate_reconstruction measures a weight VAE: the model's delta_mode is {model.config.delta_mode!r}, not 'latent'.")
+    if model.config.task != "classification":
+        raise ValueError("evaluate_reconstruction reports accuracy: it needs a classification backbone.")
+    check_int("batch_size", batch_size, minimum=1, fix="samples per batch, e.g. batch_size=32")
+    sums = {name: {"accuracy": 0.0, "cross_entropy": 0.0} for name in ("base", "harvested", "reconstructed")}
+    cosine, error, count = 0.0, 0.0, 0
+    rows = delta_dataset.with_format("torch") if delta_dataset.format["type"] != "custom" else delta_dataset
+    with model.hypernetwork_eval():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            deltas = batch["delta"].float().to(model.device)
+            inputs, labels = split_batch(collate_fn([data[int(index)] for index in batch["id"]]))
+            inputs, labels = to_device(inputs, model.device), labels.to(model.device).long()
+            reconstructed = model.hypernetwork.reconstruct_deltas(deltas)
+            outputs = {
+                "base": model_output_tensor(model.backbone(**inputs)),
+                "harvested": model_output_tensor(model.forward_with_deltas(deltas, **inputs)),
+                "reconstructed": model_output_tensor(model.forward_with_deltas(reconstructed, **inputs)),
+            }
+            for name, logits in outputs.items():
+                sums[name]["accuracy"] += float((logits.argmax(-1) == labels).sum())
+                sums[name]["cross_entropy"] += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+            flat, target = reconstructed.flatten(1), deltas.flatten(1)
+            cosine += float(F.cosine_similarity(flat, target, dim=1).sum())
+            error += float(((flat - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-12)).sum())
+            count += labels.shape[0]
+    if count == 0:
+        raise ValueError("delta_dataset holds no rows: pass the harvested deltas to measure.")
+    result: dict[str, Any] = {name: {key: value / count for key, value in metrics.items()} for name, metrics in sums.items()}
+    return {**result, "cosine": cosine / count, "relative_error": error / count, "num_examples": count}

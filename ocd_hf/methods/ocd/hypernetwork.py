@@ -1,5 +1,6 @@
 """The OCD hypernetwork: condition encoders, a denoiser over the weight delta (a diffusers UNet
-over the padded matrix, or an MLP over the left factor of a rank-1 delta), a scale net, and sampling
+over the padded matrix, an MLP over the left factor of a rank-1 delta, or a transformer over the latent
+tokens of a weight VAE of the delta's chunks), a scale net, and sampling
 with a diffusers scheduler (DDIM by default, ``config.scheduler_class``); or, in place of the
 diffusion, a deterministic regressor of the delta or a classifier over the labels whose exact deltas
 are combined (``config.generator_type``)."""
@@ -20,6 +21,7 @@ from torch.nn import functional as F
 
 from ...checks import check_int
 from ...target import Conditioning
+from ...weight_vae import WeightVAE
 from .configuration import OCDConfig, scheduler_class_from_name
 
 
@@ -88,6 +90,43 @@ class FactorDenoiser(nn.Module):
         return self.output(hidden)
 
 
+class LatentTokenDenoiser(nn.Module):
+    """``ε(z_t, e, t)`` over the latent tokens ``(batch, num_chunks, latent_size)`` of ``delta_mode="latent"``.
+
+    Conditioned as OCD's other denoisers: the condition embedding ``e`` is added to the time embedding (diffusers'
+    ``Timesteps`` + ``TimestepEmbedding``), and the sum is projected and added to every token, with a learned
+    embedding of the chunk index; pre-norm transformer layers attend across the tokens. Written here rather than taken
+    from diffusers, whose transformers expect image or text latents of other shapes; it is a few small layers so that
+    sampling stays cheap on a CPU. The output layer starts at zero.
+    """
+
+    def __init__(self, latent_size: int, num_tokens: int, embed_dim: int, hidden_size: int, num_layers: int, num_heads: int,
+                 intermediate_size: int) -> None:
+        super().__init__()
+        self.time_proj = Timesteps(embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(embed_dim, embed_dim)
+        self.token_in = nn.Linear(latent_size, hidden_size)
+        self.condition = nn.Linear(embed_dim, hidden_size)
+        self.positions = nn.Embedding(num_tokens, hidden_size)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(hidden_size, num_heads, intermediate_size, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+            for _ in range(num_layers)
+        )
+        self.output_norm = nn.LayerNorm(hidden_size)
+        self.token_out = nn.Linear(hidden_size, latent_size)
+        nn.init.zeros_(self.token_out.weight)
+        nn.init.zeros_(self.token_out.bias)
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        emb = F.silu(self.time_embedding(self.time_proj(timesteps).to(sample.dtype)) + embedding)
+        index = torch.arange(sample.shape[1], device=sample.device)
+        tokens = self.token_in(sample) + self.positions(index) + self.condition(emb).unsqueeze(1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.token_out(self.output_norm(tokens))
+
+
 class ConditionMLP(nn.Module):
     """A residual MLP from the condition embedding to ``size`` outputs: the regressor of the delta
     (``generator="regression"``) or the label classifier (``generator="label"``)."""
@@ -118,6 +157,12 @@ class OCDHypernetwork(nn.Module):
     ``generator="regression"`` replaces the denoiser by a :class:`ConditionMLP` predicting the
     normalised delta (or factor) directly; ``generator="label"`` by one predicting the logits of
     ``q(y | I(x))`` over the ``output_dim`` classes, without a scale net (its deltas are computed exactly).
+
+    In latent mode (``delta_mode="latent"``) the normalised delta is cut into ``config.num_chunks`` tokens of
+    ``config.chunk_size`` values (row-major), standardised per coordinate with the training deltas' ``token_mean`` /
+    ``token_std``, and encoded by ``vae`` (:class:`~ocd_hf.weight_vae.WeightVAE`, the chunk index a position condition)
+    to ``(num_chunks, latent_size)`` posterior means times ``config.latent_scale``: what the :class:`LatentTokenDenoiser`
+    diffuses. Sampling decodes the latents of every draw in one batch.
     """
 
     def __init__(self, config: OCDConfig) -> None:
@@ -136,6 +181,13 @@ class OCDHypernetwork(nn.Module):
             self.regressor = ConditionMLP(embed_dim, size=math.prod(self.denoiser_sample_shape()), **mlp)
         elif config.delta_mode == "factorised":
             self.denoiser = FactorDenoiser(config.out_features, **config.factor_denoiser_config)
+        elif config.delta_mode == "latent":
+            vae = {key: config.vae_config[key] for key in ("latent_size", "hidden_size", "num_layers")}
+            self.vae = WeightVAE(config.chunk_size, num_positions=config.num_chunks, **vae)
+            self.register_buffer("token_mean", torch.zeros(config.num_chunks, config.chunk_size))
+            self.register_buffer("token_std", torch.ones(config.num_chunks, config.chunk_size))
+            settings = {key: value for key, value in config.latent_denoiser_config.items() if key != "embed_dim"}
+            self.denoiser = LatentTokenDenoiser(config.vae_config["latent_size"], config.num_chunks, embed_dim, **settings)
         else:
             self.denoiser = UNet2DModel(
                 sample_size=config.sample_size,
@@ -152,6 +204,34 @@ class OCDHypernetwork(nn.Module):
     @property
     def factorised(self) -> bool:
         return self.config.delta_mode == "factorised"
+
+    @property
+    def latent(self) -> bool:
+        return self.config.delta_mode == "latent"
+
+    def delta_tokens(self, deltas: torch.Tensor) -> torch.Tensor:
+        """Normalised deltas ``(batch, out, in)`` as the VAE's standardised tokens ``(batch, num_chunks, chunk_size)``."""
+        tokens = deltas.reshape(deltas.shape[0], self.config.num_chunks, self.config.chunk_size).to(self.token_mean.dtype)
+        return (tokens - self.token_mean) / self.token_std
+
+    def tokens_to_deltas(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`delta_tokens`: ``(batch, out, in)``."""
+        return (tokens * self.token_std + self.token_mean).reshape(tokens.shape[0], *self.config.weight_shape)
+
+    def encode_deltas(self, deltas: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior means of normalised deltas, times ``config.latent_scale``: ``(batch, num_chunks, latent_size)``."""
+        return self.vae.encode(self.delta_tokens(deltas))[0] * self.config.latent_scale
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised deltas ``(batch, out, in)`` from scaled latents (all rows in one batch)."""
+        return self.tokens_to_deltas(self.vae.decode(latents / self.config.latent_scale))
+
+    @torch.no_grad()
+    def reconstruct_deltas(self, deltas: torch.Tensor) -> torch.Tensor:
+        """Deltas ``(batch, out, in)`` through the VAE (posterior mean, then the decoder), at their own scale ``ρ``:
+        what the latent space keeps of them."""
+        rho = delta_scale(deltas, self.config.delta_normalization).clamp_min(1e-12).view(-1, 1, 1)
+        return self.decode_latents(self.encode_deltas(deltas / rho)) * rho
 
     @staticmethod
     def condition_values(cond: Conditioning) -> dict[str, torch.Tensor]:
@@ -180,6 +260,9 @@ class OCDHypernetwork(nn.Module):
         regressor, which needs no padding) sees them."""
         if self.factorised or self.config.generator_type == "regression":
             return deltas
+        if self.latent:
+            with torch.no_grad():  # the VAE is trained first, then frozen
+                return self.encode_deltas(deltas)
         height, width = self.config.sample_size
         out_f, in_f = deltas.shape[-2:]
         return F.pad(deltas, (0, width - in_f, 0, height - out_f)).unsqueeze(1)
@@ -188,6 +271,8 @@ class OCDHypernetwork(nn.Module):
         """Inverse of :meth:`to_denoiser_space` (crops the zero padding)."""
         if self.factorised or self.config.generator_type == "regression":
             return samples
+        if self.latent:
+            return self.decode_latents(samples)
         out_f, in_f = self.config.weight_shape
         return samples[:, 0, :out_f, :in_f]
 
@@ -195,11 +280,13 @@ class OCDHypernetwork(nn.Module):
         """Shape of one sample in denoiser space."""
         if self.factorised:
             return (self.config.out_features,)
+        if self.latent:
+            return (self.config.num_chunks, self.config.vae_config["latent_size"])
         return self.config.weight_shape if self.config.generator_type == "regression" else (1, *self.config.sample_size)
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Predicted noise for noisy samples in denoiser space."""
-        if self.factorised:
+        if self.factorised or self.latent:
             return self.denoiser(noisy, timesteps, embedding)
         return self.denoiser(noisy, timesteps, class_labels=embedding).sample
 

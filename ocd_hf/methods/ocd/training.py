@@ -1,11 +1,14 @@
 """Train the OCD hypernetwork on a delta dataset with Accelerate: the denoiser (epsilon-prediction
 MSE on normalised, zero-padded deltas) and the scale net jointly, with gradient accumulation,
-clipping, EMA, a validation split, checkpoints that resume exactly, and DDP."""
+clipping, EMA, a validation split, checkpoints that resume exactly, and DDP. In ``delta_mode="latent"``
+a weight VAE is trained on the deltas' chunks first (its own run in ``output_dir/vae_stage``), then frozen,
+and the denoiser learns its latents."""
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,6 +38,7 @@ from ...trainer import (
     tracker_values,
     training_arguments,
 )
+from ...weight_vae import vae_losses
 from .configuration import BACKBONE_FIELDS, OCDConfig
 from .deltas import delta_storage, resolve_deltas, stored_factor_rule
 from .hypernetwork import OCDHypernetwork, delta_scale
@@ -54,6 +58,8 @@ TRAINABLE_CONFIG_FIELDS = (
     "factor_rule",
     "denoiser_config",
     "factor_denoiser_config",
+    "vae_config",
+    "latent_denoiser_config",
     "scheduler_class",
     "scheduler_config",
     "num_inference_steps",
@@ -263,7 +269,7 @@ def scan_deltas(
     (at most 256), so that large layers' deltas do not all sit in memory at once.
     """
     if batch_size is None:
-        batch_size = max(1, min(256, SCAN_BATCH_ELEMENTS // math.prod(config.weight_shape)))
+        batch_size = scan_batch_size(config)
     columns = {component: CONDITION_FIELDS[component] for component in config.condition_components}
     log_rho, residuals, values = [], [], {component: [] for component in columns}
     batches = dataset.iter(batch_size=batch_size)
@@ -331,6 +337,82 @@ def tracker_config(args: GeneratorTrainingArguments, config: OCDConfig | None = 
     if config is not None:
         settings.update({name: getattr(config, name) for name in TRACKED_CONFIG_FIELDS})
     return tracker_values(settings)
+
+
+# ----- delta_mode="latent": the weight VAE ---------------------------------------------------------------
+
+VAE_STAGE_DIR = "vae_stage"
+
+
+def normalised_deltas(batch: Mapping[str, torch.Tensor], config: OCDConfig) -> torch.Tensor:
+    """A batch's raw deltas divided by their scale ``ρ``: ``(batch, out, in)``."""
+    deltas, _ = delta_targets(batch, config)
+    rho = delta_scale(deltas, config.delta_normalization)
+    return deltas / rho.view(-1, 1, 1)
+
+
+def scan_batch_size(config: OCDConfig) -> int:
+    """Rows per batch of a pass over the deltas: about :data:`SCAN_BATCH_ELEMENTS` matrix entries, at most 256."""
+    return max(1, min(256, SCAN_BATCH_ELEMENTS // math.prod(config.weight_shape)))
+
+
+@torch.no_grad()
+def token_statistics(dataset: Dataset, config: OCDConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-coordinate mean and std ``(num_chunks, chunk_size)`` of the normalised deltas' tokens; coordinates that never
+    vary get std 1."""
+    shape = (config.num_chunks, config.chunk_size)
+    total, squares, count = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), 0
+    for batch in dataset.iter(batch_size=scan_batch_size(config)):
+        tokens = normalised_deltas(batch, config).double().reshape(-1, *shape)
+        total, squares, count = total + tokens.sum(0), squares + tokens.pow(2).sum(0), count + tokens.shape[0]
+    mean = total / count
+    std = (squares / count - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.float(), torch.where(std > 1e-8, std, torch.ones_like(std)).float()
+
+
+@torch.no_grad()
+def latent_std(dataset: Dataset, hypernetwork: OCDHypernetwork) -> float:
+    """The std of the VAE posterior means of the training deltas (unscaled): ``1 / latent_scale``, LDM's ``scale_factor``."""
+    total, squares, count = 0.0, 0.0, 0
+    device = hypernetwork.token_mean.device
+    for batch in dataset.iter(batch_size=scan_batch_size(hypernetwork.config)):
+        latents = hypernetwork.vae.encode(hypernetwork.delta_tokens(normalised_deltas(batch, hypernetwork.config).to(device)))[0].double()
+        total, squares, count = total + float(latents.sum()), squares + float(latents.pow(2).sum()), count + latents.numel()
+    return max((squares / count - (total / count) ** 2) ** 0.5, 1e-8)
+
+
+class VAELoss(nn.Module):
+    """The weight VAE's losses (:func:`ocd_hf.weight_vae.vae_losses`, ``vae_config["vae_loss"]``) on the standardised
+    tokens of a batch's normalised deltas: the first stage of ``delta_mode="latent"``."""
+
+    def __init__(self, hypernetwork: OCDHypernetwork) -> None:
+        super().__init__()
+        self.hypernetwork = hypernetwork
+
+    def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        config = self.hypernetwork.config
+        tokens = self.hypernetwork.delta_tokens(normalised_deltas(batch, config))
+        return vae_losses(self.hypernetwork.vae, tokens, config.vae_config["vae_loss"], config.vae_config["kl_weight"], generator)
+
+
+def train_weight_vae(
+    hypernetwork: OCDHypernetwork, train_set: Dataset, validation_set: Dataset | None, args: OCDTrainingArguments,
+    accelerator: Accelerator, output_dir: str | os.PathLike, resume_from_checkpoint: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """Stage 1 of ``delta_mode="latent"``: standardise the tokens, train the VAE for ``args.vae_steps`` (its own
+    checkpoints in ``output_dir/vae_stage``), freeze it and set ``config.latent_scale``; returns the stage's history."""
+    mean, std = token_statistics(train_set, hypernetwork.config)
+    hypernetwork.token_mean.copy_(mean)
+    hypernetwork.token_std.copy_(std)
+    fields = {name: getattr(args, name) for name in GeneratorTrainingArguments.__dataclass_fields__ if name != "num_epochs"}
+    stage_args = replace(GeneratorTrainingArguments(**fields), num_steps=args.vae_steps, learning_rate=args.vae_learning_rate)
+    stage_dir = Path(output_dir) / VAE_STAGE_DIR
+    trainer = GeneratorTrainer(hypernetwork.vae, VAELoss(hypernetwork), train_set, validation_set, stage_args, accelerator, stage_dir)
+    logger.info(f"Training the weight VAE on {len(train_set)} deltas for {trainer.total_steps} steps", main_process_only=True)
+    trainer.train(resume_from_checkpoint)
+    hypernetwork.vae.eval().requires_grad_(False)
+    hypernetwork.config.latent_scale = 1.0 / latent_std(train_set, hypernetwork)
+    return trainer.history(len(train_set), 0 if validation_set is None else len(validation_set), item_name="deltas")
 
 
 # ----- the training objective ----------------------------------------------------------------------
@@ -447,6 +529,9 @@ def train_hypernetwork(
     for component, encoder in wrapper.hypernetwork.encoders.items():
         encoder.set_statistics(condition_values[component].to(encoder.mean.device))
 
+    vae_history = None
+    if config.delta_mode == "latent":
+        vae_history = train_weight_vae(wrapper.hypernetwork, train_set, validation_set, args, accelerator, output_dir, resume_from_checkpoint)
     loss_module = HypernetworkLoss(wrapper.hypernetwork, args.scale_loss)
     trainer = GeneratorTrainer(
         wrapper.hypernetwork, loss_module, train_set, validation_set, args, accelerator, output_dir,
@@ -463,6 +548,8 @@ def train_hypernetwork(
     if accelerator.is_main_process:
         wrapper.save_pretrained(output_dir)
         history = trainer.history(len(train_set), num_validation, item_name="deltas")
+        if vae_history is not None:
+            history["vae_stage"] = vae_history
         write_json_atomically(Path(output_dir) / HISTORY_NAME, history)
         logger.info(f"Saved the hypernetwork and {HISTORY_NAME} to {output_dir}", main_process_only=True)
     accelerator.wait_for_everyone()
