@@ -343,6 +343,7 @@ def harvest_batch(
     factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
     strict_tolerance: bool = True,
     split_prefix: bool = True,
+    measure_factor_residual: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Delta-dataset columns for one batch, and the ids of the samples skipped as non-finite.
 
@@ -358,13 +359,16 @@ def harvest_batch(
     step); ``rho`` is the RMS of the stored ``u vᵀ``. Raises ``ValueError`` if a residual exceeds
     ``factor_tolerance`` (``None``: no check), or only warns with ``strict_tolerance=False``.
     ``split_prefix=False`` re-runs the whole backbone at every step (see :func:`~ocd_hf.finetune.overfit_deltas`).
+    ``measure_factor_residual=True`` adds ``factor_residual`` to full storage's columns too (measured on the stored
+    delta, as :func:`~ocd_hf.methods.ocd.deltas.decide_delta_mode` would; not a stored column) where the layer and
+    optimizer have a factor rule.
     """
     overfitted = overfit_batch(
         backbone, layer, inputs, labels, ids, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
         store_trajectory=store_trajectory, split_prefix=split_prefix,
     )
     return batch_columns(overfitted, dtype=dtype, delta_storage=delta_storage, factor_tolerance=factor_tolerance,
-                         strict_tolerance=strict_tolerance)
+                         strict_tolerance=strict_tolerance, measure_factor_residual=measure_factor_residual)
 
 
 def batch_columns(
@@ -374,6 +378,7 @@ def batch_columns(
     delta_storage: str = "full",
     factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
     strict_tolerance: bool = True,
+    measure_factor_residual: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """:func:`harvest_batch`'s columns and skipped ids of an overfitted batch, in ``delta_storage`` (one overfitted
     batch can give both storages: ``"auto"`` decides on the factorised columns, then keeps the batch)."""
@@ -408,6 +413,9 @@ def batch_columns(
     if delta_storage == "full":
         columns["rho"] = torch.linalg.vector_norm(columns["delta"], dim=(1, 2)) / math.sqrt(math.prod(columns["delta"].shape[1:]))
         columns["rank1_energy"] = rank1_energy(columns["delta"])
+        if measure_factor_residual and not cond.per_token and optimizer in RULE_FOR_OPTIMIZER:
+            # What decide_delta_mode measures on every stored delta, taken while the batch is in memory.
+            columns["factor_residual"] = factorise_deltas(columns["delta"], columns["layer_input"], RULE_FOR_OPTIMIZER[optimizer])[1]
     else:
         if factor_tolerance is not None:
             check_factor_residuals(columns["id"], columns["factor_residual"], factor_tolerance, rule, strict_tolerance)
@@ -1015,6 +1023,7 @@ def _harvest_shards(
             return checked(*batch_columns(
                 first_batch, dtype=settings["dtype"], delta_storage=settings["delta_storage"],
                 factor_tolerance=settings.get("factor_tolerance"), strict_tolerance=settings.get("factor_tolerance_strict", True),
+                measure_factor_residual=True,
             ))
         inputs, labels = reader(start, end)
         ids = torch.arange(start, end)
@@ -1024,7 +1033,7 @@ def _harvest_shards(
                 optimizer=settings["optimizer"], lr=settings["lr"], steps=settings["steps"], loss_fn=loss,
                 store_trajectory=settings["store_trajectory"], dtype=settings["dtype"],
                 delta_storage=settings["delta_storage"], factor_tolerance=settings.get("factor_tolerance"),
-                strict_tolerance=settings.get("factor_tolerance_strict", True),
+                strict_tolerance=settings.get("factor_tolerance_strict", True), measure_factor_residual=True,
             )
             for model, layer, rows in models.groups(ids)
         ]
@@ -1050,7 +1059,7 @@ def _harvest_shards(
 
     harvest_shards(
         output_dir, metadata, features, harvest_rows, state=state, batch_size=batch_size, weight_columns=DELTA_COLUMNS,
-        progress=progress, description=f"Harvesting {metadata['target_module']}",
+        summed_columns=("factor_residual",), progress=progress, description=f"Harvesting {metadata['target_module']}",
     )
 
 
