@@ -18,7 +18,7 @@ import hashlib
 import inspect
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -289,6 +289,14 @@ class OverfitBatch:
     columns: dict[str, torch.Tensor]
     optimizer: str
     steps: int
+    factorisations: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def factorised(self, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`~ocd_hf.factorised.factorise_deltas` of the deltas with the layer's input, computed once per rule
+        (``"auto"`` measures the first batch, whose columns are then written from the same batch)."""
+        if rule not in self.factorisations:
+            self.factorisations[rule] = factorise_deltas(self.result.deltas, self.conditioning.raw_input, rule)
+        return self.factorisations[rule]
 
 
 def overfit_batch(
@@ -392,7 +400,7 @@ def batch_columns(
             columns["trajectory"] = round_to_storage(result.trajectory, dtype)
     else:
         rule = factor_rule_for(optimizer, cond.per_token, "the target layer")
-        factors, residual = factorise_deltas(result.deltas, cond.raw_input, rule)
+        factors, residual = overfitted.factorised(rule)
         columns["delta_factor"] = round_to_storage(factors, dtype)
         if store_trajectory:
             flat = result.trajectory.flatten(0, 1)
@@ -400,6 +408,15 @@ def batch_columns(
             columns["trajectory_factor"] = round_to_storage(step_factors.view(-1, steps, flat.shape[1]), dtype)
             residual = torch.maximum(residual, step_residual.view(-1, steps).amax(1))
         columns["factor_residual"] = residual.float()
+    if delta_storage == "full" and measure_factor_residual and not cond.per_token and optimizer in RULE_FOR_OPTIMIZER:
+        # What decide_delta_mode measures on every stored delta, taken while the batch is in memory: the stored deltas
+        # and layer inputs are the overfitted ones when stored as float32 from a (batch, in) input ("auto"'s first batch
+        # then reuses its measurement).
+        rule = RULE_FOR_OPTIMIZER[optimizer]
+        as_computed = dtype == "float32" and cond.raw_input.dim() == 2 and all(
+            tensor.dtype == torch.float32 for tensor in (result.deltas, cond.raw_input))
+        columns["factor_residual"] = (overfitted.factorised(rule) if as_computed
+                                      else factorise_deltas(columns["delta"], columns["layer_input"], rule))[1].float()
     columns = {name: value.detach().cpu() for name, value in columns.items()}
     finite = torch.ones(ids.shape[0], dtype=torch.bool)
     for value in columns.values():
@@ -413,9 +430,6 @@ def batch_columns(
     if delta_storage == "full":
         columns["rho"] = torch.linalg.vector_norm(columns["delta"], dim=(1, 2)) / math.sqrt(math.prod(columns["delta"].shape[1:]))
         columns["rank1_energy"] = rank1_energy(columns["delta"])
-        if measure_factor_residual and not cond.per_token and optimizer in RULE_FOR_OPTIMIZER:
-            # What decide_delta_mode measures on every stored delta, taken while the batch is in memory.
-            columns["factor_residual"] = factorise_deltas(columns["delta"], columns["layer_input"], RULE_FOR_OPTIMIZER[optimizer])[1]
     else:
         if factor_tolerance is not None:
             check_factor_residuals(columns["id"], columns["factor_residual"], factor_tolerance, rule, strict_tolerance)
