@@ -360,3 +360,15 @@ def test_cards_render_as_huggingface_hub_renders_them_and_follow_an_edited_templ
             assert cards.card_from_template(DatasetCard, data, "tiny.md", word="b").text.strip() == "first b"
             assert cards._compiled_template.cache_info().misses == compiled + 1
     assert cards.card_from_template(DatasetCard, data, "tiny.md", word="b").text.strip() == "second b"
+
+
+def test_resuming_with_another_batch_size_names_it_and_the_fix(tmp_path, monkeypatch):
+    dataset = build_dataset(KIND, 8, seed=1)
+    interrupted_harvest(tmp_path, dataset, monkeypatch)  # batch_size=4, the second shard missing
+    recorded = load_harvest_metadata(tmp_path)["batch_size"]["batch_size"]
+    with pytest.raises(ValueError) as refused:
+        harvest(tmp_path, dataset=dataset, batch_size=recorded + 1)
+    message = str(refused.value)
+    assert f"made with batch_size={recorded}, and this call passes batch_size={recorded + 1}" in message
+    assert f"Pass batch_size={recorded}, or batch_size=None" in message and "new output_dir" in message
+    assert len(harvest(tmp_path, dataset=dataset, batch_size=None)) == 8  # None keeps the recorded batch size: it resumes

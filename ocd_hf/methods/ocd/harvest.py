@@ -207,6 +207,25 @@ def resumed_batch_size(output_dir: str | os.PathLike) -> tuple[int, str] | None:
     return recorded["batch_size"], "resumed: the batch size the harvest started with"
 
 
+def refuse_other_batch_size(output_dir: str | os.PathLike, batch_size: int, first_batch_sha256: str) -> None:
+    """Refuse to resume the harvest in ``output_dir`` with a ``batch_size`` that changes its first batch (part of a
+    harvest's identity), naming the batch size it was made with and the fix."""
+    if not (Path(output_dir) / HARVEST_METADATA_NAME).is_file():
+        return
+    existing = load_harvest_metadata(output_dir)
+    record = existing.get("batch_size")
+    recorded = record["batch_size"] if record else FORMER_DEFAULT_BATCH_SIZE
+    if recorded == batch_size or existing.get("source", {}).get("first_batch_sha256") == first_batch_sha256:
+        return  # the same batch size, or the same first rows (a dataset smaller than both batches): it can continue
+    made_with = f"batch_size={recorded}" + ("" if record else " (it recorded none: the default before batch sizes followed the path)")
+    raise ValueError(
+        f"{str(output_dir)!r} holds a harvest made with {made_with}, and this call passes batch_size={batch_size} "
+        f"(--batch-size): a harvest's first batch is part of its identity (source.first_batch_sha256), so it cannot "
+        f"continue with another batch size. Pass batch_size={recorded}, or batch_size=None (omit --batch-size) to keep "
+        "the recorded one, or harvest into a new output_dir."
+    )
+
+
 def _listed(ids: torch.Tensor, values: torch.Tensor) -> str:
     pairs = [f"{int(i)}: {float(v):.3g}" for i, v in zip(ids[:MAX_LISTED_SAMPLES], values[:MAX_LISTED_SAMPLES])]
     more = f" and {ids.numel() - MAX_LISTED_SAMPLES} more" if ids.numel() > MAX_LISTED_SAMPLES else ""
@@ -854,6 +873,7 @@ def harvest_deltas(
                 },
                 "num_shards": math.ceil(len(reader) / shard_size),
             }
+            refuse_other_batch_size(output_dir, batch_size, metadata["source"]["first_batch_sha256"])
             prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
             state.wait_for_everyone()
             models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
