@@ -25,8 +25,9 @@ samples, interleaved and repeated, ocd-hf at ``harvest_deltas``' default batch s
 overrides it); reported: samples/s of each, their ratio (median over repeats), ``harvest_deltas`` end to end with
 its defaults (a nested-list dataset read, harvested, written, checked, carded and loaded) and its ratio, the same
 split into a per-harvest fixed cost (seconds) and a per-sample rate (``harvest_deltas`` timed on ``--samples`` rows and
-on ``LARGE_FACTOR`` times as many in the same repeats: ``T(n) = fixed + n / rate`` through the two medians) with the
-ratio of that rate to the official loop, the largest delta difference, and the fraction of the FLOP limit that ocd-hf reaches: the unavoidable work
+on ``LARGE_FACTOR`` times as many, back to back in each repeat: ``T(n) = fixed + n / rate`` through the two, median
+over repeats; in brackets the time of a ``TINY_ROWS``-row harvest, almost all fixed cost) with the ratio of that
+rate to the official loop, the largest delta difference, and the fraction of the FLOP limit that ocd-hf reaches: the unavoidable work
 per sample (one forward of the whole network, then per step a forward and backward of the target's
 shift and what follows it, and Adam's element-wise work, ~10 FLOPs per weight entry), counted with
 ``torch.utils.flop_counter.FlopCounterMode``, at the rate of a 1024³ float32 matmul timed in the same
@@ -338,8 +339,10 @@ def first_rows(batches: list[torch.Tensor], rows: int) -> torch.Tensor:
 
 
 # The end-to-end harvest is also timed on this many times --samples rows, to separate its per-harvest fixed cost
-# (dataset checks, card, finalisation, reload) from its per-sample rate.
+# (dataset checks, card, finalisation, reload) from its per-sample rate; and on TINY_ROWS rows, whose time is
+# almost all fixed cost (a direct check of the two-size estimate, whose noise is a few % of the larger harvest).
 LARGE_FACTOR = 4
+TINY_ROWS = 16
 
 
 def fixed_cost_and_rate(small_rows: int, small_seconds: float, large_rows: int, large_seconds: float) -> tuple[float, float | None]:
@@ -405,6 +408,7 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
     official_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
     ocd_hf_harvest(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, labels[:batch_size], batch_size, args.lr, args.steps)
     official_rates, ocd_rates, unsplit_rates, end_to_end_rates, small_seconds, large_seconds = [], [], [], [], [], []
+    tiny, tiny_seconds = dataset.select(range(TINY_ROWS)), []
     for _ in range(args.repeats):  # interleaved: a drifting machine speed hits both alike
         official_deltas, seconds = timed(lambda: official_loop(backbone, case.target, loop_inputs, loop_labels, args.lr, args.steps))
         official_rates.append(args.loop_samples / seconds)
@@ -413,6 +417,7 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
         small_seconds.append(harvest_end_to_end(backbone, case.target, dataset))
         end_to_end_rates.append(args.samples / small_seconds[-1])
         large_seconds.append(harvest_end_to_end(backbone, case.target, large))
+        tiny_seconds.append(harvest_end_to_end(backbone, case.target, tiny))
         if path.endswith("_split"):  # the same harvest with the whole network re-run at every step
             unsplit_deltas, seconds = timed(
                 lambda: ocd_hf_harvest(backbone, case.target, inputs, labels, batch_size, args.lr, args.steps, split_prefix=False)
@@ -423,9 +428,11 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
     difference = (first_rows(ocd_deltas, args.loop_samples) - official_deltas).abs().amax().item()
     limit = matmul_rate / unavoidable_flops(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, args.steps)
     ocd_rate, end_to_end_rate = statistics.median(ocd_rates), statistics.median(end_to_end_rates)
-    fixed_seconds, per_sample_rate = fixed_cost_and_rate(
-        args.samples, statistics.median(small_seconds), large_rows, statistics.median(large_seconds)
-    )
+    # Per repeat (its two harvests ran back to back, under the same load), then the median.
+    estimates = [fixed_cost_and_rate(args.samples, small, large_rows, large) for small, large in zip(small_seconds, large_seconds)]
+    fixed_seconds = statistics.median(fixed for fixed, _ in estimates)
+    rates = [rate for _, rate in estimates if rate is not None]
+    per_sample_rate = statistics.median(rates) if rates else None
     return {
         "case": case.name,
         "target": case.target,
@@ -442,6 +449,9 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
         "end_to_end_large_rows": large_rows,
         "end_to_end_large_seconds": large_seconds,
         "end_to_end_fixed_seconds": fixed_seconds,
+        "end_to_end_fixed_seconds_by_repeat": [fixed for fixed, _ in estimates],
+        "end_to_end_tiny_rows": TINY_ROWS,
+        "end_to_end_tiny_seconds": tiny_seconds,
         "end_to_end_per_sample_rate": per_sample_rate,
         "end_to_end_per_sample_ratio": per_sample_rate and per_sample_rate / statistics.median(official_rates),
         "unsplit_samples_per_s": statistics.median(unsplit_rates) if unsplit_rates else None,
@@ -457,7 +467,7 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
 def side_by_side_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| case | layer (out x in) | ocd-hf path (batch) | official samples/s | ocd-hf samples/s | ratio "
-        "| harvest_deltas end to end: samples/s (ratio) | end to end: fixed s + samples/s (ratio) "
+        "| harvest_deltas end to end: samples/s (ratio) | end to end: fixed s (" f"{TINY_ROWS}-row harvest s) + samples/s (ratio) "
         "| without the split: samples/s (ratio) | FLOP-limit samples/s | fraction of limit | max delta diff (abs / rel) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -466,7 +476,8 @@ def side_by_side_table(results: list[dict[str, Any]]) -> str:
             f"| {r['case']} | `{r['target']}` {r['shape'][0]}x{r['shape'][1]} | {r['path']} ({r['batch_size']}) | "
             f"{r['official_samples_per_s']:.0f} | {r['ocd_hf_samples_per_s']:.0f} | {r['ratio']:.1f}x | "
             f"{r['end_to_end_samples_per_s']:.0f} ({r['end_to_end_ratio']:.1f}x) | "
-            f"{r['end_to_end_fixed_seconds']:.3f} + {_cell(r['end_to_end_per_sample_rate'], '{:.0f}')}"
+            f"{r['end_to_end_fixed_seconds']:.3f} ({statistics.median(r['end_to_end_tiny_seconds']):.3f}) + "
+            f"{_cell(r['end_to_end_per_sample_rate'], '{:.0f}')}"
             f"{_cell(r['end_to_end_per_sample_ratio'], ' ({:.1f}x)') if r['end_to_end_per_sample_ratio'] else ''} | "
             f"{_cell(r['unsplit_samples_per_s'], '{:.0f}')}{_cell(r['unsplit_ratio'], ' ({:.1f}x)') if r['unsplit_ratio'] else ''} | "
             f"{r['flop_limit_samples_per_s']:.0f} | {r['fraction_of_flop_limit']:.1%} | "
