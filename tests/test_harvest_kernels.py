@@ -226,17 +226,6 @@ def test_auto_storage_reuses_the_batch_it_overfitted_to_decide(tmp_path, monkeyp
         torch.testing.assert_close(auto.with_format("torch")[:][column], forced.with_format("torch")[:][column], rtol=0, atol=0)
 
 
-def test_auto_storage_decides_on_the_first_batch_as_shards_cut_it(tmp_path, monkeypatch):
-    kind, target = HARVEST_CASES["bert-classifier"]
-    calls = []
-    original = harvest_module.overfit_batch
-    monkeypatch.setattr(harvest_module, "overfit_batch", lambda *args, **kwargs: calls.append(len(args[3])) or original(*args, **kwargs))
-    harvest_module.harvest_deltas(build_backbone(kind), build_dataset(kind, 7), target, tmp_path, batch_size=4, shard_size=3,
-                                  progress=False)
-    assert calls == [3, 3, 1]  # batches end at shard boundaries: the decision's 3 rows are the first batch, overfitted once
-    assert load_harvest_metadata(tmp_path)["storage_decision"]["first_batch_size"] == 3
-
-
 def test_default_batch_size_follows_the_path_and_is_recorded(tmp_path, monkeypatch):
     kind, target = HARVEST_CASES["mlp-regression"]  # one vector per sample: about AUTO_BATCH_ELEMENTS entries per batch
     backbone, dataset = build_backbone(kind), build_dataset(kind, 7)

@@ -832,12 +832,8 @@ def harvest_deltas(
                 batch_choice = {"batch_size": batch_size, "reason": reason}
                 first_inputs, first_labels = reader(0, min(batch_size, len(reader)))
             settings = {"task": description["task"], "optimizer": optimizer, "lr": lr, "steps": steps, "loss_fn": loss}
-            # "auto" decides on the harvest's first batch as the shard loop cuts it (batches end at shard boundaries), so
-            # that batch is overfitted once; the identity keeps the first batch_size rows (first_batch_sha256).
-            trial_rows = min(batch_size, shard_size, len(reader))
-            trial_inputs, trial_labels = (first_inputs, first_labels) if trial_rows == first_labels.shape[0] else reader(0, trial_rows)
             storage, decision, trial = choose_delta_storage(
-                delta_storage, backbone, layer, trial_inputs, trial_labels, name, output_dir, description["per_token"],
+                delta_storage, backbone, layer, first_inputs, first_labels, name, output_dir, description["per_token"],
                 factor_tolerance, dtype=dtype, **settings,
             )
             factor_settings = {}
@@ -1043,8 +1039,8 @@ def _harvest_shards(
     progress: bool,
     first_batch: OverfitBatch | None = None,
 ) -> None:
-    """Harvest this process's missing shards, one atomic shard file at a time; ``first_batch`` is the first batch (rows
-    ``[0, min(batch_size, shard_size))``) overfitted, when already at hand."""
+    """Harvest this process's missing shards, one atomic shard file at a time; ``first_batch`` is rows
+    ``[0, batch_size)`` overfitted, when already at hand."""
     settings = metadata["harvest_config"]
     features = delta_features(
         in_features=metadata["in_features"],
@@ -1057,7 +1053,7 @@ def _harvest_shards(
     )
 
     def harvest_rows(start: int, end: int) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-        if first_batch is not None and start == 0 and end == min(batch_size, settings["shard_size"], len(reader)):
+        if first_batch is not None and start == 0 and end == min(batch_size, len(reader)):
             return checked(*batch_columns(
                 first_batch, dtype=settings["dtype"], delta_storage=settings["delta_storage"],
                 factor_tolerance=settings.get("factor_tolerance"), strict_tolerance=settings.get("factor_tolerance_strict", True),
