@@ -23,8 +23,11 @@ for each sample, a deep copy of the model, Adam on the target layer's weight onl
 batch 1), the conditioning captured by hooks in the first forward. Both run on the same model and
 samples, interleaved and repeated, ocd-hf at ``harvest_deltas``' default batch size for the layer (``--batch-size``
 overrides it); reported: samples/s of each, their ratio (median over repeats), ``harvest_deltas`` end to end with
-its defaults (a nested-list dataset read, harvested, written, checked, carded and loaded) and its ratio, the
-largest delta difference, and the fraction of the FLOP limit that ocd-hf reaches: the unavoidable work
+its defaults (a nested-list dataset read, harvested, written, checked, carded and loaded) and its ratio, the same
+split into a per-harvest fixed cost (seconds) and a per-sample rate (``harvest_deltas`` timed on ``--samples`` rows and
+on ``LARGE_FACTOR`` times as many, back to back in each repeat: ``T(n) = fixed + n / rate`` through the two, median
+over repeats; in brackets the time of a ``TINY_ROWS``-row harvest, almost all fixed cost) with the ratio of that
+rate to the official loop, the largest delta difference, and the fraction of the FLOP limit that ocd-hf reaches: the unavoidable work
 per sample (one forward of the whole network, then per step a forward and backward of the target's
 shift and what follows it, and Adam's element-wise work, ~10 FLOPs per weight entry), counted with
 ``torch.utils.flop_counter.FlopCounterMode``, at the rate of a 1024³ float32 matmul timed in the same
@@ -335,6 +338,23 @@ def first_rows(batches: list[torch.Tensor], rows: int) -> torch.Tensor:
     return torch.cat(taken)
 
 
+# The end-to-end harvest is also timed on this many times --samples rows, to separate its per-harvest fixed cost
+# (dataset checks, card, finalisation, reload) from its per-sample rate; and on TINY_ROWS rows, whose time is
+# almost all fixed cost (a direct check of the two-size estimate, whose noise is a few % of the larger harvest).
+LARGE_FACTOR = 4
+TINY_ROWS = 16
+
+
+def fixed_cost_and_rate(small_rows: int, small_seconds: float, large_rows: int, large_seconds: float) -> tuple[float, float | None]:
+    """``(fixed seconds, samples/s)`` of ``T(n) = fixed + n / rate`` through two timings; the rate is ``None`` when the
+    larger harvest was not slower (noise larger than its extra work)."""
+    extra = large_seconds - small_seconds
+    if extra <= 0:
+        return small_seconds, None
+    rate = (large_rows - small_rows) / extra
+    return small_seconds - small_rows / rate, rate
+
+
 def harvest_end_to_end(backbone: nn.Module, target: str, dataset: Dataset) -> float:
     """Seconds of ``harvest_deltas`` with its defaults (storage ``"auto"``, batch size by path) into a fresh directory:
     reading the dataset, the harvest, writing and checking the shards, the dataset card, loading the result."""
@@ -380,15 +400,24 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
     path = overfit_deltas(backbone, layer, {k: v[:batch_size] for k, v in inputs.items()}, labels[:batch_size], steps=1).path
     # Image columns as a .map would leave them (nested lists): what harvest_deltas reads in practice.
     dataset = Dataset.from_dict({**{name: value.numpy() for name, value in inputs.items()}, "label": labels.numpy()})
+    large_rows = LARGE_FACTOR * args.samples
+    generator = torch.Generator().manual_seed(1)
+    large_inputs = case.data(large_rows, generator)
+    large_labels = torch.randint(0, case.num_labels, (large_rows,), generator=generator)
+    large = Dataset.from_dict({**{name: value.numpy() for name, value in large_inputs.items()}, "label": large_labels.numpy()})
     official_loop(backbone, case.target, {k: v[:2] for k, v in inputs.items()}, labels[:2], args.lr, args.steps)  # warm-up
     ocd_hf_harvest(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, labels[:batch_size], batch_size, args.lr, args.steps)
-    official_rates, ocd_rates, unsplit_rates, end_to_end_rates = [], [], [], []
+    official_rates, ocd_rates, unsplit_rates, end_to_end_rates, small_seconds, large_seconds = [], [], [], [], [], []
+    tiny, tiny_seconds = dataset.select(range(TINY_ROWS)), []
     for _ in range(args.repeats):  # interleaved: a drifting machine speed hits both alike
         official_deltas, seconds = timed(lambda: official_loop(backbone, case.target, loop_inputs, loop_labels, args.lr, args.steps))
         official_rates.append(args.loop_samples / seconds)
         ocd_deltas, seconds = timed(lambda: ocd_hf_harvest(backbone, case.target, inputs, labels, batch_size, args.lr, args.steps))
         ocd_rates.append(args.samples / seconds)
-        end_to_end_rates.append(args.samples / harvest_end_to_end(backbone, case.target, dataset))
+        small_seconds.append(harvest_end_to_end(backbone, case.target, dataset))
+        end_to_end_rates.append(args.samples / small_seconds[-1])
+        large_seconds.append(harvest_end_to_end(backbone, case.target, large))
+        tiny_seconds.append(harvest_end_to_end(backbone, case.target, tiny))
         if path.endswith("_split"):  # the same harvest with the whole network re-run at every step
             unsplit_deltas, seconds = timed(
                 lambda: ocd_hf_harvest(backbone, case.target, inputs, labels, batch_size, args.lr, args.steps, split_prefix=False)
@@ -399,6 +428,11 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
     difference = (first_rows(ocd_deltas, args.loop_samples) - official_deltas).abs().amax().item()
     limit = matmul_rate / unavoidable_flops(backbone, case.target, {k: v[:batch_size] for k, v in inputs.items()}, args.steps)
     ocd_rate, end_to_end_rate = statistics.median(ocd_rates), statistics.median(end_to_end_rates)
+    # Per repeat (its two harvests ran back to back, under the same load), then the median.
+    estimates = [fixed_cost_and_rate(args.samples, small, large_rows, large) for small, large in zip(small_seconds, large_seconds)]
+    fixed_seconds = statistics.median(fixed for fixed, _ in estimates)
+    rates = [rate for _, rate in estimates if rate is not None]
+    per_sample_rate = statistics.median(rates) if rates else None
     return {
         "case": case.name,
         "target": case.target,
@@ -411,6 +445,15 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
         "ratios": [o / f for o, f in zip(ocd_rates, official_rates)],
         "end_to_end_samples_per_s": end_to_end_rate,
         "end_to_end_ratio": statistics.median(e / f for e, f in zip(end_to_end_rates, official_rates)),
+        "end_to_end_seconds": small_seconds,
+        "end_to_end_large_rows": large_rows,
+        "end_to_end_large_seconds": large_seconds,
+        "end_to_end_fixed_seconds": fixed_seconds,
+        "end_to_end_fixed_seconds_by_repeat": [fixed for fixed, _ in estimates],
+        "end_to_end_tiny_rows": TINY_ROWS,
+        "end_to_end_tiny_seconds": tiny_seconds,
+        "end_to_end_per_sample_rate": per_sample_rate,
+        "end_to_end_per_sample_ratio": per_sample_rate and per_sample_rate / statistics.median(official_rates),
         "unsplit_samples_per_s": statistics.median(unsplit_rates) if unsplit_rates else None,
         "unsplit_ratio": statistics.median(u / f for u, f in zip(unsplit_rates, official_rates)) if unsplit_rates else None,
         "max_abs_delta_difference": difference,
@@ -424,15 +467,18 @@ def side_by_side_case(case: Case, args: argparse.Namespace, matmul_rate: float) 
 def side_by_side_table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| case | layer (out x in) | ocd-hf path (batch) | official samples/s | ocd-hf samples/s | ratio "
-        "| harvest_deltas end to end: samples/s (ratio) | without the split: samples/s (ratio) | FLOP-limit samples/s "
-        "| fraction of limit | max delta diff (abs / rel) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| harvest_deltas end to end: samples/s (ratio) | end to end: fixed s (" f"{TINY_ROWS}-row harvest s) + samples/s (ratio) "
+        "| without the split: samples/s (ratio) | FLOP-limit samples/s | fraction of limit | max delta diff (abs / rel) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['case']} | `{r['target']}` {r['shape'][0]}x{r['shape'][1]} | {r['path']} ({r['batch_size']}) | "
             f"{r['official_samples_per_s']:.0f} | {r['ocd_hf_samples_per_s']:.0f} | {r['ratio']:.1f}x | "
             f"{r['end_to_end_samples_per_s']:.0f} ({r['end_to_end_ratio']:.1f}x) | "
+            f"{r['end_to_end_fixed_seconds']:.3f} ({statistics.median(r['end_to_end_tiny_seconds']):.3f}) + "
+            f"{_cell(r['end_to_end_per_sample_rate'], '{:.0f}')}"
+            f"{_cell(r['end_to_end_per_sample_ratio'], ' ({:.1f}x)') if r['end_to_end_per_sample_ratio'] else ''} | "
             f"{_cell(r['unsplit_samples_per_s'], '{:.0f}')}{_cell(r['unsplit_ratio'], ' ({:.1f}x)') if r['unsplit_ratio'] else ''} | "
             f"{r['flop_limit_samples_per_s']:.0f} | {r['fraction_of_flop_limit']:.1%} | "
             f"{r['max_abs_delta_difference']:.1e} / {r['max_delta_difference_relative']:.1e} |"

@@ -3,7 +3,7 @@
 A method supplies the schema of its rows and a function that harvests rows ``[start, end)`` of its
 source; the loop handles sharding across processes, resumption (finished shards that pass
 verification are skipped), the atomic shard files of :mod:`ocd_hf.weight_datasets` with the record
-of each (row count, ids, size, sha256) and one progress bar.
+of each (row count, ids, size, sha256, and the sums of ``summed_columns``) and one progress bar.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def harvest_shards(
     state: Any,
     batch_size: int,
     weight_columns: Collection[str] = (),
+    summed_columns: Collection[str] = (),
     progress: bool = True,
     description: str = "Harvesting",
 ) -> None:
@@ -41,8 +42,10 @@ def harvest_shards(
     ``source.num_rows``; ``harvest_rows(start, end)`` returns the columns of ``features`` for the
     source rows it could harvest among ``[start, end)`` (rows it skips are simply absent), optionally
     with ``{reason: skipped ids}``, kept in the shard's record (``skipped``) and summed up by
-    :func:`~ocd_hf.weight_datasets.finalize_weight_dataset`. ``state``
-    is an Accelerate ``PartialState``/``Accelerator``: process ``i`` of ``n`` writes shards ``i, i+n, …``.
+    :func:`~ocd_hf.weight_datasets.finalize_weight_dataset`. The float64 sum and the count of every column of
+    ``summed_columns`` the rows hold (a column of ``features`` or one that is only summed, not stored) go into the
+    shard's record (``sums``), so a summary over the whole dataset needs no re-read (:func:`~ocd_hf.weight_datasets.column_mean`).
+    ``state`` is an Accelerate ``PartialState``/``Accelerator``: process ``i`` of ``n`` writes shards ``i, i+n, …``.
     """
     settings = metadata["harvest_config"]
     num_shards, shard_size, num_rows = metadata["num_shards"], settings["shard_size"], metadata["source"]["num_rows"]
@@ -56,6 +59,7 @@ def harvest_shards(
         for index, (shard_start, shard_end) in zip(shards, bounds):
             path = shard_path(output_dir, index, num_shards)
             skipped: dict[str, list[int]] = {}
+            sums: dict[str, dict[str, float]] = {}
             with ShardWriter(path, features, settings["dtype"], weight_columns) as writer:
                 for start in range(shard_start, shard_end, batch_size):
                     end = min(start + batch_size, shard_end)
@@ -65,6 +69,12 @@ def harvest_shards(
                         for reason, ids in reasons.items():
                             if len(ids):
                                 skipped.setdefault(reason, []).extend(int(i) for i in ids)
+                    for name in summed_columns:
+                        if name in rows:
+                            total = sums.setdefault(name, {"sum": 0.0, "count": 0})
+                            total["sum"] += float(torch.as_tensor(rows[name]).double().sum())
+                            total["count"] += len(rows[name])
                     writer.write(rows)
                     bar.update(end - start)
-            write_shard_record(output_dir, index, num_shards, {**writer.record(), "skipped": skipped})
+            record = {**writer.record(), "skipped": skipped, **({"sums": sums} if sums else {})}
+            write_shard_record(output_dir, index, num_shards, record)

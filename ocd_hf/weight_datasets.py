@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -544,7 +545,8 @@ def finalize_weight_dataset(
         row_range = [index * shard_size, min((index + 1) * shard_size, num_rows)]
         shard_list.append({**{key: records[index][key] for key in ("num_rows", "first_id", "last_id", "num_bytes", "sha256")},
                            "file": shard_file(index, num_shards), "row_range": row_range,
-                           "skipped": records[index].get("skipped") or {}})
+                           "skipped": records[index].get("skipped") or {},
+                           **({"sums": records[index]["sums"]} if "sums" in records[index] else {})})
     table = concatenate_datasets(shards).data
     ids = table.column("id").to_numpy()
     if ids.size and (np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= num_rows):
@@ -580,6 +582,17 @@ def finalize_weight_dataset(
     for tmp in (output_dir / DATA_DIR).glob(".*.tmp"):
         tmp.unlink()
     return final, table
+
+
+def column_mean(metadata: Mapping[str, Any], column: str) -> tuple[float, int] | None:
+    """The mean and count of ``column`` over a finished weight dataset from the sums its shards recorded while
+    harvesting (``summed_columns`` of :func:`ocd_hf.harvest.harvest_shards`), or ``None`` when a shard has no such sum
+    (written before sums were recorded, or without that column): read the rows instead."""
+    shards = metadata.get("shards")
+    if not shards or any(column not in (shard.get("sums") or {}) for shard in shards):
+        return None
+    count = sum(int(shard["sums"][column]["count"]) for shard in shards)
+    return (sum(float(shard["sums"][column]["sum"]) for shard in shards) / count if count else math.nan), count
 
 
 def _numpy_dtype(feature: Any) -> str:

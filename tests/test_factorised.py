@@ -26,6 +26,24 @@ def test_head_deltas_are_rank_one_with_the_rule_of_their_optimizer(optimizer, ru
     assert factorise_deltas(result.deltas, cond_input, wrong_rule)[1].max() > 1e-2
 
 
+@pytest.mark.parametrize("shape", [(40, 84, 120), (9, 2, 384), (3, 1, 1)])
+def test_residuals_in_cache_sized_chunks_equal_one_pass_over_the_batch(shape, monkeypatch):
+    from ocd_hf import factorised
+
+    generator = torch.Generator().manual_seed(0)
+    deltas = torch.randn(*shape, generator=generator) * 1e-3
+    layer_input = torch.randn(shape[0], shape[2], generator=generator)
+    deltas[1] = 0  # an all-zero delta: residual 0
+    monkeypatch.setattr(factorised, "RESIDUAL_CHUNK_ELEMENTS", 3 * shape[1] * shape[2])  # several chunks, the last short
+    for rule in ("sign", "input"):
+        # Reference: the whole batch in one pass.
+        v = factorised.right_factor(layer_input, rule)
+        u = torch.einsum("boi,bi->bo", deltas, v) / v.pow(2).sum(-1, keepdim=True).clamp_min(1e-30)
+        residual = (deltas - u.unsqueeze(-1) * v.unsqueeze(1)).flatten(1).norm(dim=1) / deltas.flatten(1).norm(dim=1).clamp_min(1e-30)
+        factors, chunked = factorise_deltas(deltas, layer_input, rule)
+        assert torch.equal(factors, u) and torch.equal(chunked, residual)
+
+
 def test_per_token_deltas_are_not_rank_one():
     backbone, inputs = tiny_bert(), text_batch(batch=3)
     layer = backbone.bert.encoder.layer[0].intermediate.dense

@@ -288,3 +288,49 @@ def test_hub_round_trip_of_factorised_storage(loopback_hub, bert_harvests):
     for name in ("delta_factor", "factor_residual", "layer_input", "rho"):
         assert torch.equal(pulled[name], local[name]), name
     assert torch.equal(materialise_deltas(pulled, metadata), materialise_deltas(local, metadata))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_delta_mode_decision_uses_the_residuals_measured_while_harvesting(tmp_path, dtype):
+    from ocd_hf.methods.ocd.deltas import decide_delta_mode
+
+    kind, target = CASES["bert-classifier"]
+    dataset = build_dataset(kind, 7)
+    harvest_deltas(build_backbone(kind), dataset, target, tmp_path, batch_size=2, shard_size=3, delta_storage="full",
+                   dtype=dtype, progress=False)
+    metadata, stored = load_harvest_metadata(tmp_path), load_deltas(tmp_path)
+    # Reference: the residual of every stored delta, factorised from the rows read back.
+    rows = stored[:]
+    residuals = factorise_deltas(rows["delta"], rows["layer_input"], RULE_FOR_OPTIMIZER["adam"])[1].double()
+    for shard in metadata["shards"]:
+        first, last = shard["first_id"], shard["last_id"]
+        recorded = shard["sums"]["factor_residual"]
+        assert recorded["count"] == last - first + 1
+        assert recorded["sum"] == pytest.approx(float(residuals[first : last + 1].sum()), rel=1e-5)
+    decision = metadata["delta_mode_decision"]
+    assert decision["mean_factor_residual"] == pytest.approx(float(residuals.mean()), rel=1e-5)
+    assert "over all 7 deltas" in decision["reason"]
+    # The re-read path (a harvest whose shards recorded no sums) decides the same.
+    unrecorded = {**metadata, "shards": [{k: v for k, v in shard.items() if k != "sums"} for shard in metadata["shards"]]}
+    reread = decide_delta_mode(unrecorded, stored.with_format(None))
+    assert reread["delta_mode"] == decision["delta_mode"] and reread["reason"] == decision["reason"]
+    assert reread["mean_factor_residual"] == pytest.approx(decision["mean_factor_residual"], rel=1e-6)
+
+
+def test_a_harvest_resumed_over_shards_without_residual_sums_decides_by_reading_them(tmp_path):
+    kind, target = CASES["bert-classifier"]
+    dataset = build_dataset(kind, 6)
+    settings = dict(batch_size=2, shard_size=3, delta_storage="full", progress=False)
+    harvest_deltas(build_backbone(kind), dataset, target, tmp_path, **settings)
+    metadata = load_harvest_metadata(tmp_path)
+    expected = metadata["delta_mode_decision"]
+    # As an older ocd-hf left it: shard 0 finished without sums, shard 1 still to harvest.
+    old_shards = [{k: v for k, v in shard.items() if k != "sums"} for shard in metadata["shards"]]
+    write_metadata(tmp_path, {**metadata, "complete": False, "shards": old_shards, "delta_mode_decision": None})
+    shard_path(tmp_path, 1, 2).unlink()
+    harvest_deltas(build_backbone(kind), dataset, target, tmp_path, **settings)
+    resumed = load_harvest_metadata(tmp_path)
+    assert "sums" not in resumed["shards"][0] and "sums" in resumed["shards"][1]
+    decision = resumed["delta_mode_decision"]
+    assert decision["delta_mode"] == expected["delta_mode"] and "over all 6 deltas" in decision["reason"]
+    assert decision["mean_factor_residual"] == pytest.approx(expected["mean_factor_residual"], rel=1e-6)

@@ -325,3 +325,50 @@ def test_harvest_keeps_a_hand_written_readme_outside_the_generated_block(tmp_pat
     assert card.text.count(GENERATED_START) == 1 and card.text.count(GENERATED_END) == 1
     assert "OCD weight deltas for `classifier`" in card.text
     assert card.data.license == "mit" and card.data.configs[0]["data_files"][0]["path"] == "data/train-*.arrow"
+
+
+def test_cards_render_as_huggingface_hub_renders_them_and_follow_an_edited_template(tmp_path, monkeypatch):
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    from ocd_hf import cards
+    from ocd_hf.methods.ocd.model_card import delta_dataset_card
+
+    output_dir = tmp_path / "deltas"
+    harvest(output_dir)
+    metadata = load_harvest_metadata(output_dir)
+    card = delta_dataset_card(metadata)
+    # The reference: huggingface_hub's own from_template, which compiles the template on every call.
+    captured = {}
+    monkeypatch.setattr(cards, "card_from_template", lambda card_type, data, template, **kwargs: captured.update(
+        data=data, template=template, kwargs=kwargs) or card)
+    delta_dataset_card(metadata)
+    reference = DatasetCard.from_template(captured["data"], template_path=str(cards.template_path(captured["template"])),
+                                          **captured["kwargs"])
+    assert isinstance(card, DatasetCard) and card.content == reference.content
+    monkeypatch.undo()
+    # The compiled template is reused, and compiled again when the file changes.
+    template = tmp_path / "model_cards" / "tiny.md"
+    template.parent.mkdir()
+    monkeypatch.setattr(cards, "TEMPLATE_DIRS", (template.parent,))
+    data = DatasetCardData(pretty_name="tiny")
+    for text, modified_ns in (("first", 1), ("second", 2)):  # distinct modification times, whatever the clock's resolution
+        template.write_text(f"---\n{{{{ card_data }}}}\n---\n{text} {{{{ word }}}}\n")
+        os.utime(template, ns=(modified_ns, modified_ns))
+        if text == "first":
+            compiled = cards._compiled_template.cache_info().misses
+            assert cards.card_from_template(DatasetCard, data, "tiny.md", word="a").text.strip() == "first a"
+            assert cards.card_from_template(DatasetCard, data, "tiny.md", word="b").text.strip() == "first b"
+            assert cards._compiled_template.cache_info().misses == compiled + 1
+    assert cards.card_from_template(DatasetCard, data, "tiny.md", word="b").text.strip() == "second b"
+
+
+def test_resuming_with_another_batch_size_names_it_and_the_fix(tmp_path, monkeypatch):
+    dataset = build_dataset(KIND, 8, seed=1)
+    interrupted_harvest(tmp_path, dataset, monkeypatch)  # batch_size=4, the second shard missing
+    recorded = load_harvest_metadata(tmp_path)["batch_size"]["batch_size"]
+    with pytest.raises(ValueError) as refused:
+        harvest(tmp_path, dataset=dataset, batch_size=recorded + 1)
+    message = str(refused.value)
+    assert f"made with batch_size={recorded}, and this call passes batch_size={recorded + 1}" in message
+    assert f"Pass batch_size={recorded}, or batch_size=None" in message and "new output_dir" in message
+    assert len(harvest(tmp_path, dataset=dataset, batch_size=None)) == 8  # None keeps the recorded batch size: it resumes

@@ -218,9 +218,11 @@ def decide_delta_mode(metadata: Mapping[str, Any], dataset: Dataset) -> dict[str
     """What ``delta_mode="auto"`` trains on these deltas, decided once for the whole harvest, with the reason.
 
     ``"factorised"`` when the layer sees one vector per sample, its optimizer has a right-factor rule and the
-    mean relative residual of ``Δ ≈ u vᵀ`` over every delta is at most :data:`AUTO_FACTORISED_MEAN_RESIDUAL`
-    (stored factors carry their residual; full deltas are factorised here, ``DECISION_BATCH_SIZE`` at a time);
-    else ``"full"``. Stored in ``harvest.json`` (``delta_mode_decision``), which training follows.
+    mean relative residual of ``Δ ≈ u vᵀ`` over every delta is at most :data:`AUTO_FACTORISED_MEAN_RESIDUAL`; else
+    ``"full"``. The mean comes from the residual sums every shard recorded while harvesting (``shards[i].sums`` in
+    ``metadata``); a harvest without them (made before they were recorded) reads every residual instead: stored
+    factors carry theirs, full deltas are factorised here, ``DECISION_BATCH_SIZE`` at a time. Stored in
+    ``harvest.json`` (``delta_mode_decision``), which training follows.
     """
     optimizer = str((metadata.get("harvest_config") or {}).get("optimizer", "")).lower()
     if metadata.get("per_token"):
@@ -229,20 +231,29 @@ def decide_delta_mode(metadata: Mapping[str, Any], dataset: Dataset) -> dict[str
         return {"delta_mode": "full", "reason": f"optimizer {optimizer!r} has no right-factor rule"}
     if len(dataset) == 0:
         return {"delta_mode": "full", "reason": "no delta to measure the rank on"}
+    recorded = weight_datasets.column_mean(metadata, "factor_residual")
+    if recorded is not None:
+        mean, count = recorded
+    else:
+        mean, count = _mean_factor_residual(metadata, dataset, RULE_FOR_OPTIMIZER[optimizer])
+    measured = (f"mean relative residual ‖Δ − u vᵀ‖/‖Δ‖ over all {count} deltas {mean:.3g} "
+                f"{'<=' if mean <= AUTO_FACTORISED_MEAN_RESIDUAL else '>'} {AUTO_FACTORISED_MEAN_RESIDUAL}")
+    mode = "factorised" if mean <= AUTO_FACTORISED_MEAN_RESIDUAL else "full"
+    return {"delta_mode": mode, "mean_factor_residual": mean, "threshold": AUTO_FACTORISED_MEAN_RESIDUAL, "reason": measured}
+
+
+def _mean_factor_residual(metadata: Mapping[str, Any], dataset: Dataset, rule: str) -> tuple[float, int]:
+    """The mean factor residual over every row of ``dataset`` and the row count, read from the rows."""
     if delta_storage(metadata) == "factorised":
         # [:] then the column: dataset["column"] is a lazy datasets.Column, which torch reads row by row (1000x slower).
         residuals = torch.as_tensor(dataset.select_columns(["factor_residual"]).with_format("numpy")[:]["factor_residual"])
     else:
         rows = format_deltas(dataset.select_columns(["delta", "layer_input"]), metadata["harvest_config"]["dtype"])
         residuals = torch.cat([
-            factorise_deltas(batch["delta"].float(), batch["layer_input"].float(), RULE_FOR_OPTIMIZER[optimizer])[1]
+            factorise_deltas(batch["delta"].float(), batch["layer_input"].float(), rule)[1]
             for batch in (rows[start : start + DECISION_BATCH_SIZE] for start in range(0, len(rows), DECISION_BATCH_SIZE))
         ])
-    mean = float(residuals.double().mean())
-    measured = (f"mean relative residual ‖Δ − u vᵀ‖/‖Δ‖ over all {residuals.numel()} deltas {mean:.3g} "
-                f"{'<=' if mean <= AUTO_FACTORISED_MEAN_RESIDUAL else '>'} {AUTO_FACTORISED_MEAN_RESIDUAL}")
-    mode = "factorised" if mean <= AUTO_FACTORISED_MEAN_RESIDUAL else "full"
-    return {"delta_mode": mode, "mean_factor_residual": mean, "threshold": AUTO_FACTORISED_MEAN_RESIDUAL, "reason": measured}
+    return float(residuals.double().mean()), residuals.numel()
 
 
 def format_deltas(dataset: Dataset, dtype: str) -> Dataset:

@@ -18,7 +18,7 @@ import hashlib
 import inspect
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -207,6 +207,25 @@ def resumed_batch_size(output_dir: str | os.PathLike) -> tuple[int, str] | None:
     return recorded["batch_size"], "resumed: the batch size the harvest started with"
 
 
+def refuse_other_batch_size(output_dir: str | os.PathLike, batch_size: int, first_batch_sha256: str) -> None:
+    """Refuse to resume the harvest in ``output_dir`` with a ``batch_size`` that changes its first batch (part of a
+    harvest's identity), naming the batch size it was made with and the fix."""
+    if not (Path(output_dir) / HARVEST_METADATA_NAME).is_file():
+        return
+    existing = load_harvest_metadata(output_dir)
+    record = existing.get("batch_size")
+    recorded = record["batch_size"] if record else FORMER_DEFAULT_BATCH_SIZE
+    if recorded == batch_size or existing.get("source", {}).get("first_batch_sha256") == first_batch_sha256:
+        return  # the same batch size, or the same first rows (a dataset smaller than both batches): it can continue
+    made_with = f"batch_size={recorded}" + ("" if record else " (it recorded none: the default before batch sizes followed the path)")
+    raise ValueError(
+        f"{str(output_dir)!r} holds a harvest made with {made_with}, and this call passes batch_size={batch_size} "
+        f"(--batch-size): a harvest's first batch is part of its identity (source.first_batch_sha256), so it cannot "
+        f"continue with another batch size. Pass batch_size={recorded}, or batch_size=None (omit --batch-size) to keep "
+        "the recorded one, or harvest into a new output_dir."
+    )
+
+
 def _listed(ids: torch.Tensor, values: torch.Tensor) -> str:
     pairs = [f"{int(i)}: {float(v):.3g}" for i, v in zip(ids[:MAX_LISTED_SAMPLES], values[:MAX_LISTED_SAMPLES])]
     more = f" and {ids.numel() - MAX_LISTED_SAMPLES} more" if ids.numel() > MAX_LISTED_SAMPLES else ""
@@ -289,6 +308,14 @@ class OverfitBatch:
     columns: dict[str, torch.Tensor]
     optimizer: str
     steps: int
+    factorisations: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def factorised(self, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`~ocd_hf.factorised.factorise_deltas` of the deltas with the layer's input, computed once per rule
+        (``"auto"`` measures the first batch, whose columns are then written from the same batch)."""
+        if rule not in self.factorisations:
+            self.factorisations[rule] = factorise_deltas(self.result.deltas, self.conditioning.raw_input, rule)
+        return self.factorisations[rule]
 
 
 def overfit_batch(
@@ -343,6 +370,7 @@ def harvest_batch(
     factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
     strict_tolerance: bool = True,
     split_prefix: bool = True,
+    measure_factor_residual: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Delta-dataset columns for one batch, and the ids of the samples skipped as non-finite.
 
@@ -358,13 +386,16 @@ def harvest_batch(
     step); ``rho`` is the RMS of the stored ``u vᵀ``. Raises ``ValueError`` if a residual exceeds
     ``factor_tolerance`` (``None``: no check), or only warns with ``strict_tolerance=False``.
     ``split_prefix=False`` re-runs the whole backbone at every step (see :func:`~ocd_hf.finetune.overfit_deltas`).
+    ``measure_factor_residual=True`` adds ``factor_residual`` to full storage's columns too (measured on the stored
+    delta, as :func:`~ocd_hf.methods.ocd.deltas.decide_delta_mode` would; not a stored column) where the layer and
+    optimizer have a factor rule.
     """
     overfitted = overfit_batch(
         backbone, layer, inputs, labels, ids, task=task, optimizer=optimizer, lr=lr, steps=steps, loss_fn=loss_fn,
         store_trajectory=store_trajectory, split_prefix=split_prefix,
     )
     return batch_columns(overfitted, dtype=dtype, delta_storage=delta_storage, factor_tolerance=factor_tolerance,
-                         strict_tolerance=strict_tolerance)
+                         strict_tolerance=strict_tolerance, measure_factor_residual=measure_factor_residual)
 
 
 def batch_columns(
@@ -374,6 +405,7 @@ def batch_columns(
     delta_storage: str = "full",
     factor_tolerance: float | None = DEFAULT_FACTOR_TOLERANCE,
     strict_tolerance: bool = True,
+    measure_factor_residual: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """:func:`harvest_batch`'s columns and skipped ids of an overfitted batch, in ``delta_storage`` (one overfitted
     batch can give both storages: ``"auto"`` decides on the factorised columns, then keeps the batch)."""
@@ -387,7 +419,7 @@ def batch_columns(
             columns["trajectory"] = round_to_storage(result.trajectory, dtype)
     else:
         rule = factor_rule_for(optimizer, cond.per_token, "the target layer")
-        factors, residual = factorise_deltas(result.deltas, cond.raw_input, rule)
+        factors, residual = overfitted.factorised(rule)
         columns["delta_factor"] = round_to_storage(factors, dtype)
         if store_trajectory:
             flat = result.trajectory.flatten(0, 1)
@@ -395,6 +427,15 @@ def batch_columns(
             columns["trajectory_factor"] = round_to_storage(step_factors.view(-1, steps, flat.shape[1]), dtype)
             residual = torch.maximum(residual, step_residual.view(-1, steps).amax(1))
         columns["factor_residual"] = residual.float()
+    if delta_storage == "full" and measure_factor_residual and not cond.per_token and optimizer in RULE_FOR_OPTIMIZER:
+        # What decide_delta_mode measures on every stored delta, taken while the batch is in memory: the stored deltas
+        # and layer inputs are the overfitted ones when stored as float32 from a (batch, in) input ("auto"'s first batch
+        # then reuses its measurement).
+        rule = RULE_FOR_OPTIMIZER[optimizer]
+        as_computed = dtype == "float32" and cond.raw_input.dim() == 2 and all(
+            tensor.dtype == torch.float32 for tensor in (result.deltas, cond.raw_input))
+        columns["factor_residual"] = (overfitted.factorised(rule) if as_computed
+                                      else factorise_deltas(columns["delta"], columns["layer_input"], rule))[1].float()
     columns = {name: value.detach().cpu() for name, value in columns.items()}
     finite = torch.ones(ids.shape[0], dtype=torch.bool)
     for value in columns.values():
@@ -832,6 +873,7 @@ def harvest_deltas(
                 },
                 "num_shards": math.ceil(len(reader) / shard_size),
             }
+            refuse_other_batch_size(output_dir, batch_size, metadata["source"]["first_batch_sha256"])
             prepare_output_dir(output_dir, metadata, is_main_process=state.is_main_process)
             state.wait_for_everyone()
             models = FoldModels(backbone, layer, name, len(reader), cross_fit, fit_fold, state.device)
@@ -1015,6 +1057,7 @@ def _harvest_shards(
             return checked(*batch_columns(
                 first_batch, dtype=settings["dtype"], delta_storage=settings["delta_storage"],
                 factor_tolerance=settings.get("factor_tolerance"), strict_tolerance=settings.get("factor_tolerance_strict", True),
+                measure_factor_residual=True,
             ))
         inputs, labels = reader(start, end)
         ids = torch.arange(start, end)
@@ -1024,7 +1067,7 @@ def _harvest_shards(
                 optimizer=settings["optimizer"], lr=settings["lr"], steps=settings["steps"], loss_fn=loss,
                 store_trajectory=settings["store_trajectory"], dtype=settings["dtype"],
                 delta_storage=settings["delta_storage"], factor_tolerance=settings.get("factor_tolerance"),
-                strict_tolerance=settings.get("factor_tolerance_strict", True),
+                strict_tolerance=settings.get("factor_tolerance_strict", True), measure_factor_residual=True,
             )
             for model, layer, rows in models.groups(ids)
         ]
@@ -1050,7 +1093,7 @@ def _harvest_shards(
 
     harvest_shards(
         output_dir, metadata, features, harvest_rows, state=state, batch_size=batch_size, weight_columns=DELTA_COLUMNS,
-        progress=progress, description=f"Harvesting {metadata['target_module']}",
+        summed_columns=("factor_residual",), progress=progress, description=f"Harvesting {metadata['target_module']}",
     )
 
 
