@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...token_denoiser import TokenTransformerTrunk
 from ...weight_vae import WeightVAE, from_chunks, mlp, num_chunks, to_chunks
 
 __all__ = ["ENCODER_TYPES", "VECTORIZATIONS", "HeadVectorizer", "LatentDenoiser", "MLPEncoder", "RowAlignedEncoder",
@@ -258,7 +259,7 @@ def group_by_class(support: torch.Tensor, labels: torch.Tensor, num_classes: int
 # ----- the latent denoiser ---------------------------------------------------------------------------------
 
 
-class LatentDenoiser(nn.Module):
+class LatentDenoiser(TokenTransformerTrunk):
     """``ε_ψ(z_t, z_D, t)`` over latent tokens ``(B, L, latent_size)``.
 
     Each token is ``[z_t, c]`` (the dataset code ``c`` concatenated, as the authors concatenate it as an extra
@@ -277,15 +278,7 @@ class LatentDenoiser(nn.Module):
         self.time_proj = Timesteps(hidden_size, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(hidden_size, hidden_size)
         self.positions = nn.Embedding(num_positions, hidden_size) if num_positions else None
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(hidden_size, num_heads, intermediate_size, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=True)
-            for _ in range(num_layers)
-        )
-        self.output_norm = nn.LayerNorm(hidden_size)
-        self.token_out = nn.Linear(hidden_size, latent_size)
-        nn.init.zeros_(self.token_out.weight)
-        nn.init.zeros_(self.token_out.bias)
+        self.build_trunk(hidden_size, num_layers, num_heads, intermediate_size, latent_size)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Predicted noise ``(B, L, latent_size)`` of ``latents`` at scheduler ``timesteps`` ``(B,)`` given ``condition``."""
@@ -295,6 +288,4 @@ class LatentDenoiser(nn.Module):
         tokens = self.token_in(torch.cat([latents, condition.to(latents.dtype)], -1)) + time.unsqueeze(1)
         if self.positions is not None:
             tokens = tokens + self.positions(torch.arange(latents.shape[1], device=latents.device))
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.token_out(self.output_norm(tokens))
+        return self.run_trunk(tokens)

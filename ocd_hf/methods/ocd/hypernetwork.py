@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ...checks import check_int
 from ...target import Conditioning
+from ...token_denoiser import TokenTransformerTrunk
 from ...weight_vae import WeightVAE
 from .configuration import OCDConfig, scheduler_class_from_name
 
@@ -90,14 +91,13 @@ class FactorDenoiser(nn.Module):
         return self.output(hidden)
 
 
-class LatentTokenDenoiser(nn.Module):
+class LatentTokenDenoiser(TokenTransformerTrunk):
     """``ε(z_t, e, t)`` over the latent tokens ``(batch, num_chunks, latent_size)`` of ``delta_mode="latent"``.
 
     Conditioned as OCD's other denoisers: the condition embedding ``e`` is added to the time embedding (diffusers'
     ``Timesteps`` + ``TimestepEmbedding``), and the sum is projected and added to every token, with a learned
-    embedding of the chunk index; pre-norm transformer layers attend across the tokens. Written here rather than taken
-    from diffusers, whose transformers expect image or text latents of other shapes; it is a few small layers so that
-    sampling stays cheap on a CPU. The output layer starts at zero.
+    embedding of the chunk index; the shared trunk (:class:`~ocd_hf.token_denoiser.TokenTransformerTrunk`) attends
+    across the tokens; a few small layers, so that sampling stays cheap on a CPU.
     """
 
     def __init__(self, latent_size: int, num_tokens: int, embed_dim: int, hidden_size: int, num_layers: int, num_heads: int,
@@ -108,23 +108,13 @@ class LatentTokenDenoiser(nn.Module):
         self.token_in = nn.Linear(latent_size, hidden_size)
         self.condition = nn.Linear(embed_dim, hidden_size)
         self.positions = nn.Embedding(num_tokens, hidden_size)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(hidden_size, num_heads, intermediate_size, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=True)
-            for _ in range(num_layers)
-        )
-        self.output_norm = nn.LayerNorm(hidden_size)
-        self.token_out = nn.Linear(hidden_size, latent_size)
-        nn.init.zeros_(self.token_out.weight)
-        nn.init.zeros_(self.token_out.bias)
+        self.build_trunk(hidden_size, num_layers, num_heads, intermediate_size, latent_size)
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         emb = F.silu(self.time_embedding(self.time_proj(timesteps).to(sample.dtype)) + embedding)
         index = torch.arange(sample.shape[1], device=sample.device)
         tokens = self.token_in(sample) + self.positions(index) + self.condition(emb).unsqueeze(1)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.token_out(self.output_norm(tokens))
+        return self.run_trunk(tokens)
 
 
 class ConditionMLP(nn.Module):
